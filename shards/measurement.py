@@ -1,0 +1,74 @@
+"""The in-memory result of MEASURE: per-module max-abs statistics in exact fp32.
+
+This is the one structure observers produce, the stats store persists and the scale math reads.
+Values are numpy float32 vectors: shape ``(1,)`` for a per-tensor max-abs, ``(C,)`` for a
+per-channel one (global, unsharded channel coordinates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ModuleStats:
+    """Statistics of one measured module.
+
+    Attributes:
+        name: qualified module name (``named_modules()`` name, ``_orig_mod.`` removed).
+        op_type: the op type name (see ``shards.op_types``).
+        inputs: max-abs of each observed input; None where that input was not observed.
+        outputs: max-abs of each observed output; None when outputs were not measured.
+        params: max-abs of each observed parameter (``"weight"``).
+        num_samples: number of forward calls observed.
+        nonfinite: per tensor label (``"inputs.0"``, ``"outputs.1"``...) the number of NaN/Inf
+            values seen and left out of the max.
+    """
+
+    name: str
+    op_type: str
+    inputs: list[np.ndarray | None] = field(default_factory=list)
+    outputs: list[np.ndarray | None] | None = None
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    num_samples: int = 0
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every observed array keyed by a stable label: ``inputs.0``, ``outputs.1``, ``params.weight``."""
+        out: dict[str, np.ndarray] = {}
+        for i, a in enumerate(self.inputs):
+            if a is not None:
+                out[f"inputs.{i}"] = a
+        for i, a in enumerate(self.outputs or []):
+            if a is not None:
+                out[f"outputs.{i}"] = a
+        for k, a in self.params.items():
+            out[f"params.{k}"] = a
+        return out
+
+
+@dataclass
+class Measurement:
+    """All module statistics of one run (or one shard of it).
+
+    Attributes:
+        observer: the observer name (part of INC file names).
+        modules: statistics by module name, in discovery order.
+        num_samples: top-level batches observed (INC's optional ``NumSamples``).
+    """
+
+    observer: str = "maxabs"
+    modules: dict[str, ModuleStats] = field(default_factory=dict)
+    num_samples: int | None = None
+
+    def nonfinite_report(self) -> dict[str, dict[str, int]]:
+        """Module name → {tensor label: NaN/Inf count}, for modules that saw any."""
+        return {n: dict(m.nonfinite) for n, m in self.modules.items() if any(m.nonfinite.values())}
+
+
+def as_maxabs(values: object) -> np.ndarray:
+    """Normalise a max-abs value (float, nested list, tensor, array) to a float32 1-D vector."""
+    arr = np.asarray(values, dtype=np.float32)
+    return arr.reshape(-1) if arr.ndim else arr.reshape(1)

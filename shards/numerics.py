@@ -1,0 +1,169 @@
+"""FP8 formats and the quantize/dequantize arithmetic every backend shares.
+
+Formats are frozen records keyed by (lp dtype, device for scales). The cast is the emulation that
+every backend is tested against: divide in fp32, clamp to the format's full scale (saturation, as
+the hardware does), round to nearest even into the torch fp8 storage dtype. Clamping first matters:
+``float8_e4m3fnuz`` turns overflow into NaN and ``float8_e5m2`` keeps inf.
+
+See ``shared/spec/inc-fp8-semantics.md`` §2.1 and ``project-decisions.md`` §2.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+
+class LpDtype(str, enum.Enum):
+    """The FP8 encoding the user asks for (``fp8_config``)."""
+
+    E4M3 = "E4M3"
+    E5M2 = "E5M2"
+
+
+class HpDtype(str, enum.Enum):
+    """The high-precision dtype used for observer state, scale arithmetic and dequant output."""
+
+    BF16 = "BF16"
+    FP16 = "FP16"
+    FP32 = "FP32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _HP_TORCH[self]
+
+
+_HP_TORCH = {HpDtype.BF16: torch.bfloat16, HpDtype.FP16: torch.float16, HpDtype.FP32: torch.float32}
+
+
+class ScaleDevice(str, enum.Enum):
+    """The accelerator whose FP8 range and HW-aligned scale set the scales are computed for."""
+
+    GAUDI2 = "GAUDI2"
+    GAUDI3 = "GAUDI3"
+
+
+@dataclass(frozen=True)
+class Fp8Format:
+    """One FP8 encoding as a device sees it.
+
+    Attributes:
+        name: human-readable name, e.g. ``"E4M3-GAUDI2"``.
+        lp: the user-facing encoding.
+        storage: the torch dtype that holds the codes.
+        fullscale: largest finite magnitude; values above it saturate.
+        exp_bits: exponent width; the default bias is ``2**(exp_bits-1) - 1``.
+    """
+
+    name: str
+    lp: LpDtype
+    storage: torch.dtype
+    fullscale: float
+    exp_bits: int
+
+    @property
+    def default_bias(self) -> int:
+        return 2 ** (self.exp_bits - 1) - 1
+
+
+E4M3 = Fp8Format("E4M3", LpDtype.E4M3, torch.float8_e4m3fn, 448.0, 4)
+# Gaudi2's E4M3 is IEEE-like (bias 7, top exponent reserved), so its grid is the e4m3fn grid cut at
+# 240. Emulated by clamping to 240 before the e4m3fn cast.
+E4M3_GAUDI2 = Fp8Format("E4M3-GAUDI2", LpDtype.E4M3, torch.float8_e4m3fn, 240.0, 4)
+E5M2 = Fp8Format("E5M2", LpDtype.E5M2, torch.float8_e5m2, 57344.0, 5)
+
+
+def fp8_format(lp: LpDtype, device: ScaleDevice | None = None) -> Fp8Format:
+    """The format used for scales of ``lp`` on ``device`` (None = CPU/CUDA/XPU)."""
+    if lp is LpDtype.E5M2:
+        return E5M2
+    return E4M3_GAUDI2 if device is ScaleDevice.GAUDI2 else E4M3
+
+
+@dataclass(frozen=True)
+class HwScaleTraits:
+    """Scales a Gaudi accelerates: powers of ``2**step`` between ``min_scale`` and ``max_scale``.
+
+    ``scales`` is ordered from largest to smallest, as INC lists them (the OPT search's candidate
+    order and therefore its tie-breaking depend on that order).
+    """
+
+    device: ScaleDevice
+    biases: tuple[int, ...]
+    min_scale: float
+    max_scale: float
+    step_exp: int
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        # scale = fullscale(bias) / fullscale(default bias) = 2**(7 - bias), always from E4M3.
+        return tuple(2.0 ** (E4M3.default_bias - b) for b in self.biases)
+
+
+HW_TRAITS: dict[ScaleDevice, HwScaleTraits] = {
+    ScaleDevice.GAUDI2: HwScaleTraits(ScaleDevice.GAUDI2, (3, 7, 11, 15), 2.0**-8, 2.0**4, 4),
+    ScaleDevice.GAUDI3: HwScaleTraits(ScaleDevice.GAUDI3, tuple(range(0, 63)), 2.0**-55, 2.0**7, 1),
+}
+
+
+def cast_to_fp8(x: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    """Saturating, round-to-nearest-even cast of already-scaled values.
+
+    NaN stays NaN (there is no finite answer); +-inf saturates to +-fullscale.
+    """
+    x32 = x.to(torch.float32)
+    return x32.clamp(-fmt.fullscale, fmt.fullscale).to(fmt.storage)
+
+
+def _broadcast_scale(scale: torch.Tensor | float, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if axis is None or s.ndim == 0:
+        return s
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return s.reshape(shape)
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor | float, fmt: Fp8Format, axis: int | None = None
+) -> torch.Tensor:
+    """q = cast_fp8(x / s), in fp32. ``axis`` names the channel axis of a per-channel scale."""
+    s = _broadcast_scale(scale, x, axis)
+    return cast_to_fp8(x.to(torch.float32) / s, fmt)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor | float,
+    out_dtype: torch.dtype = torch.float32,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """x_hat = q * s computed in fp32, then cast to ``out_dtype``."""
+    s = _broadcast_scale(scale, q, axis)
+    return (q.to(torch.float32) * s).to(out_dtype)
+
+
+def quant_dequant(
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    fmt: Fp8Format,
+    out_dtype: torch.dtype | None = None,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """The QDQ emulation: the value ``x`` takes after a round trip through FP8 with scale ``s``."""
+    return dequantize(quantize(x, scale, fmt, axis), scale, out_dtype or x.dtype, axis)
+
+
+def fp8_to_bytes(q: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """FP8 tensors cannot be pickled (Ray, multiprocessing): ship the raw codes and the dtype name."""
+    return q.view(torch.uint8), str(q.dtype).removeprefix("torch.")
+
+
+def fp8_from_bytes(codes: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """Inverse of :func:`fp8_to_bytes`."""
+    dtype = getattr(torch, dtype_name)
+    if dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"not an FP8 dtype name: {dtype_name!r} (expected float8_e4m3fn or float8_e5m2)")
+    return codes.view(dtype)
