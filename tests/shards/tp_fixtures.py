@@ -1,0 +1,65 @@
+"""Tiny HF Llama checkpoints for tensor-parallel tests (built from a config, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+TINY = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    vocab_size=256,
+    max_position_embeddings=64,
+    initializer_range=0.1,  # larger than HF's 0.02 so that logits differ clearly between tokens
+)
+
+
+def make_tiny_llama(out_dir: Path, *, bias: bool = False, tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    """Build a fixed-seed fp32 tiny Llama, save it with safetensors into ``out_dir`` and return it.
+
+    With ``bias`` every projection gets a bias, filled with random values (HF initialises them to 0,
+    which would hide a bias added twice or sliced wrongly).
+    """
+    torch.manual_seed(seed)
+    config = LlamaConfig(**TINY, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    if bias:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0.0, 0.1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama (no biases, untied)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_llama(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bias_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama with random biases on every projection and tied embeddings."""
+    path = tmp_path_factory.mktemp("tiny_llama_bias")
+    make_tiny_llama(path, bias=True, tied=True, seed=1)
+    return path
+
+
+def reference_model(path: Path) -> LlamaForCausalLM:
+    """The unsharded model as HF loads it from the checkpoint (fp32, eval)."""
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def sample_ids(batch: int = 2, seq: int = 12, seed: int = 7, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
+    """Fixed token ids for forward comparisons."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
