@@ -19,3 +19,7 @@ class IncFormatError(StatsStoreError, ValueError):
 
 class IncFileNotFoundError(StatsStoreError, FileNotFoundError):
     """An INC file, or some rank files of a per-rank set, could not be found."""
+
+
+class IncFileExistsError(StatsStoreError, FileExistsError):
+    """An export would overwrite an existing INC file (earlier results are never replaced silently)."""
