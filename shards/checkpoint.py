@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from shards.errors import ShardError
 from shards.tp_layers import AllReduce, ColumnParallelLinear, RowParallelLinear
 from shards.tp_plan import (
     ModelDims,
@@ -34,11 +35,11 @@ from shards.tp_plan import (
 Index = tuple[slice, ...]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ShardError, ValueError):
     """A checkpoint that does not match the model it should build (missing tensor, wrong shape)."""
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(ShardError, FileNotFoundError):
     """A checkpoint directory without config.json or safetensors files."""
 
 

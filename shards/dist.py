@@ -16,12 +16,13 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+from shards.errors import ShardError
 from shards.tp_layers import AllReduce
 
 LOOPBACK = "127.0.0.1"
 
 
-class DistSetupError(RuntimeError):
+class DistSetupError(ShardError, RuntimeError):
     """A tp process group could not be created (backend missing, rendezvous failed, already set up)."""
 
 

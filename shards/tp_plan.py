@@ -20,8 +20,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from shards.errors import ShardError
 
-class TensorParallelError(ValueError):
+
+class TensorParallelError(ShardError, ValueError):
     """A model or a statistic that cannot be sharded as asked (sizes not divisible, unknown label)."""
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+T = TypeVar("T")
 
 TINY = dict(
     hidden_size=64,
@@ -63,3 +67,51 @@ def sample_ids(batch: int = 2, seq: int = 12, seed: int = 7, vocab: int = TINY["
     """Fixed token ids for forward comparisons."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+class ThreadSumAllReduce:
+    """A fake all-reduce for ``world`` ranks run as threads in one process: every rank gets the sum.
+
+    ``reducer(rank)`` is what rank ``rank``'s row-parallel layers call. Ranks must call it in the
+    same order, as with a real collective.
+    """
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self._parts: list[torch.Tensor | None] = [None] * world
+        self._barrier = threading.Barrier(world, timeout=30)
+
+    def reducer(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            self._parts[rank] = t.clone()
+            self._barrier.wait()
+            total = self._parts[0]
+            assert total is not None
+            for part in self._parts[1:]:
+                assert part is not None
+                total = total + part
+            self._barrier.wait()  # nobody overwrites a part before every rank has summed
+            return total
+
+        return all_reduce
+
+
+def run_ranks(world: int, fn: Callable[[int], T]) -> list[T]:
+    """Run ``fn(rank)`` for every rank in its own thread (so fake collectives can meet); re-raise errors."""
+    results: list[Any] = [None] * world
+    errors: list[BaseException] = []
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(rank)
+        except BaseException as e:  # handed to the caller below
+            errors.append(e)
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
