@@ -435,9 +435,6 @@ def _unify_list(parts: list[list[np.ndarray | None] | None], kind: str, where: s
 
 def _unify_module(name: str, parts: list[ModuleStats], sources: Sequence[str]) -> ModuleStats:
     where = f"module {name!r}"
-    ops = {s.op_type for s in parts}
-    if len(ops) > 1:
-        raise IncFormatError(f"{where}: op types {sorted(ops)} differ between {', '.join(sources)}")
     param_names = {tuple(s.params) for s in parts}
     if len(param_names) > 1:
         raise IncFormatError(f"{where}: params {sorted(param_names)} differ between {', '.join(sources)}")
@@ -446,11 +443,15 @@ def _unify_module(name: str, parts: list[ModuleStats], sources: Sequence[str]) -
         for label, count in s.nonfinite.items():
             nonfinite[label] = nonfinite.get(label, 0) + count
     inputs = _unify_list([s.inputs for s in parts], "inputs", where, sources)
+    outputs = _unify_list([s.outputs for s in parts], "outputs", where, sources)
+    ops = {s.op_type for s in parts}  # checked after the layout, whose message says more
+    if len(ops) > 1:
+        raise IncFormatError(f"{where}: op types {sorted(ops)} differ between {', '.join(sources)}")
     return ModuleStats(
         name=name,
         op_type=parts[0].op_type,
         inputs=inputs or [],
-        outputs=_unify_list([s.outputs for s in parts], "outputs", where, sources),
+        outputs=outputs,
         params={k: _fmax_all([s.params[k] for s in parts], where, f"params.{k}", sources) for k in parts[0].params},
         num_samples=max(s.num_samples for s in parts),
         nonfinite=nonfinite,
