@@ -380,10 +380,12 @@ class Fp8Config(BaseModel):
     def _scale_device(self, run_mode: Mode, hpu_device: ScaleDevice | None) -> ScaleDevice | None:
         """``device_for_scales``, defaulting to the Gaudi the run is on (reference §1.3 step 4)."""
         wanted = self.device_for_scales
+        device = wanted if wanted is not None else hpu_device
+        if run_mode not in _SCALE_MODES:
+            return device  # measuring or loading computes no scale: nothing to check
         if hpu_device is not None and wanted is not None and wanted is not hpu_device:
             self._check_cross_device(wanted, hpu_device)
-        device = wanted if wanted is not None else hpu_device
-        if device is None and run_mode in _SCALE_MODES and self._scale_plan.needs_hw_device:
+        if device is None and self._scale_plan.needs_hw_device:
             raise ConfigError(
                 f"Fp8Config key 'device_for_scales': value None cannot serve scale_method {self._method_label()}, "
                 "which needs HW-aligned scales, and this run is not on a Gaudi; "

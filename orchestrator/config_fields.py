@@ -343,6 +343,7 @@ def build_scale_plan(method: str | Mapping[str, Any], params: ScaleParams) -> Sc
             plan = replace(plan, default=replace(plan.default, weight=replace(weight, candidates=params.weight_scales)))
         return plan
     default_pair = method["default"]
+    default = _method_spec(f"{SCALE_METHOD_KEY}.default", default_pair, {}, backoffs, params)
     specs = {
         group: {
             name: _method_spec(f"{SCALE_METHOD_KEY}.{group}[{name}]", pair, default_pair, backoffs, params)
@@ -350,7 +351,6 @@ def build_scale_plan(method: str | Mapping[str, Any], params: ScaleParams) -> Sc
         }
         for group in _TOP_KEYS[1:]
     }
-    default = _method_spec(f"{SCALE_METHOD_KEY}.default", default_pair, {}, backoffs, params)
     name = match_predefined(default.weight, default.activation)
     assert name is not None  # _method_spec refused every unmatched pair
     return ScalePlan(name, default, specs["nodes"], specs["layers"], specs["layer_types"], backoffs.output)
