@@ -48,6 +48,7 @@ __all__ = [
     "inc_file_name",
     "infer_op_type",
     "measurement_for_rank",
+    "measurement_from_inc_dict",
     "measurement_to_inc_dict",
     "parse_rank_suffix",
     "read_inc_measurement",
