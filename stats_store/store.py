@@ -199,6 +199,15 @@ class CommittedStore:
 
     def reduce(self) -> Measurement:
         """Merge every committed shard into the global arrays and write them; idempotent."""
+        result, summary = self._merge_commits()
+        self._write_reduced(result, summary)
+        return result
+
+    def merged(self) -> Measurement:
+        """The global statistics of the latest commits, computed without writing anything."""
+        return self._merge_commits()[0]
+
+    def _merge_commits(self) -> tuple[Measurement, dict[str, Any]]:
         meta = self.meta
         commits = self.commits()
         result = Measurement(observer=meta.observer)
@@ -217,8 +226,7 @@ class CommittedStore:
                 for k, r in sorted(commits.items())
             },
         }
-        self._write_reduced(result, summary)
-        return result
+        return result, summary
 
     def _reduce_module(self, name: str, commits: Mapping[int, CommitRecord], tp: int) -> ModuleStats:
         present = {k: r.modules[name] for k, r in commits.items() if name in r.modules}
