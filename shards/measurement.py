@@ -24,7 +24,9 @@ class ModuleStats:
         params: max-abs of each observed parameter (``"weight"``).
         num_samples: number of forward calls observed.
         nonfinite: per tensor label (``"inputs.0"``, ``"outputs.1"``...) the number of NaN/Inf
-            values seen and left out of the max.
+            values seen. Observers leave them out of the max; values imported from INC files keep
+            them in the vectors as data (so an export gives the file back) and scale code refuses
+            to turn them into scales.
     """
 
     name: str
