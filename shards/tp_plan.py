@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -270,4 +270,22 @@ def merge_stat(values: Sequence[np.ndarray], shards: Sequence[StatShard]) -> np.
             f"shard slices must cover the global axis of length {shards[0].global_len} exactly once; "
             f"got {[s.local for s in shards]}"
         )
+    return out
+
+
+def split_channel_slices(keys: Iterable[tuple[str, str]], dims: ModelDims, rank: int,
+                         world: int) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """The shard map of a rank: ``(start, stop, global_len)`` for every split (``CONCAT``) statistic.
+
+    ``keys`` are ``(module name, tensor label)`` pairs. Statistics that cover their whole axis
+    (replicated modules, ``MAX`` merges) are left out, which is how the stats store's shard map
+    records "whole axis".
+    """
+    out: dict[tuple[str, str], tuple[int, int, int]] = {}
+    for module, label in keys:
+        if rule_for(module) is None:
+            continue
+        s = stat_shard(module, label, dims, rank, world)
+        if s.merge is Merge.CONCAT:
+            out[(module, label)] = (s.local.start, s.local.stop, s.global_len)
     return out

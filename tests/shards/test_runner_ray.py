@@ -88,6 +88,7 @@ class DiesOnRank1(ShardRunner):
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(180)  # a hung collective fails here, not after the global 600 s
 def test_tp2_workers_match_unsharded_model(ray_cluster: None, tiny_llama_dir: Path) -> None:
     import ray
 
@@ -107,12 +108,14 @@ def test_tp2_workers_match_unsharded_model(ray_cluster: None, tiny_llama_dir: Pa
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(180)  # a hung collective fails here, not after the global 600 s
 def test_dead_worker_at_start_is_named(ray_cluster: None, tiny_llama_dir: Path) -> None:
     with pytest.raises(WorkerStartError, match="dp_rank=0, tp_rank=1 died while starting"):
         make_workers(tiny_llama_dir, dp=1, tp=2, resources=SIMULATED_CARD, runner_cls=DiesOnRank1, timeout_s=60)
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(180)  # a hung collective fails here, not after the global 600 s
 def test_unplaceable_group_is_named(ray_cluster: None, tiny_llama_dir: Path) -> None:
     with pytest.raises(WorkerStartError, match=r"could not reserve 3 x \{'CPU': 1"):
         make_workers(tiny_llama_dir, dp=1, tp=3, timeout_s=1)  # 3 CPUs on a 2-CPU cluster

@@ -18,6 +18,7 @@ from shards.tp_plan import (
     merge_stat,
     rule_for,
     shard_slice,
+    split_channel_slices,
     stat_shard,
     weight_index,
 )
@@ -225,3 +226,18 @@ def test_merge_stat_keeps_nan_as_data() -> None:
 def test_dims_from_config() -> None:
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
     assert ModelDims.from_config(config) == ModelDims(64, 128, 4, 2, 16)
+
+
+def test_split_channel_slices_lists_only_split_stats() -> None:
+    keys = [
+        ("model.layers.0.self_attn.k_proj", "outputs.0"),
+        ("model.layers.0.self_attn.k_proj", "inputs.0"),
+        ("model.layers.0.mlp.down_proj", "inputs.0"),
+        ("model.layers.0.mlp.down_proj", "params.weight"),
+        ("lm_head", "inputs.0"),
+    ]
+    # k_proj: 4 kv heads x 8 = 32 outputs, rank 1 of 2 holds 16..32; down_proj: 96 inputs, 48..96.
+    assert split_channel_slices(keys, DIMS, 1, 2) == {
+        ("model.layers.0.self_attn.k_proj", "outputs.0"): (16, 32, 32),
+        ("model.layers.0.mlp.down_proj", "inputs.0"): (48, 96, 96),
+    }
