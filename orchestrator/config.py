@@ -112,7 +112,8 @@ class Fp8Config(BaseModel):
             raise ConfigError(f"Fp8Config: a config must be a JSON object, got {type(data).__name__} {show(data)}")
         for key in data:
             if not isinstance(key, str):
-                raise ConfigError(f"Fp8Config key {show(key)}: keys must be strings; allowed: {', '.join(cls.KNOWN_KEYS)}")
+                known = ", ".join(cls.KNOWN_KEYS)
+                raise ConfigError(f"Fp8Config key {show(key)}: keys must be strings; allowed: {known}")
         return cls(**dict(data))
 
     @classmethod
@@ -126,7 +127,9 @@ class Fp8Config(BaseModel):
                 f"FP8 config file '{path}' does not exist; pass the path of an INC-style JSON config"
             ) from exc
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"FP8 config file '{path}' is not UTF-8 text ({exc.reason}); save it as UTF-8 JSON") from exc
+            raise ConfigError(
+                f"FP8 config file '{path}' is not UTF-8 text ({exc.reason}); save it as UTF-8 JSON"
+            ) from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -1,4 +1,5 @@
-"""Readers for single values of an INC fp8_quant config, the way INC reads them.
+"""Readers for single values of an INC fp8_quant config, the way INC reads them, and the
+``scale_method`` reader that turns a method string or the dict form into a ``ScalePlan``.
 
 Every reader takes the key it reads (for the message) and a raw JSON value, and returns a
 normalised Python value or raises one :class:`ConfigError` naming the key, the value and what is
