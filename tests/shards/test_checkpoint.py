@@ -121,7 +121,8 @@ def test_projection_classes_and_op_types(tiny_llama_dir: Path) -> None:
 def test_local_config_divides_heads(tiny_llama_dir: Path) -> None:
     config = read_config(tiny_llama_dir)
     local = local_config(config, 2)
-    assert (local.num_attention_heads, local.num_key_value_heads, local.intermediate_size, local.head_dim) == (2, 1, 64, 16)
+    got = (local.num_attention_heads, local.num_key_value_heads, local.intermediate_size, local.head_dim)
+    assert got == (2, 1, 64, 16)
     assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (4, 2, 128)
     shard = build_tp_shard(tiny_llama_dir, 0, 2, ThreadSumAllReduce(2).reducer(0))
     assert shard.model.config.num_attention_heads == 2 and shard.global_config.num_attention_heads == 4

@@ -38,7 +38,7 @@ def _reference_logits(path: Path, ids: np.ndarray) -> np.ndarray:
 
 
 def test_runner_in_process_tp1(tiny_llama_dir: Path) -> None:
-    runner = ShardRunner(tiny_llama_dir, Topology())
+    runner = ShardRunner(tiny_llama_dir, Topology(), num_threads=None)  # keep pytest's thread count
     info = runner.load()
     ids = sample_ids().numpy()
     logits = runner.forward(ids)
@@ -52,7 +52,8 @@ def test_runner_in_process_tp1(tiny_llama_dir: Path) -> None:
 
 def test_runner_before_load(tiny_llama_dir: Path) -> None:
     with pytest.raises(ShardStateError, match="shard 3: call load"):
-        ShardRunner(tiny_llama_dir, Topology(dp=2, tp=2, dp_rank=1, tp_rank=1)).forward(np.zeros((1, 2)))
+        runner = ShardRunner(tiny_llama_dir, Topology(dp=2, tp=2, dp_rank=1, tp_rank=1), num_threads=None)
+        runner.forward(np.zeros((1, 2)))
 
 
 @pytest.mark.parametrize("kwargs", [dict(tp=0), dict(tp=2, tp_rank=2), dict(dp=2, dp_rank=-1)])

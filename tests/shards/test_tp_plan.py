@@ -202,7 +202,8 @@ def test_stat_shard_of_replicated_module() -> None:
 
 
 def test_stat_shard_unknown_label() -> None:
-    with pytest.raises(TensorParallelError, match=r"'model.layers.0.mlp.up_proj' \(column-parallel\) has no statistic 'outputs.1'"):
+    match = r"'model.layers.0.mlp.up_proj' \(column-parallel\) has no statistic 'outputs.1'"
+    with pytest.raises(TensorParallelError, match=match):
         stat_shard("model.layers.0.mlp.up_proj", "outputs.1", DIMS, 0, 2)
 
 
