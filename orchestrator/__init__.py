@@ -1,0 +1,10 @@
+"""fp8-orchestrator: FP8 calibration and quantization of PyTorch LLMs, INC fp8_quant compatible.
+
+The Python API mirrors INC's: ``prepare`` → run data → ``finalize_calibration``, ``convert``,
+``quantize`` in one call, and ``scales_of`` to compare a converted model's scales with INC's.
+"""
+
+from orchestrator.api import CalibrationStateError, convert, finalize_calibration, prepare, quantize, scales_of
+from orchestrator.config import Fp8Config
+
+__all__ = ["Fp8Config", "prepare", "finalize_calibration", "convert", "quantize", "scales_of", "CalibrationStateError"]

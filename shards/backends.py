@@ -1,0 +1,179 @@
+"""Backends: the only place where the FP8 cast and the FP8 gemm differ between devices.
+
+Every backend implements the same small interface with the scales of ``shards.numerics``
+(``x ≈ q · s``): ``quantize`` (x → FP8 codes), ``dequantize`` (codes → hp) and ``gemm``
+((qa·s_a) @ (qb·s_b) in the output dtype). Quantized modules call nothing else, so one
+implementation of the math serves every device (decisions §2).
+
+- ``EmulatedBackend`` ("cpu"): dequantize both operands to hp and multiply in hp. This is INC's QDQ
+  path and the reference every other backend is tested against.
+- ``CudaBackend`` ("cuda"): ``torch._scaled_mm`` for 2-D gemms whose sizes it accepts; batched
+  (attention) matmuls and odd sizes use the emulation.
+- ``HpuBackend`` ("hpu"): ``torch.ops.hpu.cast_to_fp8_v2`` / ``cast_from_fp8`` / ``fp8_gemm_v2``,
+  only when ``habana_frameworks.torch`` imports. Untested on Gaudi hardware here: tests drive it
+  with a recording stand-in for ``torch.ops.hpu``.
+
+Scales are broadcastable tensors or floats: 0-d (per tensor), ``[..., 1]`` for ``qa`` (one per
+row, e.g. per token) and ``[1, N]`` for ``qb`` (one per output column, e.g. per channel).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+from shards import numerics
+from shards.discovery import DuplicateRegistrationError
+from shards.errors import ShardError
+from shards.numerics import Fp8Format
+
+Scale = torch.Tensor | float
+
+
+class UnknownBackendError(ShardError, ValueError):
+    """No backend is registered under this name."""
+
+
+class BackendUnavailableError(ShardError, ImportError):
+    """The backend's runtime (e.g. the Habana plugin) is not installed here."""
+
+
+class Backend(Protocol):
+    """The FP8 cast and gemm of one device."""
+
+    name: str
+
+    def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
+        """FP8 codes of ``x / scale``, saturated at ``fmt.fullscale`` (``scale`` broadcasts to x)."""
+
+    def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """``q · scale`` in ``out_dtype``."""
+
+    def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """``(qa · s_a) @ (qb · s_b)`` with the result in ``out_dtype`` (batched like torch.matmul)."""
+
+
+def _as_scale(scale: Scale, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(scale, dtype=torch.float32, device=like.device)
+
+
+class EmulatedBackend:
+    """Exact emulation: fp32 divide, clamp, round-to-nearest-even cast; gemm in hp on dequantized values."""
+
+    name = "cpu"
+
+    def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
+        return numerics.cast_to_fp8(x.to(torch.float32) / _as_scale(scale, x), fmt)
+
+    def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        return (q.to(torch.float32) * _as_scale(scale, q)).to(out_dtype)
+
+    def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        return torch.matmul(self.dequantize(qa, s_a, out_dtype), self.dequantize(qb, s_b, out_dtype))
+
+
+class CudaBackend(EmulatedBackend):
+    """``torch._scaled_mm`` (fp32 accumulation) for 2-D gemms; the emulation otherwise.
+
+    Per-tensor scales go to the kernel directly. Row/column scales (per token, per channel) are
+    applied to the fp32 result of a unit-scaled ``_scaled_mm``: mathematically the same product,
+    and it works for every output dtype and on CPU tensors too (the CPU reference path of
+    ``_scaled_mm`` handles per-tensor scales only).
+    """
+
+    name = "cuda"
+    # _scaled_mm needs K and N to be multiples of 16 on the GPU kernels.
+    ALIGN = 16
+
+    def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        if qb.ndim != 2 or qb.shape[0] % self.ALIGN or qb.shape[1] % self.ALIGN:
+            return super().gemm(qa, qb, s_a, s_b, out_dtype)
+        k, n = qb.shape
+        lead = qa.shape[:-1]
+        a2 = qa.reshape(-1, k).contiguous()
+        b2 = qb.t().contiguous().t()  # _scaled_mm wants the second operand column-major
+        sa, sb = _as_scale(s_a, qa), _as_scale(s_b, qb)
+        if sa.numel() == 1 and sb.numel() == 1:
+            y = torch._scaled_mm(a2, b2, scale_a=sa.reshape(()), scale_b=sb.reshape(()), out_dtype=out_dtype)
+        else:
+            one = torch.ones((), dtype=torch.float32, device=qa.device)
+            acc = torch._scaled_mm(a2, b2, scale_a=one, scale_b=one, out_dtype=torch.float32)
+            row = sa.reshape(-1, 1) if sa.numel() > 1 else sa
+            y = (acc * row * sb.reshape(1, -1)).to(out_dtype)
+        return y.reshape(*lead, n)
+
+
+class HpuBackend:
+    """Gaudi FP8 kernels through ``torch.ops.hpu``.
+
+    Args:
+        ops: the op namespace; None means ``torch.ops.hpu`` after importing
+            ``habana_frameworks.torch`` (raises BackendUnavailableError when that fails). Tests pass
+            a recording stand-in.
+
+    The kernels take the inverse scale when casting to FP8 and the scale itself when casting back
+    or as gemm descales (reference §6).
+    """
+
+    name = "hpu"
+
+    def __init__(self, ops: Any | None = None) -> None:
+        self.ops = ops if ops is not None else _load_hpu_ops()
+
+    def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
+        # The kernel multiplies by the inverse scale and saturates (at 240 on Gaudi2 E4M3).
+        inv = torch.reciprocal(_as_scale(scale, x))
+        return self.ops.cast_to_fp8_v2(x, inv, False, False, fmt.storage)[0]
+
+    def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.cast_from_fp8(q, _as_scale(scale, q), out_dtype)
+
+    def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.fp8_gemm_v2(
+            qa, False, qb, False, None, out_dtype, _as_scale(s_a, qa), _as_scale(s_b, qb), None, False
+        )
+
+
+def _load_hpu_ops() -> Any:
+    try:
+        import habana_frameworks.torch  # noqa: F401  (registers torch.ops.hpu)
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"backend 'hpu' needs habana_frameworks.torch, which does not import here ({e}); "
+            "run on a Gaudi host with the Habana PyTorch plugin, or use backend 'cpu'"
+        ) from e
+    return torch.ops.hpu
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Add a backend; a name that exists already raises."""
+    if name in _BACKENDS:
+        raise DuplicateRegistrationError(f"backend {name!r} is already registered (known: {', '.join(_BACKENDS)})")
+    _BACKENDS[name] = factory
+
+
+def get_backend(name: str) -> Backend:
+    """Build the backend called ``name``; an unknown name lists the known ones."""
+    try:
+        factory = _BACKENDS[name]
+    except KeyError:
+        raise UnknownBackendError(f"backend {name!r} is unknown; known: {', '.join(_BACKENDS)}") from None
+    return factory()
+
+
+def backend_for_device(device: torch.device | str) -> Backend:
+    """The backend of the device a model's parameters live on (cpu, cuda or hpu)."""
+    kind = torch.device(device).type
+    return get_backend(kind if kind in _BACKENDS else "cpu")
+
+
+register_backend("cpu", EmulatedBackend)
+register_backend("cuda", CudaBackend)
+register_backend("hpu", HpuBackend)
+
+BACKENDS: Mapping[str, Callable[[], Backend]] = MappingProxyType(_BACKENDS)

@@ -1,0 +1,94 @@
+"""Which modules of a model are measured and quantized (reference §1.2, §3.1).
+
+A module's op type comes from ``shards.op_types``: first from classes registered here by identity
+(our own ``Matmul``/``KVCache``/``Softmax``, or a class whose name is not in the table), then from
+the class name, as INC matches (``Linear``, ``RowParallelLinear``, ...). The allow/block decision is
+``RunPlan.selection`` (``shards.selection``); nothing here reads a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from shards.errors import ShardError
+from shards.op_types import OpType, get_op_type, op_type_of_class
+from shards.selection import SelectionRules
+
+_COMPILED_PREFIX = "_orig_mod."
+
+
+class DuplicateRegistrationError(ShardError, ValueError):
+    """A registry (module classes, observers, backends, op behaviours) already has this key."""
+
+# Classes mapped by identity, for classes whose name is not (or not uniquely) in the op-type table.
+_CLASS_OPS: dict[type, str] = {}
+
+
+def register_module_class(cls: type, op_type: str) -> None:
+    """Map a module class to an op type by identity; registering a class twice raises."""
+    get_op_type(op_type)  # an unknown op type lists the known ones
+    if cls in _CLASS_OPS:
+        raise DuplicateRegistrationError(
+            f"module class {cls.__qualname__} is already registered as op type {_CLASS_OPS[cls]!r}"
+        )
+    _CLASS_OPS[cls] = op_type
+
+
+def op_type_of(module: nn.Module) -> OpType | None:
+    """The op type of a module, or None when it is not a supported kind of module."""
+    registered = _CLASS_OPS.get(type(module))
+    if registered is not None:
+        return get_op_type(registered)
+    return op_type_of_class(type(module).__name__)
+
+
+def clean_name(name: str) -> str:
+    """The INC module name: ``named_modules()`` name with torch.compile's ``_orig_mod.`` removed."""
+    return name.replace(_COMPILED_PREFIX, "")
+
+
+@dataclass(frozen=True)
+class FoundModule:
+    """One selected module.
+
+    Attributes:
+        name: qualified name as INC writes it (``_orig_mod.`` removed).
+        path: the ``named_modules()`` path, to replace the module in its parent.
+        module: the module itself.
+        op: its op type.
+    """
+
+    name: str
+    path: str
+    module: nn.Module
+    op: OpType
+
+    @property
+    def class_name(self) -> str:
+        return type(self.module).__name__
+
+
+def supported_modules(model: nn.Module) -> list[FoundModule]:
+    """Every module that has an op type, in ``named_modules()`` order."""
+    found = []
+    for path, module in model.named_modules():
+        op = op_type_of(module)
+        if op is not None:
+            found.append(FoundModule(clean_name(path), path, module, op))
+    return found
+
+
+def discover(model: nn.Module, rules: SelectionRules) -> list[FoundModule]:
+    """The modules the allow/block rules select, in ``named_modules()`` order."""
+    return [f for f in supported_modules(model) if rules.selects(f.name, f.class_name, f.op)]
+
+
+def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the module at ``path`` (a ``named_modules()`` path) in its parent."""
+    if not path:
+        raise ValueError("cannot replace the root module; wrap the model so the layer is a child")
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
