@@ -149,7 +149,12 @@ def _output_scales(
         return ()
     if rule is OutputRule.WEIGHT_TIMES_INPUT:
         assert w_scale is not None
-        return (fixed_scale(section, ctx) if fixed else w_scale * inputs[0],)
+        first = fixed_scale(section, ctx) if fixed else w_scale * inputs[0]
+        if n_measured_outputs == 1:
+            return (first,)
+        # Row-parallel FP8 all-reduce: the reduced output's scale is measured (outputs[1]).
+        (reduced,) = _measured(stats, Source("outputs", 1), module)
+        return (first, activation_scale(reduced, section, ctx, where=f"module {module!r} tensor 'outputs.1'"))
     if rule is OutputRule.PRODUCT_OF_INPUTS:
         return (inputs[0] * inputs[1],)
     if rule is OutputRule.SAME_AS_INPUT:

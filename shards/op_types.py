@@ -18,7 +18,7 @@ class OutputRule(str, enum.Enum):
     WEIGHT_TIMES_INPUT = "weight_times_input"  # linear: s_w * s_in (elementwise for PCS)
     PRODUCT_OF_INPUTS = "product_of_inputs"  # matmul, b2b_matmul: s_in0 * s_in1
     SAME_AS_INPUT = "same_as_input"  # kv_cache: the input scale object itself
-    MEASURED = "measured"  # row_parallel_linear, softmax, fused_sdpa, moe: from outputs[0]
+    MEASURED = "measured"  # softmax, fused_sdpa, moe: from outputs[0]
     NONE = "none"  # embedding: weight only
 
 
@@ -101,9 +101,10 @@ OP_TYPES: Mapping[str, OpType] = MappingProxyType(
             OpType("linear", 1, ("weight",), 1, False, True, _LINEAR_CLASSES, (_in(0),), OutputRule.WEIGHT_TIMES_INPUT),
             OpType(
                 "row_parallel_linear", 1, ("weight",), 2, True, True, ("RowParallelLinear",), (_in(0),),
-                # INC >= 3.5 derives s_w * s_in only for op types "linear" and "matmul"; a row-parallel
-                # linear's output scale comes from its (always measured) outputs[0].
-                OutputRule.MEASURED,
+                # Reference §2.5: "like linear". Deliberately not from outputs[0]: that is the partial
+                # pre-all-reduce result, which differs between tp sizes and would break the
+                # invariant that tp=k gives tp=1's scales.
+                OutputRule.WEIGHT_TIMES_INPUT,
             ),
             OpType("matmul", 2, (), 1, False, True, ("Matmul",), (_in(0), _in(1)), OutputRule.PRODUCT_OF_INPUTS),
             OpType("b2b_matmul", 2, (), 1, True, True, ("B2BMatmul",), (_in(0), _out(0)), OutputRule.PRODUCT_OF_INPUTS),

@@ -207,14 +207,15 @@ def test_embedding_has_a_weight_scale_only() -> None:
     assert node == {"inputs": [], "outputs": [], "params": {"weight": pow2(3.0 / 224)}}
 
 
-def test_row_parallel_linear_output_scales_are_measured() -> None:
-    """INC >= 3.5 multiplies s_w * s_in only for op types linear and matmul."""
+def test_row_parallel_linear_output_scale_is_weight_times_input() -> None:
+    """Reference §2.5 "like linear": the partial outputs[0] is never used, so tp sizes agree."""
     stats = ModuleStats("o", "row_parallel_linear", _v(2.0), outputs=_v(50.0, 60.0))
     w = torch.tensor([[1.0, -2.0]])
     op = get_op_type("row_parallel_linear")
-    assert module_scales(op, POW2, CTX, stats, weight=w).to_inc_node()["outputs"] == [a25(50.0)]
+    expected = pow2(2.0 / 224) * a25(2.0)
+    assert module_scales(op, POW2, CTX, stats, weight=w).to_inc_node()["outputs"] == [expected]
     both = module_scales(op, POW2, CTX, stats, weight=w, allreduce_quantization=True).to_inc_node()
-    assert both["outputs"] == [a25(50.0), a25(60.0)]
+    assert both["outputs"] == [expected, a25(60.0)]
 
 
 @pytest.mark.parametrize(("backoff", "expected"), [(None, pow2(0.75 / 112)), (1.0, pow2(0.75 / 448))])
