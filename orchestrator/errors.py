@@ -18,3 +18,7 @@ class ConfigError(Fp8OrchestratorError, ValueError):
 
 class ConfigFileNotFoundError(Fp8OrchestratorError, FileNotFoundError):
     """The config file named by the user does not exist."""
+
+
+class CalibrationDataError(Fp8OrchestratorError, ValueError):
+    """The calibration data file is missing, malformed or too short."""
