@@ -1,0 +1,107 @@
+"""Module discovery: op types by class, allow/block rules, HF attention ops."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from torch import nn
+
+from shards.discovery import (
+    DuplicateRegistrationError,
+    clean_name,
+    discover,
+    op_type_of,
+    register_module_class,
+    set_submodule,
+    supported_modules,
+)
+from shards.hf_attention import KVCache, Matmul, Softmax, install_hf_attention
+from shards.selection import ModuleFilter, SelectionRules
+from shards.tp_layers import ColumnParallelLinear
+from tests.models import tiny_llama, tiny_sequential
+
+
+@pytest.mark.parametrize(
+    "module, op",
+    [
+        (nn.Linear(2, 3), "linear"),
+        (nn.Conv2d(1, 2, 3), "linear"),
+        (nn.EmbeddingBag(4, 2), "embedding"),
+        (Matmul(), "matmul"),
+        (KVCache(), "kv_cache"),
+        (Softmax(), "softmax"),
+        (ColumnParallelLinear(4, 4, tp_rank=0, tp_world=2), "linear"),
+        (nn.ReLU(), None),
+    ],
+)
+def test_op_type_of(module: nn.Module, op: str | None) -> None:
+    found = op_type_of(module)
+    assert (found.name if found else None) == op
+
+
+def _rules(allow_names=(), allow_types=(), block_names=(), block_types=()) -> SelectionRules:
+    return SelectionRules(
+        allow=ModuleFilter(tuple(re.compile(n) for n in allow_names), tuple(allow_types)),
+        block=ModuleFilter(tuple(re.compile(n) for n in block_names), tuple(block_types)),
+    )
+
+
+@pytest.mark.parametrize(
+    "rules, expected",
+    [
+        (_rules(), ["0", "2", "4"]),
+        (_rules(allow_names=["^2$"]), ["2"]),
+        (_rules(allow_names=["4"], allow_types=["Conv2d"]), ["4"]),
+        (_rules(block_names=["[02]"]), ["4"]),  # re.search: a pattern matches anywhere
+        (_rules(block_types=["Linear"]), []),
+        (_rules(allow_types=["ReLU"]), []),  # a type without an op type is never selected
+    ],
+)
+def test_allow_and_block_rules(rules: SelectionRules, expected: list[str]) -> None:
+    assert [f.name for f in discover(tiny_sequential(), rules)] == expected
+
+
+def test_hf_llama_attention_ops_are_discovered() -> None:
+    model = tiny_llama()
+    assert install_hf_attention(model) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert install_hf_attention(model) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]  # idempotent
+    ops = {f.name: f.op.name for f in supported_modules(model)}
+    attn = "model.layers.1.self_attn"
+    for child, op in [("k_cache", "kv_cache"), ("v_cache", "kv_cache"), ("matmul_qk", "matmul"),
+                      ("softmax", "softmax"), ("matmul_av", "matmul"), ("q_proj", "linear"), ("o_proj", "linear")]:
+        assert ops[f"{attn}.{child}"] == op
+    assert ops["lm_head"] == "linear"
+    assert len(ops) == 2 * (7 + 5) + 1
+
+
+def test_plain_models_get_no_attention_ops() -> None:
+    model = tiny_sequential()
+    assert install_hf_attention(model) == []
+    assert [n for n, _ in model.named_modules()] == ["", "0", "1", "2", "3", "4"]
+
+
+def test_compiled_names_are_cleaned() -> None:
+    assert clean_name("_orig_mod.model.layers.0._orig_mod.q_proj") == "model.layers.0.q_proj"
+
+
+def test_register_module_class_by_identity() -> None:
+    class MyProjection(nn.Linear):
+        pass
+
+    assert op_type_of(MyProjection(2, 2)) is None
+    register_module_class(MyProjection, "linear")
+    assert op_type_of(MyProjection(2, 2)).name == "linear"
+    with pytest.raises(DuplicateRegistrationError, match="MyProjection"):
+        register_module_class(MyProjection, "linear")
+    with pytest.raises(KeyError, match="unknown op type 'nope'"):
+        register_module_class(nn.ReLU, "nope")
+
+
+def test_set_submodule_replaces_in_parent() -> None:
+    model = tiny_sequential()
+    new = nn.Identity()
+    set_submodule(model, "2", new)
+    assert model[2] is new
+    with pytest.raises(ValueError, match="root module"):
+        set_submodule(model, "", new)

@@ -1,0 +1,165 @@
+"""MEASURE: statistics equal torch.amax over inputs captured independently; rules of §3.2."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shards.hf_attention import install_hf_attention
+from shards.measure import MEASURE_BEHAVIOURS, MeasureBehaviour, MeasureSession, UnmeasurableModuleError, measure
+from shards.numerics import HpDtype, LpDtype
+from shards.op_types import OP_TYPES
+from shards.plan import MeasureExclude, Mode, RunPlan
+from shards.scale_spec import predefined_plan
+from shards.selection import ModuleFilter, SelectionRules
+from tests.models import llama_tokens, sequential_batches, tiny_llama, tiny_sequential
+
+
+def make_plan(observer: str = "maxabs", exclude: MeasureExclude = MeasureExclude.OUTPUT, block: tuple[str, ...] = (),
+              interval: int = 0) -> RunPlan:
+    return RunPlan(
+        mode=Mode.MEASURE, observer=observer, dump_stats_path="unused/measure", lp=LpDtype.E4M3, hp=HpDtype.BF16,
+        scale_plan=predefined_plan("maxabs_pow2"),
+        selection=SelectionRules(block=ModuleFilter(tuple(re.compile(b) for b in block))),
+        measure_exclude=exclude, calibration_sample_interval=interval,
+    )
+
+
+def capture(model: nn.Module, names: list[str]) -> dict[str, list[tuple[Any, Any]]]:
+    """Record (args, output) of named modules with plain hooks, independently of the observers."""
+    seen: dict[str, list[tuple[Any, Any]]] = {n: [] for n in names}
+    for n in names:
+        model.get_submodule(n).register_forward_hook(
+            lambda _m, args, out, n=n: seen[n].append((tuple(a.detach().clone() for a in args), out.detach().clone()))
+        )
+    return seen
+
+
+def amax(tensors: list[torch.Tensor]) -> float:
+    return float(torch.stack([t.float().abs().amax() for t in tensors]).amax())
+
+
+def test_every_op_type_has_a_behaviour_or_a_reason() -> None:
+    for name in OP_TYPES:
+        entry = MEASURE_BEHAVIOURS.get(name)
+        assert isinstance(entry, MeasureBehaviour) or (isinstance(entry, str) and entry), name
+
+
+def test_sequential_inputs_weights_and_no_outputs_by_default() -> None:
+    model, batches = tiny_sequential(), sequential_batches(0, 3)
+    seen = capture(model, ["0", "2", "4"])
+    m = measure(model, make_plan(), batches)
+    assert list(m.modules) == ["0", "2", "4"] and m.observer == "maxabs"
+    for name in ["0", "2", "4"]:
+        st = m.modules[name]
+        assert st.op_type == "linear" and st.num_samples == 3 and st.outputs is None
+        assert st.inputs[0].tolist() == [amax([a[0] for a, _ in seen[name]])]
+        w = model.get_submodule(name).weight.detach()
+        np.testing.assert_array_equal(st.params["weight"], w.abs().amax(dim=1).numpy())
+
+
+@pytest.mark.parametrize("exclude", [MeasureExclude.NONE, MeasureExclude.INPUT, MeasureExclude.PARAMS])
+def test_outputs_measured_unless_excluded(exclude: MeasureExclude) -> None:
+    model, batches = tiny_sequential(), sequential_batches(1, 2)
+    seen = capture(model, ["4"])
+    m = measure(model, make_plan(exclude=exclude), batches)
+    assert m.modules["4"].outputs is not None
+    assert m.modules["4"].outputs[0].tolist() == [amax([o for _, o in seen["4"]])]
+
+
+def test_per_channel_observer() -> None:
+    model, batches = tiny_sequential(), sequential_batches(2, 2)
+    seen = capture(model, ["2"])
+    m = measure(model, make_plan(observer="maxabs_per_channel"), batches)
+    xs = torch.cat([a[0] for a, _ in seen["2"]])
+    np.testing.assert_array_equal(m.modules["2"].inputs[0], xs.abs().amax(dim=0).numpy())
+
+
+def test_never_called_module_has_no_measurement() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    m = measure(TwoHeads(), make_plan(), [torch.randn(2, 4)])
+    assert list(m.modules) == ["used"]
+
+
+def test_blocked_modules_are_not_observed() -> None:
+    m = measure(tiny_sequential(), make_plan(block=("^4$",)), sequential_batches(3, 1))
+    assert list(m.modules) == ["0", "2"]
+
+
+def test_nonfinite_inputs_are_counted_by_tensor() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.tensor([[1.0, float("nan"), -2.0], [float("inf"), 0.5, 0.5]])
+    m = measure(model, make_plan(exclude=MeasureExclude.NONE), [x])
+    st = m.modules["0"]
+    assert st.inputs[0].tolist() == [2.0]
+    assert st.nonfinite["inputs.0"] == 2
+    assert m.nonfinite_report() == {"0": dict(st.nonfinite)}
+
+
+def test_hf_llama_attention_matmuls_are_measured() -> None:
+    model = tiny_llama()
+    install_hf_attention(model)
+    attn = "model.layers.0.self_attn"
+    names = [f"{attn}.matmul_qk", f"{attn}.matmul_av", f"{attn}.k_cache", f"{attn}.softmax"]
+    seen = capture(model, names)
+    batches = [llama_tokens(i, 2, 16) for i in range(2)]
+    m = measure(model, make_plan(), batches)
+    for name in (f"{attn}.matmul_qk", f"{attn}.matmul_av"):
+        st = m.modules[name]
+        assert st.op_type == "matmul" and st.num_samples == 2 and st.outputs is None
+        for i in range(2):
+            assert st.inputs[i].tolist() == [amax([a[i] for a, _ in seen[name]])]
+    # The softmax output is always measured (its op type requires it), its input too.
+    sm = m.modules[f"{attn}.softmax"]
+    assert sm.outputs is not None and sm.outputs[0].tolist() == [amax([o for _, o in seen[f"{attn}.softmax"]])]
+    assert m.modules[f"{attn}.k_cache"].inputs[0].tolist() == [amax([a[0] for a, _ in seen[f"{attn}.k_cache"]])]
+    assert len(m.modules) == 2 * (7 + 5) + 1
+
+
+def test_interval_callback_and_num_samples() -> None:
+    model, dumps = tiny_sequential(), []
+    session = MeasureSession(model, make_plan(interval=2), on_interval=lambda s: dumps.append(s.collect().num_samples))
+    with torch.no_grad():
+        for x in sequential_batches(4, 5):
+            model(x)
+    assert dumps == [2, 4]
+    assert session.collect().num_samples == 5
+    session.close()
+    model(torch.randn(1, 32))
+    assert session.collect().modules["0"].num_samples == 5  # hooks are gone
+
+
+def test_unknown_observer_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="observer 'shape' is not implemented"):
+        MeasureSession(tiny_sequential(), make_plan(observer="shape"))
+
+
+def test_unmeasurable_op_is_named() -> None:
+    class ModuleFusedSDPA(nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return q
+
+    model = nn.Sequential(ModuleFusedSDPA())
+    with pytest.raises(UnmeasurableModuleError, match="module '0' .*fused_sdpa.*blocklist"):
+        MeasureSession(model, make_plan())
+
+
+def test_save_observer_writes_tensors(tmp_path) -> None:
+    model, batches = tiny_sequential(), sequential_batches(5, 3)
+    m = measure(model, make_plan(observer="save"), batches, tensors_dir=tmp_path, chunk_calls=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "0.inputs.0.00000.safetensors" in names and "0.inputs.0.00001.safetensors" in names
+    assert "0.params.safetensors" in names
+    assert m.modules["0"].inputs[0].tolist() == [amax(batches)]

@@ -1,0 +1,129 @@
+"""Observers: exact running max-abs (brute force on numpy), NaN/Inf counting, registry rules, save."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from shards.discovery import DuplicateRegistrationError
+from shards.observers import (
+    MERGES,
+    MaxAbsObserver,
+    MaxAbsPerChannelObserver,
+    ObserverSpec,
+    ObserveTarget,
+    SaveObserver,
+    UnknownObserverError,
+    get_observer,
+    known_observers,
+    merge_values,
+    register_observer,
+)
+
+
+def _batches(seed: int, shape: tuple[int, ...], n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) * (i + 1) for i in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_maxabs_is_the_max_over_all_calls(dtype: torch.dtype) -> None:
+    xs = [x.to(dtype) for x in _batches(0, (4, 5, 6))]
+    obs = MaxAbsObserver(ObserveTarget("m", "inputs.0"))
+    for x in xs:
+        obs.update(x)
+    expected = max(float(np.abs(x.float().numpy()).max()) for x in xs)
+    result = obs.result()
+    assert result is not None and result.dtype == np.float32 and result.shape == (1,)
+    assert result[0] == np.float32(expected)
+
+
+@pytest.mark.parametrize("dim", [-1, -2, 0])
+def test_per_channel_along_the_declared_axis(dim: int) -> None:
+    xs = _batches(1, (3, 4, 5))
+    obs = MaxAbsPerChannelObserver(ObserveTarget("m", "inputs.0", channel_dim=dim))
+    for x in xs:
+        obs.update(x)
+    stacked = np.stack([np.abs(x.numpy()) for x in xs])  # [calls, 3, 4, 5]
+    axis = dim % 3 + 1
+    other = tuple(a for a in range(4) if a != axis)
+    np.testing.assert_array_equal(obs.result(), stacked.max(axis=other).astype(np.float32))
+
+
+def test_nonfinite_values_are_counted_and_left_out() -> None:
+    x = torch.tensor([[1.0, float("nan"), -3.0], [float("inf"), 2.0, float("-inf")]])
+    for obs in (MaxAbsObserver(ObserveTarget("m", "i")), MaxAbsPerChannelObserver(ObserveTarget("m", "i", 0))):
+        obs.update(x)
+        obs.update(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, float("nan")]]))
+        assert obs.nonfinite() == 4
+    per_tensor = MaxAbsObserver(ObserveTarget("m", "i"))
+    per_tensor.update(x)
+    assert per_tensor.result().tolist() == [3.0]
+    per_row = MaxAbsPerChannelObserver(ObserveTarget("m", "i", 0))
+    per_row.update(x)
+    assert per_row.result().tolist() == [3.0, 2.0]
+
+
+def test_fp8_tensors_are_observed() -> None:
+    x = torch.tensor([1.0, -6.0, 2.5]).to(torch.float8_e4m3fn)
+    obs = MaxAbsObserver(ObserveTarget("m", "i"))
+    obs.update(x)
+    assert obs.result().tolist() == [6.0]
+
+
+def test_state_stays_on_device_in_fp32() -> None:
+    obs = MaxAbsObserver(ObserveTarget("m", "i"))
+    obs.update(torch.ones(3, dtype=torch.bfloat16))
+    assert obs._state is not None and obs._state.dtype == torch.float32
+
+
+def test_nothing_observed_gives_none() -> None:
+    obs = MaxAbsObserver(ObserveTarget("m", "i"))
+    obs.update(torch.empty(0, 3))
+    assert obs.result() is None and obs.nonfinite() == 0
+
+
+def test_registry_declares_merges() -> None:
+    assert {"maxabs", "maxabs_per_channel", "save"} <= set(known_observers())
+    for name in known_observers():
+        assert get_observer(name).merge in MERGES
+    a, b = np.array([1.0, 5.0], np.float32), np.array([3.0, 2.0], np.float32)
+    assert merge_values("max", a, b).tolist() == [3.0, 5.0]
+
+
+def test_duplicate_observer_raises() -> None:
+    with pytest.raises(DuplicateRegistrationError, match="'maxabs' is already registered"):
+        register_observer(ObserverSpec("maxabs", "max", MaxAbsObserver))
+
+
+def test_unknown_observer_lists_known() -> None:
+    with pytest.raises(UnknownObserverError, match="'shape' is not implemented.*maxabs, maxabs_per_channel"):
+        get_observer("shape")
+
+
+def test_unknown_merge_raises() -> None:
+    with pytest.raises(ValueError, match="unknown merge 'sum'"):
+        register_observer(ObserverSpec("my_sum_observer", "sum", MaxAbsObserver))
+
+
+def test_save_writes_chunks_of_safetensors(tmp_path) -> None:
+    xs = _batches(2, (2, 3), n=5)
+    obs = SaveObserver(ObserveTarget("layer.0", "inputs.0", tensors_dir=tmp_path, chunk_calls=2))
+    for x in xs:
+        obs.update(x)
+    obs.flush()
+    assert [p.name for p in obs.files] == [f"layer.0.inputs.0.{i:05d}.safetensors" for i in range(3)]
+    saved = {}
+    for p in obs.files:
+        saved.update(load_file(str(p)))
+    assert sorted(saved) == [f"call_{i}" for i in range(5)]
+    for i, x in enumerate(xs):
+        assert torch.equal(saved[f"call_{i}"], x)
+    assert obs.result()[0] == max(float(x.abs().max()) for x in xs)
+
+
+def test_save_needs_a_directory() -> None:
+    with pytest.raises(ValueError, match="needs a tensors directory"):
+        SaveObserver(ObserveTarget("m", "inputs.0"))
