@@ -1,0 +1,168 @@
+"""Patched modules: bit-exact against explicit dequantize-then-compute references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shards.backends import EmulatedBackend
+from shards.hf_attention import KVCache, Matmul, Softmax
+from shards.module_scales import ModuleScales
+from shards.numerics import HpDtype, LpDtype, ScaleDevice
+from shards.op_types import OP_TYPES
+from shards.plan import ScaleFormat
+from shards.qmodules import (
+    QUANT_OPS,
+    QuantContext,
+    QuantConv2d,
+    QuantKVCache,
+    QuantLinear,
+    QuantMatmul,
+    QuantSoftmax,
+)
+from shards.scales import ScaleContext
+
+HP = {HpDtype.BF16: torch.bfloat16, HpDtype.FP32: torch.float32}
+
+
+def qctx(hp: HpDtype = HpDtype.BF16, device: ScaleDevice | None = None, fmt: ScaleFormat = ScaleFormat.SCALAR,
+         dynamic: bool = False) -> QuantContext:
+    return QuantContext(ScaleContext(LpDtype.E4M3, hp, device), EmulatedBackend(), fmt, dynamic)
+
+
+def t(v: float | list[float], dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.tensor(v, dtype=dtype)
+
+
+def q(x: torch.Tensor, s: torch.Tensor | float, fullscale: float) -> torch.Tensor:
+    """Explicit FP8 codes: fp32 divide, clamp, round to nearest even."""
+    return (x.float() / torch.as_tensor(s, dtype=torch.float32)).clamp(-fullscale, fullscale).to(torch.float8_e4m3fn)
+
+
+def test_every_op_type_has_a_class_or_a_reason() -> None:
+    for name in OP_TYPES:
+        entry = QUANT_OPS.get(name)
+        assert callable(entry) or (isinstance(entry, str) and entry), name
+
+
+# (input scale, weight scale, device for scales): pow2 per tensor, Gaudi2 / Gaudi3 HW-aligned
+# scales, pow2 per channel.
+CASES = [
+    pytest.param(t(2.0**-4), t(2.0**-6), None, id="pow2-pts"),
+    pytest.param(t(1 / 16), t(1.0), ScaleDevice.GAUDI2, id="hw-gaudi2-pts"),
+    pytest.param(t(2.0**-5), t(2.0**-7), ScaleDevice.GAUDI3, id="hw-gaudi3-pts"),
+    pytest.param(t(2.0**-4), torch.exp2(torch.randint(-9, -4, (24,)).float()), None, id="pow2-pcs"),
+]
+
+
+@pytest.mark.parametrize("s_in, s_w, device", CASES)
+@pytest.mark.parametrize("hp", [HpDtype.BF16, HpDtype.FP32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_is_dequantize_then_matmul(s_in: torch.Tensor, s_w: torch.Tensor, device: ScaleDevice | None,
+                                          hp: HpDtype, bias: bool) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 24, bias=bias)
+    ctx = qctx(hp, device, ScaleFormat.CONST if s_w.numel() > 1 else ScaleFormat.SCALAR)
+    scales = ModuleScales((s_in,), (s_w * s_in,), s_w)
+    ql = QuantLinear(lin, scales, ctx)
+    x = torch.randn(3, 5, 16) * 3
+    fs = ctx.fmt.fullscale
+    assert fs == (240.0 if device is ScaleDevice.GAUDI2 else 448.0)
+    wq = q(lin.weight, s_w.reshape(-1, 1) if s_w.numel() > 1 else s_w, fs)
+    assert ql.weight.dtype == torch.float8_e4m3fn and torch.equal(ql.weight.view(torch.uint8), wq.view(torch.uint8))
+    hpd = HP[hp]
+    xd = (q(x, s_in, fs).float() * s_in.float()).to(hpd)
+    wd_t = (wq.t().float() * (s_w.float().reshape(1, -1) if s_w.numel() > 1 else s_w.float())).to(hpd)
+    ref = torch.matmul(xd, wd_t)
+    if bias:
+        ref = ref + lin.bias
+    assert torch.equal(ql(x), ref.to(x.dtype))
+
+
+def test_gaudi2_linear_saturates_input_at_240() -> None:
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0]]))
+    ql = QuantLinear(lin, ModuleScales((t(1.0),), (t(1.0),), t(1.0)), qctx(HpDtype.FP32, ScaleDevice.GAUDI2))
+    assert ql(torch.tensor([[1000.0, 0.0]])).item() == 240.0
+    ql448 = QuantLinear(lin, ModuleScales((t(1.0),), (t(1.0),), t(1.0)), qctx(HpDtype.FP32))
+    assert ql448(torch.tensor([[1000.0, 0.0]])).item() == 448.0
+
+
+def test_scalar_versus_const_storage() -> None:
+    torch.manual_seed(1)
+    lin = nn.Linear(8, 4)
+    scales = ModuleScales((t(0.125),), (t(0.125 * 0.25),), t(0.25))
+    scalar = QuantLinear(lin, scales, qctx(fmt=ScaleFormat.SCALAR))
+    const = QuantLinear(lin, scales, qctx(fmt=ScaleFormat.CONST))
+    assert isinstance(scalar.scale_input_0, float) and isinstance(scalar.scale_weight, float)
+    assert set(scalar.state_dict()) == {"weight", "bias"}
+    sd = const.state_dict()
+    assert {"scale_input_0", "scale_output_0", "scale_weight"} <= set(sd)
+    assert sd["scale_input_0"].dtype == torch.bfloat16 and not any(p.requires_grad for p in const.parameters())
+    x = torch.randn(2, 8)
+    assert torch.equal(scalar(x), const(x))
+    assert scalar.to_inc_node() == const.to_inc_node() == {"inputs": [0.125], "outputs": [0.03125], "params": {"weight": 0.25}}
+
+
+def test_per_channel_node_shape() -> None:
+    lin = nn.Linear(3, 2)
+    s_w = t([0.5, 0.25])
+    ql = QuantLinear(lin, ModuleScales((t(1.0),), (s_w,), s_w, torch.ones(3, dtype=torch.bfloat16)),
+                     qctx(fmt=ScaleFormat.CONST))
+    assert ql.to_inc_node() == {"inputs": [1.0], "outputs": [[0.5, 0.25]],
+                                "params": {"weight": {"0": [0.5, 0.25], "1": [1.0, 1.0, 1.0]}}}
+
+
+@pytest.mark.parametrize("hp", [HpDtype.BF16, HpDtype.FP32])
+def test_dynamic_linear_uses_per_token_pow2_scales(hp: HpDtype) -> None:
+    torch.manual_seed(2)
+    lin = nn.Linear(16, 8, bias=False)
+    s_w = t(2.0**-6)
+    ql = QuantLinear(lin, ModuleScales((), (), s_w), qctx(hp, fmt=ScaleFormat.CONST, dynamic=True))
+    x = torch.randn(4, 16) * torch.tensor([[0.01], [1.0], [30.0], [500.0]])
+    # s = 2**ceil(log2(amax_row / (448 * 0.5))): one scale per token (row), backoff 0.5.
+    s_tok = torch.exp2(torch.ceil(torch.log2(x.abs().amax(dim=-1, keepdim=True) / 224.0)))
+    xd = (q(x, s_tok, 448).float() * s_tok).to(HP[hp])
+    wd_t = (q(lin.weight, s_w, 448).t().float() * s_w.float()).to(HP[hp])
+    assert torch.equal(ql(x), torch.matmul(xd, wd_t).to(x.dtype))
+    assert ql.to_inc_node() == {"inputs": [], "outputs": [], "params": {"weight": 2.0**-6}}
+
+
+def test_conv2d_reference() -> None:
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    s_in, s_w = t(2.0**-5), t([2.0**-7, 2.0**-6, 2.0**-8, 2.0**-7])
+    qc = QuantConv2d(conv, ModuleScales((s_in,), (s_w * s_in,), s_w), qctx(HpDtype.FP32, fmt=ScaleFormat.CONST))
+    x = torch.randn(2, 3, 5, 5)
+    xd = q(x, s_in, 448).float() * s_in.float()
+    wd = q(conv.weight, s_w.reshape(-1, 1, 1, 1), 448).float() * s_w.float().reshape(-1, 1, 1, 1)
+    ref = F.conv2d(xd, wd, None, 1, 1) + conv.bias.reshape(1, -1, 1, 1)
+    assert torch.equal(qc(x), ref)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_matmul_reference(dynamic: bool) -> None:
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 8, 5, generator=g) * 4
+    s_a, s_b = t(2.0**-6), t(2.0**-4)
+    scales = ModuleScales(() if dynamic else (s_a, s_b), () if dynamic else (s_a * s_b,))
+    qm = QuantMatmul(qctx(HpDtype.FP32, fmt=ScaleFormat.CONST, dynamic=dynamic), scales)
+    if dynamic:
+        s_a = torch.exp2(torch.ceil(torch.log2(a.abs().amax(-1, keepdim=True) / 224.0)))
+        s_b = torch.exp2(torch.ceil(torch.log2(b.abs().amax(-2, keepdim=True) / 224.0)))
+    ref = torch.matmul(q(a, s_a, 448).float() * s_a.float(), q(b, s_b, 448).float() * s_b.float())
+    assert torch.equal(qm(a, b), ref)
+
+
+def test_kv_cache_and_softmax_reference() -> None:
+    x = torch.randn(2, 4, 6) * 10
+    kv = QuantKVCache(qctx(HpDtype.FP32), ModuleScales((t(2.0**-3),), (t(2.0**-3),)))
+    assert torch.equal(kv(x), q(x, 2.0**-3, 448).float() * 2.0**-3)
+    sm = QuantSoftmax(Softmax(), ModuleScales((), (t(2.0**-6),)), qctx(HpDtype.FP32))
+    p = torch.softmax(x, -1)
+    assert torch.equal(sm(x), q(p, 2.0**-6, 448).float() * 2.0**-6)
+    assert sm.to_inc_node() == {"inputs": [], "outputs": [2.0**-6], "params": {}}
+    assert isinstance(KVCache()(x), torch.Tensor) and torch.equal(Matmul()(x, x.transpose(1, 2)), x @ x.transpose(1, 2))
