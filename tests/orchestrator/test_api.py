@@ -1,0 +1,130 @@
+"""The INC-style API end to end on one card: files, scales, selection, accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import orchestrator
+from shards.convert import MissingMeasurementError
+from shards.qmodules import QuantLinear
+from shards.scale_spec import PREDEFINED
+from shards.scales import ScaleContext, activation_scale, weight_scale
+from tests.models import llama_tokens, sequential_batches, tiny_llama, tiny_sequential
+
+
+def cfg(tmp_path: Path, **extra: object) -> dict[str, object]:
+    return {"mode": "AUTO", "scale_method": "maxabs_pow2", "dump_stats_path": str(tmp_path / "out" / "measure"), **extra}
+
+
+def captured_amax(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, float]:
+    """torch.amax over the inputs each module receives, captured with plain hooks on a copy."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0].detach()))
+               for n in names]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in handles:
+        h.remove()
+    return {n: float(torch.stack([x.abs().amax() for x in xs]).amax()) for n, xs in seen.items()}
+
+
+@pytest.mark.parametrize("method", ["maxabs_pow2", "maxabs_arbitrary", "act_maxabs_pow2_weights_pcs_maxabs_pow2"])
+def test_scales_match_the_numeric_core_on_independent_stats(tmp_path: Path, method: str) -> None:
+    batches = sequential_batches(0, 3)
+    expected_amax = captured_amax(tiny_sequential(), ["0", "2", "4"], batches)
+    model = orchestrator.quantize(tiny_sequential(), cfg(tmp_path, scale_method=method), batches)
+    nodes = orchestrator.scales_of(model)
+    spec, ctx, ref = PREDEFINED[method.upper()], ScaleContext(), tiny_sequential()
+    for name in ["0", "2", "4"]:
+        s_in = activation_scale(expected_amax[name], spec.activation, ctx)
+        s_w = weight_scale(ref.get_submodule(name).weight, spec.weight, ctx)
+        node = nodes[name]
+        assert node["inputs"] == [float(s_in)]
+        if s_w.numel() == 1:
+            assert node["params"] == {"weight": float(s_w)} and node["outputs"] == [float(s_w * s_in)]
+        else:
+            assert node["params"]["weight"]["0"] == s_w.float().tolist()
+            assert node["outputs"] == [(s_w * s_in).float().tolist()]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz", "measure_hooks_maxabs_mod_list.json"]
+    doc = json.loads((tmp_path / "out" / "measure_hooks_maxabs.json").read_text())
+    assert doc["Mode"] == "DynamicRange" and sorted(doc["Nodes"]) == ["0", "2", "4"]
+
+
+def test_two_step_flow_reads_the_files_back(tmp_path: Path) -> None:
+    batches = sequential_batches(1, 2)
+    one_step = orchestrator.quantize(tiny_sequential(), cfg(tmp_path / "a"), batches)
+    model = orchestrator.prepare(tiny_sequential(), cfg(tmp_path / "b"))
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    m = orchestrator.finalize_calibration(model)
+    assert sorted(m.modules) == ["0", "2", "4"]
+    # A fresh model, converted from the files alone (config given as a JSON path).
+    path = tmp_path / "quant.json"
+    path.write_text(json.dumps(cfg(tmp_path / "b")))
+    fresh = orchestrator.convert(tiny_sequential(), path)
+    assert orchestrator.scales_of(fresh) == orchestrator.scales_of(one_step)
+    x = torch.randn(4, 32)
+    assert torch.equal(fresh(x), one_step(x))
+
+
+def test_blocked_module_stays_high_precision(tmp_path: Path) -> None:
+    model = orchestrator.quantize(tiny_sequential(), cfg(tmp_path, blocklist={"names": ["^2$"]}), sequential_batches(2, 2))
+    assert type(model[2]) is nn.Linear and isinstance(model[0], QuantLinear) and isinstance(model[4], QuantLinear)
+    assert sorted(orchestrator.scales_of(model)) == ["0", "4"]
+
+
+def test_missing_measurement_is_named_or_ignored(tmp_path: Path) -> None:
+    model = orchestrator.prepare(tiny_sequential(), cfg(tmp_path, blocklist={"names": ["^2$"]}))
+    with torch.no_grad():
+        model(torch.randn(2, 32))
+    orchestrator.finalize_calibration(model)
+    measure_file = str(tmp_path / "out" / "measure_hooks_maxabs.json")
+    with pytest.raises(MissingMeasurementError, match=rf"module\(s\) '2' in '{measure_file}'"):
+        orchestrator.convert(tiny_sequential(), cfg(tmp_path))
+    kept = orchestrator.convert(tiny_sequential(), cfg(tmp_path, ignore_modules_wo_measures=True))
+    assert type(kept[2]) is nn.Linear and isinstance(kept[0], QuantLinear)
+
+
+def test_no_measurement_files_at_all(tmp_path: Path) -> None:
+    with pytest.raises(MissingMeasurementError, match="'0', '2', '4' in .*measure_hooks_maxabs.json"):
+        orchestrator.convert(tiny_sequential(), cfg(tmp_path))
+
+
+def test_existing_measurement_is_not_overwritten(tmp_path: Path) -> None:
+    orchestrator.quantize(tiny_sequential(), cfg(tmp_path), sequential_batches(3, 1))
+    with pytest.raises(FileExistsError, match="measure_hooks_maxabs"):
+        orchestrator.quantize(tiny_sequential(), cfg(tmp_path), sequential_batches(3, 1))
+
+
+def test_unit_scale_needs_no_data(tmp_path: Path) -> None:
+    model = orchestrator.quantize(tiny_sequential(), cfg(tmp_path, scale_method="unit_scale"))
+    assert orchestrator.scales_of(model)["0"] == {"inputs": [1.0], "outputs": [1.0], "params": {"weight": 1.0}}
+    assert not (tmp_path / "out").exists()
+
+
+def test_finalize_without_prepare() -> None:
+    with pytest.raises(orchestrator.CalibrationStateError, match="prepare"):
+        orchestrator.finalize_calibration(tiny_sequential())
+
+
+def test_llama_maxabs_pow2_keeps_top1_agreement(tmp_path: Path) -> None:
+    reference, model = tiny_llama(0), tiny_llama(0)
+    calib = [llama_tokens(i, 2, 32) for i in range(4)]
+    orchestrator.quantize(model, cfg(tmp_path), calib)
+    nodes = orchestrator.scales_of(model)
+    assert len(nodes) == 2 * (7 + 5) + 1  # every Linear, both attention matmuls, softmax, KV caches
+    assert "model.layers.1.self_attn.matmul_qk" in nodes
+    tokens = llama_tokens(100, 4, 64)  # 256 positions
+    with torch.no_grad():
+        ref_logits, q_logits = reference(tokens).logits, model(tokens).logits
+    assert not torch.equal(ref_logits, q_logits)
+    agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
+    assert agreement >= 0.95
