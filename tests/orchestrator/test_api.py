@@ -128,3 +128,11 @@ def test_llama_maxabs_pow2_keeps_top1_agreement(tmp_path: Path) -> None:
     assert not torch.equal(ref_logits, q_logits)
     agreement = (ref_logits.argmax(-1) == q_logits.argmax(-1)).float().mean().item()
     assert agreement >= 0.95
+
+
+def test_dynamic_per_token_needs_no_measurement(tmp_path: Path) -> None:
+    model = orchestrator.quantize(tiny_sequential(), cfg(tmp_path, scale_method="maxabs_pcs_pow2", dynamic_quantization=True))
+    node = orchestrator.scales_of(model)["0"]
+    ref = weight_scale(tiny_sequential()[0].weight, PREDEFINED["MAXABS_PCS_POW2"].weight, ScaleContext())
+    assert node["inputs"] == [] and node["params"]["weight"]["0"] == ref.float().tolist()
+    assert model[0].qctx.dynamic and not (tmp_path / "out").exists()
