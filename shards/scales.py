@@ -132,7 +132,7 @@ def _maxabs_vector(maxabs: MaxAbsLike, dtype: torch.dtype, where: str) -> torch.
     if isinstance(maxabs, torch.Tensor):
         src = maxabs.detach().reshape(-1)
     else:
-        src = torch.from_numpy(as_maxabs(maxabs))
+        src = torch.from_numpy(as_maxabs(maxabs).copy())  # Ray hands over read-only arrays
     if src.numel() == 0:
         raise ScaleMethodError(f"{where}: empty max-abs array; re-measure the module")
     _check_finite(src, where, float(src.float().abs().max()))
