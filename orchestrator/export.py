@@ -124,13 +124,16 @@ def _linear_from_module(name: str, m: QuantLinear) -> QuantizedLinear:
     if in_channel is not None and not torch.all(torch.as_tensor(in_channel) == 1):
         raise ExportError(f"linear {name!r} has an input-channel weight scale other than ones, which "
                           "compressed-tensors cannot express")
-    weight_scale = _as_tensor(m.scale_weight)
+    weight_scale = _as_tensor(getattr(m, "scale_weight"))
     assert weight_scale is not None
     weight_scale = weight_scale.reshape(-1) if weight_scale.numel() > 1 else weight_scale.reshape(())
-    input_scale = None if m.qctx.dynamic else _as_tensor(m.scale_input_0)
-    bias = None if m.bias is None else m.bias.detach().cpu()
-    return QuantizedLinear(m.weight.detach().cpu(), weight_scale, input_scale.reshape(()) if input_scale is not None
-                           else None, bias)
+    input_scale = None if m.qctx.dynamic else _as_tensor(getattr(m, "scale_input_0"))
+    return QuantizedLinear(
+        weight_fp8=m.weight.detach().cpu(),
+        weight_scale=weight_scale,
+        input_scale=None if input_scale is None else input_scale.reshape(()),
+        bias=None if m.bias is None else m.bias.detach().cpu(),
+    )
 
 
 def _other_tensors(model: nn.Module, quantized: Mapping[str, QuantModule]) -> dict[str, torch.Tensor]:
@@ -159,7 +162,8 @@ def _hf_config(model: nn.Module, quantized: Mapping[str, QuantModule]) -> dict[s
     d.pop("quantization_config", None)
     if not d.get("architectures"):
         d["architectures"] = [type(model).__name__]
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    out_emb = get_output_embeddings() if callable(get_output_embeddings) else None
     if d.get("tie_word_embeddings") and any(m is out_emb for m in quantized.values()):
         # The output projection now has its own FP8 weight; a loader that re-ties would drop it.
         d["tie_word_embeddings"] = False

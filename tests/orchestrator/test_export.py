@@ -136,8 +136,8 @@ def test_dynamic_export_has_token_inputs_and_no_input_scale(tmp_path: Path) -> N
     (group,) = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"].values()
     assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
     assert group["weights"]["strategy"] == "channel" and group["weights"]["dynamic"] is False
-    q_proj = tiny_llama(SEED).model.layers[0].self_attn.q_proj.weight.detach()
     name = "model.layers.0.self_attn.q_proj"
+    q_proj = tiny_llama(SEED).get_submodule(name).weight.detach()
     assert_within_fp8_error(q_proj, tensors[f"{name}.weight"].float(), tensors[f"{name}.weight_scale"], name)
 
 
@@ -260,9 +260,10 @@ def test_transformers_loads_the_export_and_computes_our_logits(tmp_path: Path, m
         "mode": "AUTO", "scale_method": method, "hp_dtype": "FP32", "allowlist": {"types": ["Linear"]},
         "blocklist": {"names": ["down_proj"]}, "dump_stats_path": str(tmp_path / "m")}, [llama_tokens(1, 2, 16)])
     out = write_compressed_tensors(checkpoint_from_model(model), tmp_path / "ct")
-    loaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,  # type: ignore[misc]
+                                                        output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert loaded.get_submodule("model.layers.0.self_attn.q_proj").weight.dtype == torch.float8_e4m3fn
     tokens = llama_tokens(7, 2, 12)
     with torch.no_grad():
         ours, theirs = model(tokens).logits, loaded(tokens).logits
