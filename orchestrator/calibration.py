@@ -36,7 +36,7 @@ from shards.measurement import Measurement
 from shards.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
 from shards.shard_calibration import ModuleInfo
-from shards.tp_plan import ModelDims
+from shards.tp_plan import ModelDims, rule_for
 from shards.worker import WorkerGroups, WorkerResources, make_workers, worker_resources
 from stats_store.layout import ZarrStatsStore, store_path
 from stats_store.metadata import CommitRecord, RunMeta
@@ -53,6 +53,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, resource
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -249,6 +250,46 @@ class Calibration:
         """Logits of data-parallel group 0 (every tp rank runs; rank 0's result is returned)."""
         refs = [a.forward.remote(np.asarray(input_ids)) for a in self.groups[0]]
         return ray.get(refs)[0]
+
+    def export(self, out_dir: str | Path, *, inc_world: int | None = None) -> Path:
+        """Write the quantized model as a compressed-tensors FP8 checkpoint (and INC files on request)."""
+        from orchestrator.export_ct import write_compressed_tensors
+        from orchestrator.gather import gather_checkpoint
+
+        if self.scales is None:
+            raise CalibrationError("export: call quantize() first")
+        plan = self.config.to_plan(Mode.QUANTIZE, hpu_device=self.hpu_device)
+        with self.report.timer.phase("export"):
+            ckpt = gather_checkpoint(self.checkpoint, self.quantized_state_by_rank(), self.scales.weight_scales,
+                                     dynamic=plan.dynamic, scale_method=plan.scale_plan.name)
+            out = write_compressed_tensors(ckpt, out_dir)
+            if inc_world:
+                self._export_inc(plan, Path(out_dir), inc_world)
+        return out
+
+    def _export_inc(self, plan: RunPlan, out_dir: Path, world: int) -> None:
+        """INC measurement files for ``world`` ranks and the global scale file, under ``out_dir/inc``."""
+        from stats_store.inc_format import export_measurement, write_scales
+
+        prefix = out_dir / "inc" / Path(plan.dump_stats_path).name
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        if self.global_stats is not None:
+            export_measurement(self.global_stats, prefix, world, slicer=self._inc_slicer(plan))
+        assert self.scales is not None
+        write_scales(self.scales.nodes, prefix, plan.observer, plan.scale_plan.name)
+
+    def _inc_slicer(self, plan: RunPlan) -> Any:
+        """Each rank's part of a per-channel statistic; INC's ``maxabs`` files hold one value each."""
+        from shards.tp_plan import Merge, stat_shard
+
+        def slicer(module: str, label: str, vector: np.ndarray, rank: int, world: int) -> np.ndarray:
+            part = vector
+            if rule_for(module) is not None:
+                s = stat_shard(module, label, self.dims, rank, world)
+                part = vector[s.local] if s.merge is Merge.CONCAT else vector
+            return np.array([part.max()], np.float32) if plan.observer == "maxabs" else part
+
+        return slicer
 
     def scales_by_rank(self) -> list[dict[str, dict[str, Any]]]:
         """Each tp rank's local scale nodes (group 0)."""
