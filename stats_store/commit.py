@@ -3,7 +3,8 @@
 Commit = write the record to a temporary file in the same directory, flush it to disk, then
 ``os.replace`` it onto ``shard-<k>.json``: readers see the old record or the new one, never half.
 A flush merges the shard's committed values with the new ones (each tensor by its declared merge),
-so later flushes only raise max-abs values.
+so later flushes only raise max-abs values, and packs the result into one float32 chunk: the
+shard's own channels of every tensor, back to back, indexed by the commit record.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import numpy as np
 from shards.measurement import Measurement, ModuleStats
 from stats_store.metadata import CommitRecord, ModuleCommit, TensorCommit, row_checksum
 from stats_store.reduce import VALUE_MERGE, get_merge
-from stats_store.shard_map import ShardSpec
+from stats_store.shard_map import ChannelSlice, ShardSpec
 from stats_store.store_errors import DuplicateBatchError, ShardSpecError
 
-RowReader = Callable[[str, str, int, int], np.ndarray]  # (module, label, shard, slot) -> row
+ChunkReader = Callable[[], np.ndarray]  # the previous generation's packed chunk, verified
+
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -32,7 +34,8 @@ def atomic_write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            json.dump(value, f, indent=1)
+            # No indent: json's C encoder only runs without one (records of 4,500 modules are MBs).
+            json.dump(value, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,20 +55,18 @@ class PendingCommit:
     noop: bool = False
 
 
-def _global_row(stats_value: np.ndarray, spec: ShardSpec, module: str, label: str) -> tuple[np.ndarray, int]:
-    """Place a shard's vector into global coordinates (NaN outside its slice)."""
-    value = np.asarray(stats_value, dtype=np.float32).reshape(-1)
+def _local_values(value: np.ndarray, spec: ShardSpec, module: str, label: str) -> tuple[np.ndarray, int]:
+    """A shard's vector as stored (its own channels) and the global channel count."""
+    vec = np.asarray(value, dtype=np.float32).reshape(-1)
     sl = spec.slice_of(module, label)
     if sl is None:
-        return value.copy(), value.size
-    if value.size != sl.size:
+        return vec, vec.size
+    if vec.size != sl.size:
         raise ShardSpecError(
-            f"shard {spec.index}: {module} {label} has {value.size} channels but its slice "
+            f"shard {spec.index}: {module} {label} has {vec.size} channels but its slice "
             f"[{sl.start}, {sl.stop}) holds {sl.size}; fix the shard map"
         )
-    row = np.full(sl.global_len, np.nan, dtype=np.float32)
-    row[sl.start : sl.stop] = value
-    return row, sl.global_len
+    return vec, sl.global_len
 
 
 def _check_batches(prev: CommitRecord | None, shard: int, batch_ids: Sequence[int]) -> bool:
@@ -83,44 +84,67 @@ def _check_batches(prev: CommitRecord | None, shard: int, batch_ids: Sequence[in
     return False
 
 
+# (label, merge name, global_len, slice, stored values) of one tensor of the next generation
+_Tensor = tuple[str, str, int, ChannelSlice | None, np.ndarray]
+
+
 def build_flush(
     prev: CommitRecord | None,
     spec: ShardSpec,
     stats: Measurement,
     batch_ids: Sequence[int],
-    read_row: RowReader,
+    read_prev: ChunkReader,
     merges: Mapping[str, str] | None = None,
-) -> tuple[dict[tuple[str, str], np.ndarray], PendingCommit]:
-    """The rows of the shard's next generation and its (not yet written) commit record.
+) -> tuple[np.ndarray, PendingCommit]:
+    """The packed chunk of the shard's next generation and its (not yet written) commit record.
 
     Args:
         prev: the shard's current commit, None before its first.
         spec: the shard and its channel slices.
         stats: statistics of ``batch_ids`` only (counts are added; values merged).
         batch_ids: the batches this flush covers.
-        read_row: reads a committed row (already checksum-verified) of ``prev``.
+        read_prev: reads ``prev``'s chunk (already checksum-verified); called only when needed.
         merges: merge name per tensor label (``"inputs.0"``); default ``"max"``.
     """
     if _check_batches(prev, spec.index, batch_ids):
         assert prev is not None
-        return {}, PendingCommit(prev, noop=True)
-    generation = (prev.generation if prev else 0) + 1
-    rows: dict[tuple[str, str], np.ndarray] = {}
-    modules: dict[str, ModuleCommit] = {}
+        return np.zeros(0, dtype=np.float32), PendingCommit(prev, noop=True)
+    old_chunk = read_prev() if prev is not None and prev.size else np.zeros(0, dtype=np.float32)
     names = list(prev.modules) if prev else []
     names += [n for n in stats.modules if n not in names]
+    flushed = {}
     for name in names:
         old = prev.modules.get(name) if prev else None
-        modules[name] = _flush_module(name, old, stats.modules.get(name), spec, prev, read_row, merges or {}, rows)
+        flushed[name] = _flush_module(name, old, stats.modules.get(name), spec, old_chunk, merges or {})
+    chunk, modules = _pack(flushed)
     samples = stats.num_samples if stats.num_samples is not None else len(batch_ids)
     record = CommitRecord(
         shard=spec.index,
-        generation=generation,
+        generation=(prev.generation if prev else 0) + 1,
         batch_ids=tuple(sorted(set(batch_ids) | set(prev.batch_ids if prev else ()))),
         num_samples=(prev.num_samples if prev else 0) + samples,
         modules=MappingProxyType(modules),
+        size=int(chunk.size),
+        checksum=row_checksum(chunk),
     )
-    return rows, PendingCommit(record)
+    return chunk, PendingCommit(record)
+
+
+def _pack(flushed: Mapping[str, tuple[ModuleCommit, list[_Tensor]]]) -> tuple[np.ndarray, dict[str, ModuleCommit]]:
+    """One chunk of every module's tensors, and the module commits indexing it (with checksums)."""
+    pieces = [t[4] for _, tensors in flushed.values() for t in tensors]
+    chunk = np.concatenate(pieces).astype(np.float32, copy=False) if pieces else np.zeros(0, dtype=np.float32)
+    chunk[np.isnan(chunk)] = np.float32(np.nan)  # canonical NaN bits: checksums compare bytes
+    modules: dict[str, ModuleCommit] = {}
+    offset = 0
+    for name, (module, tensors) in flushed.items():
+        index = {}
+        for label, merge_name, global_len, sl, values in tensors:
+            stored = chunk[offset : offset + values.size]
+            index[label] = TensorCommit(merge_name, row_checksum(stored), global_len, sl, offset)
+            offset += values.size
+        modules[name] = ModuleCommit(module.op_type, module.num_samples, module.nonfinite, MappingProxyType(index))
+    return chunk, modules
 
 
 def _flush_module(
@@ -128,12 +152,10 @@ def _flush_module(
     old: ModuleCommit | None,
     new: ModuleStats | None,
     spec: ShardSpec,
-    prev: CommitRecord | None,
-    read_row: RowReader,
+    old_chunk: np.ndarray,
     merges: Mapping[str, str],
-    rows: dict[tuple[str, str], np.ndarray],
-) -> ModuleCommit:
-    """Merge one module's committed tensors with its new ones; fill ``rows``; return its commit."""
+) -> tuple[ModuleCommit, list[_Tensor]]:
+    """Merge one module's committed tensors with its new ones: its counts and its stored tensors."""
     if old and new and new.op_type != old.op_type:
         raise ShardSpecError(
             f"shard {spec.index}: module {name} was committed as op type {old.op_type!r}, now {new.op_type!r}"
@@ -141,32 +163,37 @@ def _flush_module(
     new_tensors = new.tensors() if new else {}
     labels = list(old.tensors) if old else []
     labels += [lb for lb in new_tensors if lb not in labels]
-    tensors: dict[str, TensorCommit] = {}
+    tensors: list[_Tensor] = []
     for label in labels:
         committed = old.tensors.get(label) if old else None
         merge_name = committed.merge if committed else merges.get(label, VALUE_MERGE)
         merge = get_merge(merge_name, f"{name} {label}")
+        sl = spec.slice_of(name, label)
         row: np.ndarray | None = None
         global_len = committed.global_len if committed else 0
-        if committed is not None and prev is not None:
-            row = read_row(name, label, spec.index, prev.slot)
-        if label in new_tensors:
-            fresh, global_len = _global_row(new_tensors[label], spec, name, label)
-            if row is not None and row.size != fresh.size:
+        if committed is not None:
+            if committed.slice != sl:
                 raise ShardSpecError(
-                    f"shard {spec.index}: {name} {label} had {row.size} global channels, now {fresh.size}"
+                    f"shard {spec.index}: {name} {label} was committed with slice {committed.slice}, now {sl}; "
+                    "a shard keeps its channel slices for the whole run"
                 )
-            row = fresh if row is None else merge.other_batches(row, fresh).astype(np.float32)
+            row = old_chunk[committed.offset : committed.offset + committed.length]
+        if label in new_tensors:
+            fresh, fresh_len = _local_values(new_tensors[label], spec, name, label)
+            if committed is not None and fresh_len != global_len:
+                raise ShardSpecError(
+                    f"shard {spec.index}: {name} {label} had {global_len} global channels, now {fresh_len}"
+                )
+            global_len = fresh_len
+            row = fresh if row is None else np.asarray(merge.other_batches(row, fresh), dtype=np.float32)
         assert row is not None
-        row = np.where(np.isnan(row), np.float32(np.nan), row).astype(np.float32)  # canonical NaN bits
-        rows[(name, label)] = row
-        tensors[label] = TensorCommit(merge_name, row_checksum(row), global_len, spec.slice_of(name, label))
+        tensors.append((label, merge_name, global_len, sl, row))
     counts = dict(old.nonfinite) if old else {}
     for label, n in (new.nonfinite if new else {}).items():
         counts[label] = counts.get(label, 0) + int(n)
-    return ModuleCommit(
+    module = ModuleCommit(
         op_type=new.op_type if new else old.op_type,  # type: ignore[union-attr]
         num_samples=(old.num_samples if old else 0) + (new.num_samples if new else 0),
         nonfinite=MappingProxyType(counts),
-        tensors=MappingProxyType(tensors),
     )
+    return module, tensors

@@ -1,21 +1,38 @@
-"""The zarr implementation of the stats store and its on-disk layout.
+"""The zarr implementation of the stats store and its on-disk layout (format version 2).
 
 For ``dump_stats_path = <dir>/<prefix>`` the store is ``<dir>/<prefix>.zarr``::
 
-    zarr.json                      root attributes: kind, format_version, config_hash,
-                                   model_fingerprint, topology {dp, tp}, device_kind, observer, runs
-    modules/<module name>/         one group per measured module (attribute op_type)
-        shards/<label>             float32 (num_shards, 2, global_len), chunks (1, 1, global_len),
-                                   fill NaN, attribute merge: row [k, g % 2] = shard k, generation g
-        reduced/<label>            float32 (global_len,): the reducer's global value
-        reduced (group attributes) num_samples, nonfinite: the reducer's counts
-    summary (group attributes)     shard generations reduced, per-shard sample counts
-    _commits/shard-<k>.json        commit records (written to a temp file, then os.replace)
+    zarr.json                          root attributes: kind, format_version, config_hash,
+                                       model_fingerprint, topology {dp, tp}, device_kind, observer, runs
+    shards/shard-<k>-slot-<s>          float32 (n,), one chunk, no compression: shard k's packed
+                                       generation g (slot s = g % 2): its own channels of every
+                                       tensor, back to back, indexed by its commit record
+    reduced/values                     float32 (N,), one chunk: every module's global tensors
+    reduced/module_name, module_op_type          str (M,)   the modules, in discovery order
+    reduced/module_num_samples                   int64 (M,)
+    reduced/tensor_label                         str (T,)   e.g. inputs.0, outputs.1, params.weight
+    reduced/tensor_index                         int64 (T, 3): module row, offset, length in values
+    reduced/nonfinite_label                      str (F,)   NaN/Inf counts, only where non-zero
+    reduced/nonfinite_index                      int64 (F, 2): module row, count
+    reduced (group attributes)         the reducer's summary: shard generations reduced, counts;
+                                       written last, and cleared while a reduce rewrites the arrays
+    _commits/shard-<k>.json            commit records (written to a temp file, then os.replace); each
+                                       is also the index of its chunk (module, label, op type, merge,
+                                       slice, offset, length, checksum)
 
-Labels are ``inputs.N``, ``outputs.N``, ``params.weight``. Every chunk has one writer (its shard),
-reduced arrays and summaries have one writer (the reducer), root attributes are written when a run
-is opened. Consolidated metadata is refreshed after each reduce, for other zarr readers; this code
-always reads the live metadata.
+Why packed, not a group per module with an array per tensor (format 1): zarr costs about 1 ms
+per group, 2.3 ms per array created, 2.2 ms per chunk written and 4 ms per array read on the
+2-core development machine, so format 1 spent minutes on big models while numpy needs
+milliseconds. Measured there with format 1: importing the 961-module Llama-2-70B INC file took
+31 s (write 13.7 s, reduce 17.6 s) and reading its reduced statistics 2.9 s. With this layout a
+shard's flush is one chunk write, a reduce is one chunk read per shard plus numpy and ~8 array
+writes, whatever the number of modules; see bench/bench_inc_import.py and
+bench/bench_store_reduce.py for the numbers now. A module-oriented view stays: the index gives
+each module's slice of ``values`` (``read_reduced()``, ``stats-store show MODULE``).
+
+Every chunk has one writer (its shard), the reduced arrays one writer (the reducer), root
+attributes are written when a run is opened. Consolidated metadata is refreshed after each
+reduce, for other zarr readers; this code always reads the live metadata.
 """
 
 from __future__ import annotations
@@ -24,19 +41,22 @@ import datetime as _dt
 import json
 import shutil
 import warnings
+from types import MappingProxyType
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
-from shards.measurement import Measurement
 from stats_store.commit import atomic_write_json
 from stats_store.metadata import STORE_KIND, CommitRecord, RunMeta, canonical_json
-from stats_store.store import CommittedStore, Rows, StoreCapabilities, module_stats_from_tensors
-from stats_store.store_errors import RunMismatchError, ShardSpecError, StoreFormatError, StoreNotFoundError
+from stats_store.packing import ModuleEntry, Packed
+from stats_store.store import CommittedStore, StoreCapabilities
+from stats_store.store_errors import RunMismatchError, StoreFormatError, StoreNotFoundError
 
 COMMITS_DIR = "_commits"
+SHARDS_GROUP = "shards"
+REDUCED_GROUP = "reduced"
 ZARR_SUFFIX = ".zarr"
 
 
@@ -46,32 +66,12 @@ def store_path(dump_stats_path: str | Path) -> Path:
     return p if p.name.endswith(ZARR_SUFFIX) else p.with_name(p.name + ZARR_SUFFIX)
 
 
-def _check_node_name(name: str, what: str) -> str:
-    if not name or "/" in name or name.startswith("__") or set(name) == {"."}:
-        raise ShardSpecError(f"{what} {name!r} cannot name a zarr group (empty, '/', leading '__' or only dots)")
-    return name
-
-
 def _consolidate(path: Path) -> None:
     # zarr warns that consolidated metadata is not in the v3 spec yet, and that _commits is not a
     # zarr node; both are expected here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
         zarr.consolidate_metadata(str(path))
-
-
-def _require_group(parent: zarr.Group, name: str, attributes: dict[str, Any]) -> zarr.Group:
-    """The child group ``name``, created with ``attributes`` when missing.
-
-    Shards create the same groups with the same attributes; zarr writes each metadata document
-    atomically, so when two creators race both write identical documents.
-    """
-    if name in parent:
-        return parent[name]  # type: ignore[return-value]
-    try:
-        return parent.create_group(name, attributes=attributes)
-    except zarr.errors.ContainsGroupError:
-        return parent[name]  # type: ignore[return-value]
 
 
 class ZarrStatsStore(CommittedStore):
@@ -116,7 +116,7 @@ class ZarrStatsStore(CommittedStore):
             store = cls(path, old)
         else:
             root = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={**meta.to_json(), "runs": []})
-            root.create_group("modules")
+            root.create_group(SHARDS_GROUP)
             (path / COMMITS_DIR).mkdir()
             store = cls(path, meta)
         runs = list(store._root.attrs.get("runs", []))
@@ -170,73 +170,82 @@ class ZarrStatsStore(CommittedStore):
     def _write_commit(self, record: CommitRecord) -> None:
         atomic_write_json(self._commit_path(record.shard), record.to_json())
 
-    def _module_group(self, module: str) -> zarr.Group:
-        return self._root["modules"][_check_node_name(module, "module name")]  # type: ignore[return-value]
+    def chunk_path(self, shard: int, slot: int) -> str:
+        """The zarr path (inside the store) of a shard's chunk array in one slot."""
+        return f"{SHARDS_GROUP}/shard-{shard:05d}-slot-{slot}"
 
-    def _write_rows(self, shard: int, slot: int, rows: Rows, record: CommitRecord) -> None:
-        modules = self._root["modules"]
-        for (module, label), row in rows.items():
-            name = _check_node_name(module, "module name")
-            op_type = record.modules[module].op_type
-            # Every shard creates the same groups and arrays with the same metadata; zarr writes
-            # each metadata document atomically, so concurrent creators agree.
-            group = _require_group(modules, name, {"op_type": op_type})  # type: ignore[arg-type]
-            if group.attrs.get("op_type") != op_type:
-                raise ShardSpecError(f"{self.path}: module {module} is stored as {group.attrs.get('op_type')!r}, not {op_type!r}")
-            arr = self._shard_array(group, module, _check_node_name(label, "tensor label"), row.size,
-                                    record.modules[module].tensors[label].merge)
-            arr[shard, slot, :] = row
+    def _write_chunk(self, shard: int, slot: int, chunk: np.ndarray) -> None:
+        # A new array each flush (the slot's old one holds a superseded generation): its shape
+        # follows the shard's tensor set, which may grow between flushes.
+        self._root.create_array(self.chunk_path(shard, slot), shape=chunk.shape, chunks=chunk.shape, dtype="float32",
+                                fill_value=np.nan, compressors=None, overwrite=True)[...] = chunk
 
-    def _shard_array(self, group: zarr.Group, module: str, label: str, size: int, merge: str) -> zarr.Array:
-        shards = _require_group(group, "shards", {})
-        n = self._meta.num_shards
-        if label not in shards:
-            try:
-                return shards.create_array(label, shape=(n, 2, size), chunks=(1, 1, size), dtype="float32",
-                                           fill_value=np.nan, attributes={"merge": merge}, overwrite=False)
-            except zarr.errors.ContainsArrayError:
-                pass  # another shard created it a moment ago: check it like any existing array
-        arr = shards[label]
-        if arr.shape != (n, 2, size):  # type: ignore[union-attr]
-            raise ShardSpecError(
-                f"{self.path}: {module} {label} is stored with shape {arr.shape}, a shard wrote {size} channels "  # type: ignore[union-attr]
-                f"(expected {(n, 2, size)}); every shard must use global coordinates"
-            )
-        return arr  # type: ignore[return-value]
+    def _read_chunk(self, shard: int, slot: int) -> np.ndarray:
+        path = self.chunk_path(shard, slot)
+        if path not in self._root:
+            return np.zeros(0, dtype=np.float32)  # the checksum check reports it as damaged
+        return np.asarray(self._root[path][...])  # type: ignore[index]
 
-    def _read_rows(self, module: str, label: str) -> np.ndarray:
-        return np.asarray(self._module_group(module)["shards"][label][...])  # type: ignore[index]
-
-    def _write_reduced(self, reduced: Measurement, summary: dict[str, Any]) -> None:
-        for name, stats in reduced.modules.items():
-            red = self._module_group(name).require_group("reduced")
-            for label, value in stats.tensors().items():
-                arr = red.create_array(label, shape=value.shape, dtype="float32", fill_value=np.nan, overwrite=True)
-                arr[...] = value
-            red.attrs.put({"num_samples": stats.num_samples, "nonfinite": dict(stats.nonfinite)})
-        # The summary goes last: a reader trusts the reduced arrays only when it matches the commits.
-        self._root.require_group("summary").attrs.put(summary)
+    def _write_reduced(self, packed: Packed, summary: dict[str, Any]) -> None:
+        red = self._root.require_group(REDUCED_GROUP)
+        red.attrs.put({})  # no summary while the arrays change: readers see "not reduced", never a mix
+        for name, value in _index_arrays(packed).items():
+            _write_array(red, name, value)
+        _write_array(red, "values", packed.values, compressors=None)
+        red.attrs.put(summary)  # last: a reader trusts the arrays only when it matches the commits
         _consolidate(self.path)
 
-    def _read_reduced(self) -> tuple[Measurement, dict[str, Any]] | None:
-        if "summary" not in self._root:
+    def _read_summary(self) -> dict[str, Any] | None:
+        if REDUCED_GROUP not in self._root:
             return None
-        summary = self._root["summary"].attrs.asdict()
-        out = Measurement(observer=self._meta.observer, num_samples=summary.get("num_samples"))
-        modules = self._root["modules"]
-        for name in summary.get("modules", []):  # the reducer's order (discovery order)
-            group = modules[name]
-            red = group["reduced"]  # type: ignore[index]
-            tensors = {label: np.asarray(a[...]) for label, a in red.arrays()}  # type: ignore[union-attr]
-            attrs = red.attrs.asdict()
-            out.modules[name] = module_stats_from_tensors(
-                name, str(group.attrs["op_type"]), tensors, int(attrs["num_samples"]), attrs.get("nonfinite", {})
-            )
-        return out, summary
+        return self._root[REDUCED_GROUP].attrs.asdict() or None
+
+    def _read_reduced(self) -> Packed | None:
+        red = self._root[REDUCED_GROUP]
+        arrays = {name: np.asarray(red[name][...]) for name in (*_INDEX_NAMES, "values")}  # type: ignore[index]
+        return _packed_from_arrays(arrays)
 
     def runs(self) -> list[dict[str, Any]]:
         return list(self._root.attrs.get("runs", []))
 
-    def module_names(self) -> list[str]:
-        """Modules any shard has written (committed or not), sorted."""
-        return sorted(self._root["modules"].group_keys())  # type: ignore[union-attr]
+
+_INDEX_NAMES = ("module_name", "module_op_type", "module_num_samples", "tensor_label", "tensor_index",
+                "nonfinite_label", "nonfinite_index")
+
+
+def _write_array(group: zarr.Group, name: str, value: np.ndarray, **kwargs: Any) -> None:
+    chunks = tuple(max(n, 1) for n in value.shape)  # one chunk (zarr needs a positive chunk shape)
+    arr = group.create_array(name, shape=value.shape, chunks=chunks, dtype=value.dtype if value.dtype.kind != "U" else str,
+                             overwrite=True, **kwargs)
+    if value.size:
+        arr[...] = value
+
+
+def _index_arrays(packed: Packed) -> dict[str, np.ndarray]:
+    """The index of a packed set as the arrays of the layout."""
+    mods = packed.modules
+    tensors = [(row, label, off, n) for row, m in enumerate(mods) for label, off, n in m.tensors]
+    nonfinite = [(row, label, count) for row, m in enumerate(mods) for label, count in m.nonfinite.items()]
+    return {
+        "module_name": np.array([m.name for m in mods], dtype=str),
+        "module_op_type": np.array([m.op_type for m in mods], dtype=str),
+        "module_num_samples": np.array([m.num_samples for m in mods], dtype=np.int64),
+        "tensor_label": np.array([t[1] for t in tensors], dtype=str),
+        "tensor_index": np.array([(t[0], t[2], t[3]) for t in tensors], dtype=np.int64).reshape(-1, 3),
+        "nonfinite_label": np.array([f[1] for f in nonfinite], dtype=str),
+        "nonfinite_index": np.array([(f[0], f[2]) for f in nonfinite], dtype=np.int64).reshape(-1, 2),
+    }
+
+
+def _packed_from_arrays(a: dict[str, np.ndarray]) -> Packed:
+    """Inverse of ``_index_arrays`` (plus the values)."""
+    names, ops, samples = a["module_name"].tolist(), a["module_op_type"].tolist(), a["module_num_samples"].tolist()
+    tensors: list[list[tuple[str, int, int]]] = [[] for _ in names]
+    for label, (row, off, n) in zip(a["tensor_label"].tolist(), a["tensor_index"].tolist()):
+        tensors[row].append((label, off, n))
+    nonfinite: list[dict[str, int]] = [{} for _ in names]
+    for label, (row, count) in zip(a["nonfinite_label"].tolist(), a["nonfinite_index"].tolist()):
+        nonfinite[row][label] = count
+    entries = tuple(ModuleEntry(n, o, s, MappingProxyType(f), tuple(t))
+                    for n, o, s, f, t in zip(names, ops, samples, nonfinite, tensors))
+    return Packed(np.asarray(a["values"], dtype=np.float32), entries)

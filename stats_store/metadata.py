@@ -2,8 +2,9 @@
 
 The run metadata (format version, config hash, model fingerprint, topology, device kind, observer)
 lives in the attributes of the store's root group. A commit record is one shard's latest visible
-contribution: its generation, the batches done, its counts, its channel slices, and a checksum of
-every chunk it wrote, so that a chunk changed after the commit is detected instead of read.
+contribution: its generation, the batches done, its counts, and the index of the one packed chunk
+it wrote (per tensor: merge, channel slice, offset and length in the chunk, checksum), with a
+checksum of the whole chunk, so that a chunk changed after the commit is detected instead of read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 from stats_store.shard_map import ChannelSlice
 from stats_store.store_errors import StoreFormatError
 
-FORMAT_VERSION = 1
+# 1: one zarr group per module, one array per tensor label. 2: one packed chunk per shard flush.
+FORMAT_VERSION = 2
 STORE_KIND = "fp8-orchestrator/stats-store"
 
 
@@ -90,17 +92,32 @@ class RunMeta:
 
 def row_checksum(row: np.ndarray) -> str:
     """SHA-256 of a float32 row as stored (NaNs canonicalised by the writer)."""
-    return hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32).tobytes()).hexdigest()
+    # hashlib reads the contiguous float32 buffer directly: no copy of large chunks.
+    return hashlib.sha256(np.ascontiguousarray(row, dtype=np.float32)).hexdigest()
 
 
 @dataclass(frozen=True)
 class TensorCommit:
-    """One committed tensor of one shard: its merge, checksum and channel slice (None: whole axis)."""
+    """One committed tensor of one shard.
+
+    Attributes:
+        merge: the merge declaration's name (``stats_store.reduce``).
+        checksum: ``row_checksum`` of the stored values.
+        global_len: channels of the global (tp=1) tensor.
+        slice: the shard's part of the global channel axis; None: the whole axis.
+        offset: where the stored values start in the shard's packed chunk. Only the shard's own
+            channels are stored: ``length`` values (the slice's size, or ``global_len``).
+    """
 
     merge: str
     checksum: str
     global_len: int
     slice: ChannelSlice | None = None
+    offset: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.slice.size if self.slice is not None else self.global_len
 
 
 @dataclass(frozen=True)
@@ -118,7 +135,7 @@ class CommitRecord:
     """A shard's latest visible contribution.
 
     Generation ``g`` lives in slot ``g % 2`` of the shard's chunks, so writing generation ``g + 1``
-    never touches what generation ``g`` committed.
+    never touches what generation ``g`` committed. The record is also the index of that chunk.
 
     Attributes:
         shard: shard index.
@@ -126,6 +143,9 @@ class CommitRecord:
         batch_ids: ids of the batches whose statistics this generation holds.
         num_samples: top-level samples (batches) seen by this shard.
         modules: per module what was committed.
+        size: number of float32 values in the packed chunk.
+        checksum: ``row_checksum`` of the whole chunk (the fast check; per-tensor checksums
+            name the tensor when it fails).
     """
 
     shard: int
@@ -133,6 +153,8 @@ class CommitRecord:
     batch_ids: tuple[int, ...]
     num_samples: int
     modules: Mapping[str, ModuleCommit]
+    size: int = 0
+    checksum: str = ""
 
     @property
     def slot(self) -> int:
@@ -144,6 +166,8 @@ class CommitRecord:
             "generation": self.generation,
             "batch_ids": list(self.batch_ids),
             "num_samples": self.num_samples,
+            "size": self.size,
+            "checksum": self.checksum,
             "modules": {
                 name: {
                     "op_type": m.op_type,
@@ -155,6 +179,7 @@ class CommitRecord:
                             "checksum": t.checksum,
                             "global_len": t.global_len,
                             "slice": t.slice.to_json() if t.slice else None,
+                            "offset": t.offset,
                         }
                         for label, t in m.tensors.items()
                     },
@@ -177,6 +202,7 @@ class CommitRecord:
                             t["checksum"],
                             int(t["global_len"]),
                             ChannelSlice.from_json(t["slice"]) if t["slice"] else None,
+                            int(t["offset"]),
                         )
                         for label, t in m["tensors"].items()
                     }
@@ -190,4 +216,6 @@ class CommitRecord:
             batch_ids=tuple(int(b) for b in d["batch_ids"]),
             num_samples=int(d["num_samples"]),
             modules=MappingProxyType(modules),
+            size=int(d["size"]),
+            checksum=str(d["checksum"]),
         )

@@ -85,7 +85,17 @@ def reduce_over_shards(rows: Mapping[int, np.ndarray], merge: Merge, tp: int) ->
 
 def reduce_count(counts: Mapping[int, int], tp: int) -> int:
     """Combine per-shard counts with the ``count`` merge (max within a tp group, sum over groups)."""
-    if not counts:
-        return 0
-    rows = {k: np.asarray(v, dtype=np.int64) for k, v in counts.items()}
-    return int(reduce_over_shards(rows, MERGES[COUNT_MERGE], tp))
+    merge = MERGES[COUNT_MERGE]
+    groups: dict[int, int] = {}
+    for index in sorted(counts):  # plain ints: this runs per module, thousands of times per reduce
+        value, dp_rank = int(counts[index]), index // tp
+        groups[dp_rank] = value if dp_rank not in groups else int(merge.same_batches(groups[dp_rank], value))
+    result = 0
+    for i, dp_rank in enumerate(sorted(groups)):
+        result = groups[dp_rank] if i == 0 else int(merge.other_batches(result, groups[dp_rank]))
+    return result
+
+
+def is_nan_max(merge: Merge) -> bool:
+    """True when both operations are ``np.fmax``: the merge may then be applied slice by slice, in place."""
+    return merge.same_batches is np.fmax and merge.other_batches is np.fmax

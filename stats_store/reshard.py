@@ -21,7 +21,7 @@ import numpy as np
 from shards.measurement import Measurement
 from stats_store.metadata import CommitRecord
 from stats_store.shard_map import ChannelSlice, ShardSpec, TensorKey, channel_slice
-from stats_store.store import module_stats_from_tensors
+from stats_store.packing import module_stats_from_tensors
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import zarr
 
 from shards.measurement import Measurement, ModuleStats
 from stats_store.layout import ZarrStatsStore, store_path
-from stats_store.metadata import RunMeta
+from stats_store.metadata import FORMAT_VERSION, RunMeta
 from stats_store.shard_map import ShardSpec, channel_slice
 from stats_store.store import CommittedStore, MemoryStatsStore
 from stats_store.store_errors import (
@@ -218,7 +218,8 @@ class TestMemoryStore(StoreConformance):
         return MemoryStatsStore(meta)
 
     def damage(self, store, module, label, shard, slot):  # type: ignore[no-untyped-def]
-        store._rows[(module, label)][shard, slot] += 1  # type: ignore[attr-defined]
+        t = store.commits()[shard].modules[module].tensors[label]
+        store._chunks[(shard, slot)][t.offset : t.offset + t.length] += 1  # type: ignore[attr-defined]
 
 
 class TestZarrStore(StoreConformance):
@@ -227,8 +228,9 @@ class TestZarrStore(StoreConformance):
         return ZarrStatsStore.open_run(tmp_path / "out" / "measure", meta)
 
     def damage(self, store, module, label, shard, slot):  # type: ignore[no-untyped-def]
-        arr = zarr.open_array(str(store.path / "modules" / module / "shards" / label), mode="r+")  # type: ignore[attr-defined]
-        arr[shard, slot, :] = arr[shard, slot, :] + 1
+        t = store.commits()[shard].modules[module].tensors[label]
+        arr = zarr.open_array(str(store.path / "shards" / f"shard-{shard:05d}-slot-{slot}"), mode="r+")  # type: ignore[attr-defined]
+        arr[t.offset : t.offset + t.length] = arr[t.offset : t.offset + t.length] + 1
 
 
 # ---- zarr only: run identity and format ----------------------------------------------------------
@@ -244,17 +246,31 @@ def test_store_path_appends_zarr_to_the_prefix(tmp_path: Path) -> None:
 def test_layout_is_plain_zarr_with_metadata_and_consolidation(tmp_path: Path) -> None:
     store = ZarrStatsStore.open_run(tmp_path / "m", META)
     write_all(store, 0, [0, 1], 1, 2)
-    store.reduce()
+    reduced = store.reduce()
     root = zarr.open_group(str(tmp_path / "m.zarr"), mode="r", use_consolidated=True)
     attrs = root.attrs.asdict()
-    assert attrs["format_version"] == 1 and attrs["topology"] == {"dp": 1, "tp": 2}
+    assert attrs["format_version"] == 2 and attrs["topology"] == {"dp": 1, "tp": 2}
     assert attrs["model_fingerprint"] == {"model": "tiny", "params": 3} and attrs["config_hash"] == "cfg-1"
-    shards_w = root[f"modules/{LINEARS[0][0]}/shards/params.weight"]
-    assert shards_w.shape == (2, 2, 6) and shards_w.chunks == (1, 1, 6)
-    assert root["summary"].attrs["shards"] == {"0": {"num_samples": 2, "batches_done": 2},
+    assert root["reduced"].attrs["shards"] == {"0": {"num_samples": 2, "batches_done": 2},
                                                 "1": {"num_samples": 2, "batches_done": 2}}
     record = json.loads((tmp_path / "m.zarr" / "_commits" / "shard-00001.json").read_text())
-    assert record["modules"][LINEARS[0][0]]["tensors"]["params.weight"]["slice"] == [3, 6, 6]
+    weight = record["modules"][LINEARS[0][0]]["tensors"]["params.weight"]
+    assert weight["slice"] == [3, 6, 6]
+    # Shard 1's chunk: one array, one chunk, its own 3 weight channels at the recorded offset.
+    chunk = root["shards/shard-00001-slot-1"]
+    assert chunk.shape == (record["size"],) and chunk.chunks == chunk.shape
+    w = _weight(0, 6, 4)
+    np.testing.assert_array_equal(chunk[weight["offset"] : weight["offset"] + 3], np.abs(w[3:]).max(axis=1))
+    # The reduced index, read with plain zarr, locates every module's global tensors in `values`.
+    values = root["reduced/values"][...]
+    names = list(root["reduced/module_name"][...])
+    assert names == list(reduced.modules)
+    labels, index = root["reduced/tensor_label"][...], root["reduced/tensor_index"][...]
+    for label, (row, offset, length) in zip(labels, index):
+        want = reduced.modules[names[row]].tensors()[str(label)]
+        np.testing.assert_array_equal(values[offset : offset + length], want)
+    assert sorted(map(tuple, index[:, 1:])) == sorted(
+        (off, n) for off, n in zip(np.cumsum([0, *index[:-1, 2]]), index[:, 2]))  # back to back, no gap
 
 
 def test_reopening_the_same_run_resumes_it(tmp_path: Path) -> None:
@@ -302,15 +318,27 @@ def test_open_checks_presence_format_version_and_fingerprint(tmp_path: Path) -> 
     assert ZarrStatsStore.open(tmp_path / "m", expect_fingerprint={"params": 3, "model": "tiny"}).meta == META
     root = zarr.open_group(str(tmp_path / "m.zarr"), mode="r+", use_consolidated=False)
     root.attrs["format_version"] = 99
-    with pytest.raises(StoreFormatError, match="format version 99, this code reads version 1"):
+    with pytest.raises(StoreFormatError, match=f"format version 99, this code reads version {FORMAT_VERSION}"):
         ZarrStatsStore.open(tmp_path / "m")
 
 
-def test_a_module_name_that_cannot_be_a_zarr_group_is_refused(tmp_path: Path) -> None:
+def test_a_format_1_store_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    ZarrStatsStore.open_run(tmp_path / "m", META)
+    root = zarr.open_group(str(tmp_path / "m.zarr"), mode="r+", use_consolidated=False)
+    root.attrs["format_version"] = 1  # the group-per-module layout
+    with pytest.raises(StoreFormatError, match="format version 1, .*measure again into another dump_stats_path"):
+        ZarrStatsStore.open_run(tmp_path / "m", META)
+
+
+@pytest.mark.parametrize("name", ["a/b", "__x", "..", "model.layers.0.mlp.experts.7.w1 (fused)"])
+def test_any_module_name_round_trips(tmp_path: Path, name: str) -> None:
+    """Module names are index entries, not zarr node names: '/' or dots need no escaping."""
     store = ZarrStatsStore.open_run(tmp_path / "m", RunMeta("c", "f"))
-    m = Measurement(modules={"a/b": ModuleStats("a/b", "linear", [np.array([1.0], np.float32)])})
-    with pytest.raises(ShardSpecError, match="'a/b' cannot name a zarr group"):
-        store.write_shard(ShardSpec(0, 1), m, [0])
+    m = Measurement(modules={name: ModuleStats(name, "linear", [np.array([1.5], np.float32)])})
+    store.commit(store.write_shard(ShardSpec(0, 1), m, [0]))
+    store.reduce()
+    again = ZarrStatsStore.open(tmp_path / "m").read_reduced()
+    assert list(again.modules) == [name] and again.modules[name].inputs[0].tolist() == [1.5]
 
 
 # ---- zarr only: other OS processes ------------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""Many statistics in one flat float32 vector with an index: how the store keeps them.
+
+A packed set holds every tensor of every module back to back in ``values``; its index lists the
+modules in order, each with its op type, counts and, per tensor label, the ``(offset, length)`` of
+its values. Writing or reading a whole run is then one array write or read plus the index, instead
+of one zarr array per tensor (see ``stats_store.layout`` for the measured difference). Per-module
+views are numpy slices of ``values``: no copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+import numpy as np
+
+from shards.measurement import Measurement, ModuleStats
+from stats_store.store_errors import ShardSpecError
+
+
+def module_stats_from_tensors(
+    name: str, op_type: str, tensors: Mapping[str, np.ndarray], num_samples: int, nonfinite: Mapping[str, int]
+) -> ModuleStats:
+    """Rebuild a ``ModuleStats`` from label → vector (``inputs.0``, ``outputs.2``, ``params.weight``)."""
+    inputs: dict[int, np.ndarray] = {}
+    outputs: dict[int, np.ndarray] = {}
+    params: dict[str, np.ndarray] = {}
+    for label, value in tensors.items():
+        kind, _, key = label.partition(".")
+        vec = np.asarray(value, dtype=np.float32).reshape(-1)
+        if kind == "inputs":
+            inputs[int(key)] = vec
+        elif kind == "outputs":
+            outputs[int(key)] = vec
+        elif kind == "params":
+            params[key] = vec
+        else:
+            raise ShardSpecError(f"module {name}: tensor label {label!r} is not inputs.N, outputs.N or params.NAME")
+    return ModuleStats(
+        name=name,
+        op_type=op_type,
+        inputs=[inputs.get(i) for i in range(max(inputs) + 1)] if inputs else [],
+        outputs=[outputs.get(i) for i in range(max(outputs) + 1)] if outputs else None,
+        params=params,
+        num_samples=num_samples,
+        nonfinite=dict(nonfinite),
+    )
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    """One module of a packed set.
+
+    Attributes:
+        name: qualified module name.
+        op_type: op type name (``shards.op_types``).
+        num_samples: forward calls observed.
+        nonfinite: tensor label → NaN/Inf count.
+        tensors: ``(label, offset, length)`` of each tensor, in label order of ``ModuleStats.tensors``.
+    """
+
+    name: str
+    op_type: str
+    num_samples: int
+    nonfinite: Mapping[str, int]
+    tensors: tuple[tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Statistics of many modules: one float32 vector and the index into it."""
+
+    values: np.ndarray
+    modules: tuple[ModuleEntry, ...]
+
+    def module_stats(self, entry: ModuleEntry) -> ModuleStats:
+        """One module's statistics; its vectors are views of ``values``."""
+        tensors = {label: self.values[off : off + n] for label, off, n in entry.tensors}
+        return module_stats_from_tensors(entry.name, entry.op_type, tensors, entry.num_samples, entry.nonfinite)
+
+    def to_measurement(self, observer: str, num_samples: int | None) -> Measurement:
+        """All modules as a ``Measurement`` (vectors are views of ``values``)."""
+        out = Measurement(observer=observer, num_samples=num_samples)
+        for entry in self.modules:
+            out.modules[entry.name] = self.module_stats(entry)
+        return out
+
+
+def pack_measurement(stats: Measurement) -> Packed:
+    """Pack every module of ``stats`` (in its order) into one vector."""
+    pieces: list[np.ndarray] = []
+    entries = []
+    offset = 0
+    for name, module in stats.modules.items():
+        tensors = []
+        for label, value in module.tensors().items():
+            vec = np.asarray(value, dtype=np.float32).reshape(-1)
+            tensors.append((label, offset, vec.size))
+            pieces.append(vec)
+            offset += vec.size
+        entries.append(ModuleEntry(name, module.op_type, int(module.num_samples),
+                                   MappingProxyType(dict(module.nonfinite)), tuple(tensors)))
+    values = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    return Packed(values, tuple(entries))
