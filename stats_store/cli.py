@@ -8,11 +8,13 @@ of tables. Errors print one line naming the file/module and what to do, and exit
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -36,7 +38,7 @@ def _num(v: np.ndarray) -> float | None:
 
 def _current(store: ZarrStatsStore) -> tuple[Measurement, bool]:
     """The global statistics of the latest commits, and whether the written reduced arrays hold them."""
-    return store.merged(), store.reduced_is_current()
+    return store.current()
 
 
 # ---- ls ----------------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def cmd_import_inc(args: argparse.Namespace) -> dict[str, Any]:
     from stats_store.inc_format import discover_measurement_files, read_measurement_json
     from stats_store.inc_names import parse_rank_suffix
 
-    files = discover_measurement_files(args.source)
+    files = [Path(args.source)] if args.single_file else discover_measurement_files(args.source)
     parts = [read_measurement_json(f) for f in files]
     world = len(files)
     fingerprint = args.fingerprint or {"inc_import": hashlib.sha256(canonical_json(
@@ -216,8 +218,10 @@ def cmd_import_inc(args: argparse.Namespace) -> dict[str, Any]:
         index = rank[0] if rank is not None and rank[0] >= 0 and world > 1 else i
         store.commit(store.write_shard(ShardSpec(index, world, world), m, [0]))
     stats = store.reduce()
+    report = stats.nonfinite_report()
     return {"store": store.location, "files": [str(f) for f in files], "modules": len(stats.modules),
-            "nonfinite_modules": len(stats.nonfinite_report())}
+            "nonfinite_modules": len(report), "nonfinite_values": sum(sum(c.values()) for c in report.values()),
+            "nonfinite": report}
 
 
 # ---- plot ----------------------------------------------------------------------------------------
@@ -286,11 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-channels", action="store_true",
                    help="cut per-channel values of split tensors (the store's shard map) per rank instead of copying them")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
-    p = add("import-inc", cmd_import_inc, cli_tables.render_paths, "import INC measurement JSON (one file or a per-rank set)")
+    p = add("import-inc", cmd_import_inc, cli_tables.render_import, "import INC measurement JSON (one file or a per-rank set)")
     p.add_argument("source", help="an INC measurement JSON, its folder, or its dump_stats_path prefix")
     p.add_argument("store", help="store (or dump_stats_path) to create")
     p.add_argument("--fingerprint", help="model fingerprint to record (default: a hash of the imported module layout)")
     p.add_argument("--config-hash", default="inc-import", help="config hash to record")
+    p.add_argument("--single-file", action="store_true",
+                   help="import only SOURCE (one rank file whose other ranks are absent) as a one-card store")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store of another run")
     p = add("plot", cmd_plot, cli_tables.render_paths, "write PNG plots: per-layer max-abs, per-channel profiles")
     p.add_argument("path", help="store or dump_stats_path")
@@ -311,16 +317,35 @@ def _plain_json(value: Any) -> Any:
     return value
 
 
+@contextmanager
+def _no_gc_pauses() -> Iterator[None]:
+    """Run a command without cyclic garbage collection (reference counting still frees memory).
+
+    Commands on big models build tens of thousands of small objects that all stay alive until the
+    command ends; the collector rescans them again and again and frees nothing. Measured on the
+    4,502-module DeepSeek-R1 import: 1.4 s with it, 0.6 s without.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``stats-store``; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        data = args.func(args)
+        with _no_gc_pauses():
+            data = args.func(args)
     except (StatsStoreError, ShardError) as e:
         print(f"stats-store {args.command}: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(_plain_json(data), indent=1, default=str, allow_nan=False))
+        # No indent: json's C encoder only runs without one (scale JSON of 4,500 modules).
+        print(json.dumps(_plain_json(data), default=str, allow_nan=False))
     else:
         args.render(data, Console(width=160))
     if args.command == "scales" and data["errors"]:

@@ -85,3 +85,13 @@ def render_paths(d: dict[str, Any], console: Console) -> None:
             console.print(f"{k}: {v}")
     for p in d.get("written", []):
         console.print(p)
+
+
+def render_import(d: dict[str, Any], console: Console) -> None:
+    console.print(f"store: {d['store']}\nfiles: {', '.join(d['files'])}\nmodules: {d['modules']}")
+    console.print(f"NaN/Inf values: {d['nonfinite_values']} in {d['nonfinite_modules']} module(s)")
+    rows = [[name, label, count] for name, counts in d["nonfinite"].items() for label, count in counts.items()]
+    if rows:
+        shown = rows[:20]
+        console.print(table(f"NaN/Inf per module (first {len(shown)} of {len(rows)})" if len(rows) > 20 else "NaN/Inf per module",
+                            ["module", "tensor", "count"], shown))

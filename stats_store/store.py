@@ -214,17 +214,20 @@ class CommittedStore:
         }
         return packed, summary
 
-    def _current_summary(self) -> tuple[dict[str, Any] | None, dict[str, int]]:
-        return self._read_summary(), {str(k): r.generation for k, r in sorted(self.commits().items())}
+    def _generations(self) -> dict[str, int]:
+        return {str(k): r.generation for k, r in sorted(self.commits().items())}
 
     def reduced_is_current(self) -> bool:
         """True when the reduced arrays hold exactly the shards' latest commits."""
-        summary, current = self._current_summary()
-        return summary is not None and summary.get("generations") == current
+        summary = self._read_summary()
+        return summary is not None and summary.get("generations") == self._generations()
 
     def read_reduced(self) -> Measurement:
         """The global statistics; refuses reduced arrays older than the latest commits."""
-        summary, current = self._current_summary()
+        return self._read_current_reduced(self._generations())
+
+    def _read_current_reduced(self, current: dict[str, int]) -> Measurement:
+        summary = self._read_summary()
         packed = self._read_reduced() if summary is not None and summary.get("generations") == current else None
         if summary is None or packed is None:
             have = "none" if summary is None else canonical_json(summary.get("generations"))
@@ -235,11 +238,14 @@ class CommittedStore:
         return packed.to_measurement(self.meta.observer, summary.get("num_samples"))
 
     def current(self) -> tuple[Measurement, bool]:
-        """The global statistics of the latest commits: the reduced arrays when they are current
-        (one read), else merged from the shards; and whether the reduced arrays were current."""
-        if self.reduced_is_current():
-            return self.read_reduced(), True
-        return self.merged(), False
+        """The global statistics of the latest commits, and whether the reduced arrays held them.
+
+        Reads the reduced arrays when they are current (one read), else merges the shards.
+        """
+        try:
+            return self._read_current_reduced(self._generations()), True
+        except StaleReducedError:
+            return self.merged(), False
 
     def summary(self) -> dict[str, Any] | None:
         """The reducer's summary (generations, per-shard sample counts), None before a reduce."""
