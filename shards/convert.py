@@ -98,7 +98,7 @@ def _device_of(module: nn.Module) -> torch.device | None:
 def scales_for(found: FoundModule, plan: RunPlan, stats: ModuleStats | None,
                weight_scale: torch.Tensor | None = None) -> ModuleScales:
     """The scales of one selected module under ``plan`` (``weight_scale`` computed elsewhere wins)."""
-    method = plan.scale_plan.for_module(found.name, found.class_name)
+    method = plan.scale_plan.for_module(found.name, found.type_names)
     return module_scales(
         found.op, method, scale_context(plan), stats, weight=_weight(found), weight_scale=weight_scale,
         output_backoff=plan.scale_plan.output_backoff, module=found.name,
@@ -131,7 +131,7 @@ def convert_model(
     found = discover(model, plan.selection)
     modules = measurement.modules if measurement is not None else {}
     missing = [f.name for f in found
-               if f.name not in modules and _needs_stats(plan.scale_plan.for_module(f.name, f.class_name))]
+               if f.name not in modules and _needs_stats(plan.scale_plan.for_module(f.name, f.type_names))]
     if missing and not plan.ignore_modules_wo_measures:
         raise _missing_error(missing, source)
     qctx = QuantContext(scale_context(plan), backend, plan.scale_format, plan.dynamic)

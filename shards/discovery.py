@@ -69,6 +69,13 @@ class FoundModule:
     def class_name(self) -> str:
         return type(self.module).__name__
 
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        """The class and its bases up to ``nn.Module``, most specific first: a tensor-parallel
+        ``ColumnParallelLinear`` is also a ``Linear`` for allow/block lists and ``layer_types``."""
+        return tuple(c.__name__ for c in type(self.module).__mro__
+                     if issubclass(c, nn.Module) and c is not nn.Module)
+
 
 def supported_modules(model: nn.Module) -> list[FoundModule]:
     """Every module that has an op type, in ``named_modules()`` order."""
@@ -82,7 +89,7 @@ def supported_modules(model: nn.Module) -> list[FoundModule]:
 
 def discover(model: nn.Module, rules: SelectionRules) -> list[FoundModule]:
     """The modules the allow/block rules select, in ``named_modules()`` order."""
-    return [f for f in supported_modules(model) if rules.selects(f.name, f.class_name, f.op)]
+    return [f for f in supported_modules(model) if rules.selects(f.name, f.type_names, f.op)]
 
 
 def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -204,14 +204,16 @@ class ScalePlan:
     layer_types: Mapping[str, MethodSpec] = field(default_factory=dict)
     output_backoff: float | None = None
 
-    def for_module(self, name: str, class_name: str) -> MethodSpec:
+    def for_module(self, name: str, class_name: str | tuple[str, ...]) -> MethodSpec:
+        """``class_name`` may list a class and its bases, most specific first."""
         if name in self.nodes:
             return self.nodes[name]
         m = _LAYER_INDEX.search(name)
         if m and m.group(1) in self.layers:
             return self.layers[m.group(1)]
-        if class_name in self.layer_types:
-            return self.layer_types[class_name]
+        for cls in (class_name,) if isinstance(class_name, str) else class_name:
+            if cls in self.layer_types:
+                return self.layer_types[cls]
         return self.default
 
     def all_methods(self) -> list[MethodSpec]:

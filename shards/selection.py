@@ -33,10 +33,11 @@ class ModuleFilter:
     def matches_name(self, name: str) -> bool:
         return any(p.search(name) for p in self.names)
 
-    def matches_type(self, class_name: str) -> bool:
-        return class_name in self.types
+    def matches_type(self, class_name: str | tuple[str, ...]) -> bool:
+        names = (class_name,) if isinstance(class_name, str) else class_name
+        return any(n in self.types for n in names)
 
-    def matches(self, name: str, class_name: str) -> bool:
+    def matches(self, name: str, class_name: str | tuple[str, ...]) -> bool:
         return self.matches_name(name) or self.matches_type(class_name)
 
 
@@ -53,7 +54,9 @@ class SelectionRules:
     block: ModuleFilter = ModuleFilter()
     dynamic: bool = False
 
-    def selects(self, name: str, class_name: str, op: OpType | None) -> bool:
+    def selects(self, name: str, class_name: str | tuple[str, ...], op: OpType | None) -> bool:
+        """``class_name`` may be a class and its base classes' names (tensor-parallel layers are
+        also ``Linear``), so configs written for the unsharded model select the same modules."""
         if op is None or self.block.matches_type(class_name) or self.block.matches_name(name):
             return False
         if not self.allow.is_empty and not self.allow.matches(name, class_name):

@@ -54,14 +54,14 @@ class ModuleInfo:
     """What the coordinator needs to know of one selected module of a shard.
 
     Attributes:
-        class_name: the module's class (``layer_types`` overrides key on it).
+        class_name: the module's class and its bases (``layer_types`` overrides key on them).
         op_type: its op-type name.
         weight_dtype: the weight's dtype name, None for ops without weight.
         weight_maxabs: per-output-channel max-abs of this shard's weight slice (fp32 values).
         in_features: the weight's input features on this shard.
     """
 
-    class_name: str
+    class_name: tuple[str, ...]
     op_type: str
     weight_dtype: str | None = None
     weight_maxabs: np.ndarray | None = None
@@ -133,11 +133,11 @@ class ShardCalibration:
         for f in discover(self.model, plan.selection):
             w = getattr(f.module, "weight", None) if f.op.params else None
             if not isinstance(w, torch.Tensor):
-                out[f.name] = ModuleInfo(f.class_name, f.op.name)
+                out[f.name] = ModuleInfo(f.type_names, f.op.name)
                 continue
             amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).float().cpu().numpy()
             in_features = int(w[0].numel())
-            out[f.name] = ModuleInfo(f.class_name, f.op.name, str(w.dtype).removeprefix("torch."), amax, in_features)
+            out[f.name] = ModuleInfo(f.type_names, f.op.name, str(w.dtype).removeprefix("torch."), amax, in_features)
         return out
 
     # ---- OPT partials ---------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class ShardCalibration:
         return out
 
 
-def opt_request(plan: RunPlan, name: str, class_name: str, weight_maxabs: np.ndarray | None,
+def opt_request(plan: RunPlan, name: str, class_name: tuple[str, ...], weight_maxabs: np.ndarray | None,
                 weight_dtype: torch.dtype) -> OptRequest | None:
     """The OPT search a module needs under ``plan``, or None (its weight section is not OPT)."""
     from shards.opt_search import pcs_reference

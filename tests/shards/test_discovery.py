@@ -105,3 +105,20 @@ def test_set_submodule_replaces_in_parent() -> None:
     assert model[2] is new
     with pytest.raises(ValueError, match="root module"):
         set_submodule(model, "", new)
+
+
+def test_tensor_parallel_layers_count_as_linear_for_allow_and_block_lists() -> None:
+    """A config written for the unsharded model (types ["Linear"]) selects the same layers when sharded."""
+    from shards.scale_spec import PREDEFINED, ScalePlan
+    from shards.tp_layers import RowParallelLinear
+
+    model = nn.Sequential(ColumnParallelLinear(8, 8, tp_rank=0, tp_world=1, bias=False),
+                          RowParallelLinear(8, 8, tp_rank=0, tp_world=1, all_reduce=None, bias=False))
+    allow = SelectionRules(allow=ModuleFilter(types=("Linear",)))
+    assert [f.name for f in discover(model, allow)] == ["0", "1"]
+    assert discover(model, SelectionRules(block=ModuleFilter(types=("Linear",)))) == []
+    assert [f.name for f in discover(model, SelectionRules(allow=ModuleFilter(names=(re.compile("^1$"),))))] == ["1"]
+    found = discover(model, SelectionRules())
+    assert found[0].type_names[:2] == ("ColumnParallelLinear", "Linear")
+    plan = ScalePlan("MAXABS_POW2", PREDEFINED["MAXABS_POW2"], layer_types={"Linear": PREDEFINED["MAXABS_HW"]})
+    assert plan.for_module("0", found[0].type_names) == PREDEFINED["MAXABS_HW"]
