@@ -270,10 +270,13 @@ def _fast_errors_or_none(
     if kexp is None or x.dtype not in _FAST_DTYPES:
         return None
     grid = _Grid.of(ctx.fmt)
-    a = _magnitudes(x)
+    # A single 16-bit channel is reduced to its distinct magnitudes with multiplicities first.
+    distinct = _distinct_magnitudes(x) if x.shape[0] == 1 else None
+    a = distinct[0].reshape(1, -1) if distinct is not None else _magnitudes(x)
     if not _fast_path_ok(x, a, kexp, grid, div_dtype, mul_dtype):
         return None
-    return torch.from_numpy(_scores(_fill_tables(x, a, kexp, grid), kexp))
+    tables = _distinct_tables(*distinct, grid) if distinct is not None else _fill_tables(a, kexp, grid)
+    return torch.from_numpy(_scores(tables, kexp))
 
 
 class _Tables:
@@ -369,21 +372,21 @@ def _distinct_magnitudes(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | Non
     return values, counts[codes].astype(np.float64)
 
 
-def _fill_tables(x: torch.Tensor, a: np.ndarray, kexp: np.ndarray, grid: _Grid) -> _Tables:
+def _distinct_tables(values: np.ndarray, counts: np.ndarray, grid: _Grid) -> _Tables:
+    """Tables of one channel given as distinct magnitudes and their multiplicities."""
+    tables = _Tables(grid, 1, *_exponent_range(values))
+    m, ex = np.frexp(values)
+    tables.add(m, ex - tables.ex_lo, counts, None)
+    tables.finish()
+    return tables
+
+
+def _fill_tables(a: np.ndarray, kexp: np.ndarray, grid: _Grid) -> _Tables:
     """Tables over the rows (channels) of ``a`` = ``|x|`` ``[groups, K]``.
 
     Chunks are whole rows (or fixed column blocks of one row), so a channel's entries do not
     depend on which other channels share the tensor: column shards concatenate bit for bit.
-    A single 16-bit channel is first reduced to its distinct magnitudes with multiplicities.
     """
-    distinct = _distinct_magnitudes(x) if x.shape[0] == 1 else None
-    if distinct is not None:
-        values, counts = distinct
-        tables = _Tables(grid, 1, *_exponent_range(values))
-        m, ex = np.frexp(values)
-        tables.add(m, ex - tables.ex_lo, counts, None)
-        tables.finish()
-        return tables
     tables = _Tables(grid, a.shape[0], *_exponent_range(a.reshape(-1)))
     dummy = tables.count.size  # zeros go to a bin past the end (error 0 under every candidate)
     tables.extend(1)
