@@ -20,6 +20,7 @@ import numpy as np
 
 from shards.measurement import Measurement
 from stats_store.commit import PendingCommit, build_flush
+from stats_store.gc_pause import without_gc_pauses
 from stats_store.metadata import CommitRecord, RunMeta, canonical_json, row_checksum
 from stats_store.packing import Packed, module_stats_from_tensors
 from stats_store.reduce import reduce_count
@@ -109,6 +110,7 @@ class CommittedStore:
         raise NotImplementedError
 
     # ---- shared logic ------------------------------------------------------------------------
+    @without_gc_pauses
     def write_shard(
         self, spec: ShardSpec, stats: Measurement, batch_ids: Sequence[int], merges: Mapping[str, str] | None = None
     ) -> PendingCommit:
@@ -135,6 +137,7 @@ class CommittedStore:
             self._write_commit(pending.record)
         return pending.record
 
+    @without_gc_pauses
     def commits(self) -> dict[int, CommitRecord]:
         """Every shard's latest commit (shards that never committed are absent)."""
         out = {}
@@ -168,6 +171,7 @@ class CommittedStore:
             f"{rec.shard} from its last good state, or measure again into another dump_stats_path"
         )
 
+    @without_gc_pauses
     def read_shard(self, index: int, local: bool = True) -> Measurement:
         """One shard's committed statistics; ``local`` cuts per-channel values to its slice."""
         rec = self._read_commit(index)
@@ -187,12 +191,14 @@ class CommittedStore:
             out.modules[name] = module_stats_from_tensors(name, mod.op_type, tensors, mod.num_samples, mod.nonfinite)
         return out
 
+    @without_gc_pauses
     def reduce(self) -> Measurement:
         """Merge every committed shard into the global arrays and write them; idempotent."""
         packed, summary = self._merge_commits()
         self._write_reduced(packed, summary)
         return packed.to_measurement(self.meta.observer, summary["num_samples"])
 
+    @without_gc_pauses
     def merged(self) -> Measurement:
         """The global statistics of the latest commits, computed without writing anything."""
         packed, summary = self._merge_commits()
@@ -222,6 +228,7 @@ class CommittedStore:
         summary = self._read_summary()
         return summary is not None and summary.get("generations") == self._generations()
 
+    @without_gc_pauses
     def read_reduced(self) -> Measurement:
         """The global statistics; refuses reduced arrays older than the latest commits."""
         return self._read_current_reduced(self._generations())
@@ -237,6 +244,7 @@ class CommittedStore:
             )
         return packed.to_measurement(self.meta.observer, summary.get("num_samples"))
 
+    @without_gc_pauses
     def current(self) -> tuple[Measurement, bool]:
         """The global statistics of the latest commits, and whether the reduced arrays held them.
 
