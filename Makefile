@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Tests that start and stop their own Ray head run in a second pytest process: `ray stop` ends
+# every Ray process on the machine, including the in-process cluster of the other tests.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not external_cluster"
+	$(PY) -m pytest -q -m external_cluster
 
 demo: $(STAMP)
 	$(PY) -m orchestrator.demo

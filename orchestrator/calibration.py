@@ -57,7 +57,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, resource
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, resources=resources or None, include_dashboard=False, log_to_driver=True)
+        # "local": always a new in-process cluster, never one a stale `ray start` left a pointer to.
+        ray.init(address="local", num_cpus=num_cpus, resources=resources or None, include_dashboard=False,
+                 log_to_driver=True)
 
 
 def done_batches(commits: dict[int, CommitRecord], tp: int) -> set[int]:

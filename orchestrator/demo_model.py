@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 
-def build_demo_checkpoint(out_dir: str | Path, *, layers: int = 4, hidden: int = 128, seed: int = 0) -> Path:
+def build_demo_checkpoint(out_dir: str | Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """Save a fp32 ``LlamaForCausalLM`` (byte-level vocabulary of 256) with safetensors; returns the folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

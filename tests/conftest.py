@@ -16,3 +16,15 @@ def oracle_dir() -> Path:
     if not ORACLE_DIR.is_dir():
         pytest.skip(f"INC corpus not found at {ORACLE_DIR} (it lives beside the project, in shared/oracle)")
     return ORACLE_DIR
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``external_cluster`` start and stop their own Ray head (`ray start`/`ray stop`,
+    `ray up`/`ray down`). `ray stop` ends every Ray process on the machine, so they must not share
+    a pytest run with the in-process cluster of the other Ray tests: `make test` runs them in a
+    second pytest process (``pytest -m external_cluster``)."""
+    external = [i for i in items if i.get_closest_marker("external_cluster")]
+    if external and len(external) != len(items):
+        skip = pytest.mark.skip(reason="stops every Ray process on the machine; run separately: pytest -m external_cluster")
+        for item in external:
+            item.add_marker(skip)

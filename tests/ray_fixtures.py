@@ -31,6 +31,7 @@ def ray_cluster() -> Iterator[None]:
     # Workers import test modules (subclassed runners) by name, so they need the project root.
     pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     ray.init(
+        address="local",  # a new cluster even if a stale `ray start` pointer file exists
         num_cpus=2,
         resources={"HPU": SIMULATED_HPUS},
         include_dashboard=False,

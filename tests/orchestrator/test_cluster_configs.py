@@ -29,7 +29,7 @@ def _ray(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 240) ->
     return subprocess.run([str(RAY), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.ray
+@pytest.mark.external_cluster
 @pytest.mark.slow
 def test_local_cluster_up_submit_down(tmp_path: Path) -> None:
     env = dict(os.environ)

@@ -1,0 +1,94 @@
+"""`fp8-calibrate` end to end on the session's local Ray cluster: store, export, INC files, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from orchestrator.cli import main
+from orchestrator.demo_model import build_demo_checkpoint
+from stats_store.layout import ZarrStatsStore
+from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "examples" / "calibration.txt"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_checkpoint(tmp_path_factory.mktemp("cli_model"))
+
+
+def _config(tmp: Path, **extra: object) -> Path:
+    cfg = {"observer": "maxabs", "scale_method": "maxabs_pow2", "dump_stats_path": str(tmp / "stats" / "run"), **extra}
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _fp8_bound(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Half an E4M3 ulp at |w/s| (3 mantissa bits), or half the smallest subnormal step, times s."""
+    x = (w / s).abs().double()
+    exp = torch.floor(torch.log2(x.clamp_min(2.0**-6)))
+    return (torch.maximum(2.0 ** (exp - 4), torch.full_like(x, 2.0**-10)) * s.double()).float()
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.timeout(300)
+def test_run_tp2_writes_a_complete_store_an_fp8_checkpoint_and_inc_files(tmp_path: Path, model_dir: Path) -> None:
+    out = tmp_path / "fp8"
+    rc = main(["run", "--config", str(_config(tmp_path)), "--model", str(model_dir), "--data", str(DATA),
+               "--tp", "2", "--seq-len", "32", "--batch-size", "2", "--max-batches", "6", "--flush-every", "4",
+               "--export", str(out), "--inc-world", "2", "--no-progress", "--json"])
+    assert rc == 0
+    store = ZarrStatsStore.open(tmp_path / "stats" / "run.zarr")
+    commits = store.commits()
+    assert sorted(commits) == [0, 1]
+    assert all(sorted(c.batch_ids) == list(range(6)) for c in commits.values())
+    reduced = store.read_reduced()
+    assert reduced.modules["model.layers.0.self_attn.q_proj"].num_samples == 6
+    # The exported FP8 weights dequantize to within FP8 rounding of the original weights.
+    with safe_open(str(out / "model.safetensors"), "pt") as f, safe_open(str(model_dir / "model.safetensors"), "pt") as src:
+        names = [k[: -len(".weight_scale")] for k in f.keys() if k.endswith(".weight_scale")]
+        assert len(names) == 15
+        for name in names:
+            q = f.get_tensor(f"{name}.weight")
+            assert q.dtype == torch.float8_e4m3fn
+            s = f.get_tensor(f"{name}.weight_scale").reshape(-1)[0]
+            tied = name == "lm_head" and "lm_head.weight" not in src.keys()
+            w = src.get_tensor("model.embed_tokens.weight" if tied else f"{name}.weight")
+            err = (q.float() * s - w).abs()
+            assert bool((err <= _fp8_bound(w, s)).all()), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    inc = out / "inc"
+    assert (inc / "run_hooks_maxabs_0_2.json").is_file() and (inc / "run_hooks_maxabs_1_2.json").is_file()
+    scales = json.loads((inc / "run_hooks_maxabs_MAXABS_POW2.json").read_text())
+    assert scales["Mode"] == "Scale" and "model.layers.1.mlp.down_proj" in scales["Nodes"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [({"scale_method": "uint_scale"}, "unit_scale"), ({"observr": "maxabs"}, "observer")],
+)
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, model_dir: Path, extra: dict[str, object], match: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _config(tmp_path, **extra)
+    rc = main(["measure", "--config", str(cfg), "--model", str(model_dir), "--data", str(DATA), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().out.strip()
+    assert match in err and err.startswith("fp8-calibrate measure:")
+    assert not (tmp_path / "stats").exists()  # nothing measured, nothing created
+
+
+def test_help_lists_the_three_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("measure", "quantize", "run"))
