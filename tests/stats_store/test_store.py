@@ -139,6 +139,20 @@ class StoreConformance:
         assert store.commits()[0].batch_ids == (0, 1, 2, 3, 4)
         assert_same_stats(store.reduce(), reference(0, [0, 1, 2, 3, 4]))
 
+    def test_a_module_first_seen_in_a_later_flush_joins_the_shards_chunk(self, new_store) -> None:
+        store = new_store()
+        spec, m = shard_stats(0, [0, 1], 0, 1, 1)
+        early = Measurement(modules={LINEARS[0][0]: m.modules[LINEARS[0][0]]}, num_samples=2)
+        store.commit(store.write_shard(spec, early, [0, 1]))
+        spec, m2 = shard_stats(0, [2], 0, 1, 1)
+        store.commit(store.write_shard(spec, m2, [2]))  # adds down_proj and the matmul
+        want, late = reference(0, [0, 1, 2]), reference(0, [2])
+        for name in (LINEARS[1][0], MATMUL):  # measured in batch 2 only
+            want.modules[name] = late.modules[name]
+        reduced = store.reduce()
+        assert_same_stats(reduced, want)
+        assert reduced.num_samples == 3
+
     def test_a_retried_flush_changes_nothing(self, new_store) -> None:
         store = new_store()
         spec, m = shard_stats(0, [0, 1], 0, 1, 1)
