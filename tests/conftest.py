@@ -18,6 +18,7 @@ def oracle_dir() -> Path:
     return ORACLE_DIR
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what it deselects
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``external_cluster`` start and stop their own Ray head (`ray start`/`ray stop`,
     `ray up`/`ray down`). `ray stop` ends every Ray process on the machine, so they must not share

@@ -1,7 +1,9 @@
-"""The cluster YAMLs: the local one really comes up with `ray up`, runs `ray submit`, goes down."""
+"""The cluster YAMLs: the local one really comes up with `ray up`, runs a calibration through
+`ray submit`, and goes down."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from orchestrator.demo_model import build_demo_checkpoint
+from stats_store.layout import ZarrStatsStore
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "cluster_configs"
@@ -43,16 +48,19 @@ def test_local_cluster_up_submit_down(tmp_path: Path) -> None:
     )
     env.pop("RAY_ADDRESS", None)
     config = str(CONFIGS / "local.yaml")
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import ray\nray.init(address='auto')\nprint('HPU', ray.cluster_resources().get('HPU'))\n"
-    )
+    model = build_demo_checkpoint(tmp_path / "model")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"scale_method": "maxabs_pow2", "dump_stats_path": str(tmp_path / "stats" / "up")}))
     up = _ray(["up", "-y", config], env, tmp_path)
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        sub = _ray(["submit", config, str(script)], env, tmp_path)
+        sub = _ray(["submit", config, str(ROOT / "examples" / "submit_calibration.py"), "--", "run", "--config", str(cfg),
+                    "--model", str(model), "--data", str(ROOT / "examples" / "calibration.txt"), "--tp", "2",
+                    "--seq-len", "32", "--batch-size", "2", "--max-batches", "3", "--no-progress", "--json"], env, tmp_path)
         assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-        assert "HPU 2.0" in sub.stdout
+        assert '"batches": 3' in sub.stdout
     finally:
         down = _ray(["down", "-y", config], env, tmp_path)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    store = ZarrStatsStore.open(tmp_path / "stats" / "up.zarr")
+    assert sorted(store.commits()) == [0, 1]
