@@ -24,6 +24,13 @@ def _finite_max(value: np.ndarray) -> float:
     return float(finite.max()) if finite.size else float("nan")
 
 
+def _save(fig: "plt.Figure", path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
 def plot_layer_maxabs(stats: Measurement, path: str | Path, title: str = "max-abs per module") -> Path:
     """Write a PNG of every module's max-abs per tensor label (NaN/Inf left out) and return its path."""
     path = Path(path)
@@ -42,12 +49,9 @@ def plot_layer_maxabs(stats: Measurement, path: str | Path, title: str = "max-ab
             ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
         if labels:
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=100)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 def plot_channel_profile(values: np.ndarray, path: str | Path, title: str) -> Path:
@@ -61,9 +65,6 @@ def plot_channel_profile(values: np.ndarray, path: str | Path, title: str) -> Pa
         ax.set_xlabel("channel")
         ax.set_ylabel("max |x|")
         ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=100)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path

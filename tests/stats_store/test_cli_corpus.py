@@ -14,7 +14,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +25,8 @@ ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle"
 GOLD = "inc_gold/deepseek-r1-distill-llama-70b-g2"
 _NAME = re.compile(r"(?P<base>.*_hooks_[a-z]+)(?:_(?P<rank>-?\d+)_(?P<world>\d+))?\.json")
 _NO_CORPUS = pytest.mark.skip(reason=f"INC corpus not found at {ORACLE} (it lives beside the project, in shared/oracle)")
+
+from tests.stats_store.inc_json import node_values
 
 
 def _corpus_sets() -> list[Any]:
@@ -53,19 +55,8 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
     return json.loads(capsys.readouterr().out)
 
 
-def _flat(value: Any) -> Iterator[float]:
-    if isinstance(value, list):
-        for v in value:
-            yield from _flat(v)
-    else:
-        yield float(value)
-
-
 def _tensors(node: dict[str, Any]) -> dict[str, np.ndarray]:
-    out = {f"inputs.{i}": v for i, v in enumerate(node.get("inputs", []))}
-    out |= {f"outputs.{i}": v for i, v in enumerate(node.get("outputs", []))}
-    out |= {f"params.{k}": v for k, v in node.get("params", {}).items()}
-    return {label: np.array(list(_flat(v)), dtype=np.float32) for label, v in out.items()}
+    return {label: np.array(v, dtype=np.float32) for label, v in node_values(node).items()}
 
 
 def _expected(docs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, int]]]:

@@ -12,7 +12,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,6 +31,8 @@ ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle"
 GOLD = "inc_gold/deepseek-r1-distill-llama-70b-g2"
 _NO_CORPUS = pytest.mark.skip(reason=f"INC corpus not found at {ORACLE} (it lives beside the project, in shared/oracle)")
 
+from tests.stats_store.inc_json import node_values
+
 
 def _corpus(pattern: str) -> list[Any]:
     """Relative paths of corpus files as test parameters, ids = file names."""
@@ -43,24 +45,9 @@ def _corpus(pattern: str) -> list[Any]:
 MEASUREMENT_FILES = _corpus("inc_stats/*.json") + _corpus(f"{GOLD}/*_hooks_maxabs_[0-9]_[0-9].json")
 
 
-def _flat(value: Any) -> Iterator[float]:
-    if isinstance(value, list):
-        for v in value:
-            yield from _flat(v)
-    else:
-        yield float(value)
-
-
 def _expected_tensors(node: dict[str, Any]) -> dict[str, list[float]]:
     """label → flattened values, straight from the JSON node."""
-    out = {}
-    for i, v in enumerate(node.get("inputs", [])):
-        out[f"inputs.{i}"] = list(_flat(v))
-    for i, v in enumerate(node.get("outputs", [])):
-        out[f"outputs.{i}"] = list(_flat(v))
-    for k, v in node.get("params", {}).items():
-        out[f"params.{k}"] = list(_flat(v))
-    return out
+    return node_values(node)
 
 
 def _expected_op(name: str, node: dict[str, Any]) -> str:
