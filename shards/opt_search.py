@@ -236,23 +236,23 @@ def _pow2_exponents(scales: torch.Tensor) -> np.ndarray | None:
 
 
 def _fast_path_ok(
-    x: torch.Tensor, a: np.ndarray, kexp: np.ndarray, grid: _Grid, div_dtype: torch.dtype, mul_dtype: torch.dtype
+    x: torch.Tensor, finite: bool, amax: float, kexp: np.ndarray, grid: _Grid, div_dtype: torch.dtype,
+    mul_dtype: torch.dtype,
 ) -> bool:
     """Whether every op of the brute force is exact (or rounds the way the tables assume) here.
 
-    ``a`` holds ``|x|`` in float64.
+    ``finite``: every element of ``x`` is finite; ``amax``: its largest magnitude.
     """
     if x.dtype not in _FAST_DTYPES or mul_dtype not in _FAST_DTYPES:
         return False
     if div_dtype is torch.float16 and grid.p == 2:
         return False  # E5M2 subnormals lie in fp16's subnormal range: the division would round twice
-    if a.size == 0 or not bool(np.isfinite(a).all()):
+    if x.numel() == 0 or not finite:
         return False
     smallest_step = 2.0 ** (grid.emin - grid.p + int(kexp.min()))  # smallest nonzero q * s
     if smallest_step < _SMALLEST[mul_dtype] or smallest_step < _SMALLEST[torch.float32]:
         return False
-    top = float(a.max()) * 2  # no dequantized value exceeds 2 * max|x|
-    biggest = min(grid.fullscale * 2.0 ** int(kexp.max()), top)
+    biggest = min(grid.fullscale * 2.0 ** int(kexp.max()), 2 * amax)  # no dequantized value exceeds 2 max|x|
     return biggest <= torch.finfo(mul_dtype).max
 
 
@@ -261,21 +261,44 @@ def _magnitudes(x: torch.Tensor) -> np.ndarray:
     return np.abs(x.detach().to(torch.float32).numpy(), dtype=np.float64)
 
 
+def _bf16_codes(x: torch.Tensor) -> torch.Tensor:
+    """The 15-bit magnitude codes (exponent field << 7 | mantissa) of a bf16 tensor, as int32."""
+    return x.detach().contiguous().view(torch.int16).to(torch.int32) & 0x7FFF
+
+
+def _bf16_value(code: int) -> float:
+    return float(torch.tensor(code, dtype=torch.int16).view(torch.bfloat16))
+
+
 def _fast_errors_or_none(
     x: torch.Tensor, scales: torch.Tensor, ctx: ScaleContext, div_dtype: torch.dtype, mul_dtype: torch.dtype
 ) -> torch.Tensor | None:
     """Fast-path errors of ``x`` ``[groups, K]`` for ``scales`` ``[n_cand, groups]``, or None
     where the fast path does not apply (then the caller runs the brute force)."""
     kexp = _pow2_exponents(scales)
-    if kexp is None or x.dtype not in _FAST_DTYPES:
+    if kexp is None or x.dtype not in _FAST_DTYPES or x.numel() == 0:
         return None
     grid = _Grid.of(ctx.fmt)
-    # A single 16-bit channel is reduced to its distinct magnitudes with multiplicities first.
+    # A single 16-bit channel is reduced to its distinct magnitudes with multiplicities first;
+    # several bf16 channels go through mantissa histograms; anything else element by element.
     distinct = _distinct_magnitudes(x) if x.shape[0] == 1 else None
-    a = distinct[0].reshape(1, -1) if distinct is not None else _magnitudes(x)
-    if not _fast_path_ok(x, a, kexp, grid, div_dtype, mul_dtype):
+    codes = _bf16_codes(x) if distinct is None and x.dtype is torch.bfloat16 else None
+    a = None
+    if distinct is not None:
+        finite, amax = bool(np.isfinite(distinct[0]).all()), float(distinct[0].max(initial=0.0))
+    elif codes is not None:
+        top = int(codes.max())
+        finite, amax = top < 0x7F80, _bf16_value(min(top, 0x7F7F))
+    else:
+        a = _magnitudes(x)
+        finite, amax = bool(np.isfinite(a).all()), float(a.max())
+    if not _fast_path_ok(x, finite, amax, kexp, grid, div_dtype, mul_dtype):
         return None
-    tables = _distinct_tables(*distinct, grid) if distinct is not None else _fill_tables(a, kexp, grid)
+    if distinct is not None:
+        tables = _distinct_tables(*distinct, grid)
+    else:
+        tables = _bf16_tables(x, codes, kexp, grid) if codes is not None else None
+        tables = tables or _fill_tables(_magnitudes(x) if a is None else a, kexp, grid)
     return torch.from_numpy(_scores(tables, kexp))
 
 
@@ -288,7 +311,7 @@ class _Tables:
     sums of the per-element squared errors themselves.
     """
 
-    def __init__(self, grid: _Grid, n_groups: int, ex_lo: int, n_e: int) -> None:
+    def __init__(self, grid: _Grid, n_groups: int, ex_lo: int | np.ndarray, n_e: int) -> None:
         n_bins = n_groups * n_e
         self.grid, self.ex_lo, self.n_e = grid, ex_lo, n_e
         self.low = np.zeros((grid.p + 3, n_bins))  # j = -2 .. p: elements with M <= M_F
@@ -344,9 +367,15 @@ class _Tables:
             pad = [(0, 0)] * (t.ndim - 1) + [(0, extra)]
             setattr(self, name, np.pad(t, pad) if extra > 0 else t[..., :extra])
 
+    def bin_exponents(self) -> np.ndarray:
+        """``[n_groups, n_e]`` frexp exponent of every bin (``ex_lo`` is one int or one per channel)."""
+        n_groups = self.count.size // self.n_e
+        lo = np.broadcast_to(np.asarray(self.ex_lo, dtype=np.int64).reshape(-1), (n_groups,))
+        return lo[:, None] + np.arange(self.n_e)[None, :]
+
     def finish(self) -> None:
         """Multiply every bin by its power of two (``2**ex`` for sums of ``a``, ``4**ex`` for squares)."""
-        ex = np.tile(self.ex_lo + np.arange(self.n_e), self.count.size // self.n_e)
+        ex = self.bin_exponents().reshape(-1)
         for table in (self.low, self.high, self.sat_boundary, self.sum_sq):
             table *= np.ldexp(1.0, 2 * ex)
         self.sum_abs *= np.ldexp(1.0, ex)
@@ -415,7 +444,8 @@ def _scores(tables: _Tables, kexp: np.ndarray) -> np.ndarray:
     n_groups = kexp.shape[1]
     shape = (n_groups, n_e)
     low, high = tables.low.reshape(-1, *shape), tables.high.reshape(-1, *shape)
-    d = (tables.ex_lo - 1 + np.arange(n_e))[None, None, :] - kexp[:, :, None]  # binade minus k
+    exs = tables.bin_exponents()
+    d = (exs - 1)[None] - kexp[:, :, None]  # binade minus k
     j_idx = np.clip(d - grid.emin + grid.p, -2, grid.p) + 2
     g_idx = np.arange(n_groups)[None, :, None]
     e_idx = np.arange(n_e)[None, None, :]
@@ -426,7 +456,7 @@ def _scores(tables: _Tables, kexp: np.ndarray) -> np.ndarray:
     saturated = s2 - 2.0 * c * s1 + cnt * c * c
     # Where c is below a quarter ulp of the binade's smallest value, |x| - c rounds to |x| in float64
     # and every such candidate gets exactly sum(x^2), as in the brute force.
-    binade = np.ldexp(1.0, tables.ex_lo - 1 + np.arange(n_e))[None, None, :]
+    binade = np.ldexp(1.0, exs - 1)[None]
     saturated = np.where(c < binade * 2.0**-54, s2, saturated)
     contrib = np.where(d > grid.e_f, saturated, np.where(d == grid.e_f, boundary, rounded))
     # Left-to-right over exponents: empty binades add +0.0, so the result does not depend on the
@@ -437,3 +467,54 @@ def _scores(tables: _Tables, kexp: np.ndarray) -> np.ndarray:
     return total
 
 
+
+
+# ---- bf16 channels: mantissa histograms ---------------------------------------------------------
+# A bf16 magnitude code is (exponent field << 7 | mantissa u). Every per-element quantity the tables
+# need is a function of u alone, times the bin's power of two, so each table entry is a histogram of
+# u dotted with a 128-entry lookup column. Counts are integers and the lookup values short dyadic
+# numbers, so these dot products are exact whatever order BLAS adds them in. One bincount over
+# (channel, exponent, u) keys makes all histograms; bin 0 of each channel collects its zeros.
+
+
+def _mantissa_lut(grid: _Grid) -> np.ndarray:
+    """``[128, 2 * (p + 3) + 4]``: per bf16 mantissa, the per-element values :meth:`_Tables.add` sums."""
+    m = (128 + np.arange(128)) / 256.0
+    high = m > grid.m_f * 2.0**-24
+    rounding = []
+    for j in range(-2, grid.p + 1):
+        t = m * 2.0 ** (j + 1)
+        rounding.append((t - np.rint(t)) ** 2 * 4.0 ** -(j + 1))
+    cols = [np.where(~high, f, 0.0) for f in rounding] + [np.where(high, f, 0.0) for f in rounding]
+    cols += [np.where(high, (m - grid.m_f * 2.0**-24) ** 2, 0.0), np.ones_like(m), m, m * m]
+    return np.stack(cols, axis=1)
+
+
+def _bf16_tables(x: torch.Tensor, codes: torch.Tensor, kexp: np.ndarray, grid: _Grid) -> _Tables | None:
+    """Tables of a bf16 ``[groups, K]`` tensor (``codes``: :func:`_bf16_codes`) from mantissa
+    histograms; None if it holds bf16 subnormals (their codes do not encode m and ex this way)."""
+    n_groups, k = x.shape
+    # Smallest nonzero code per channel ((code - 1) & 0x7FFF sends 0 to the top).
+    low_code = ((codes - 1) & 0x7FFF).amin(dim=1, keepdim=True) + 1
+    if int(low_code.min()) < 128:
+        return None
+    first = (low_code // 128 - 1) * 128  # bin 0 sits one binade below the lowest: the zeros' bin
+    n_e = int(((codes.amax(dim=1, keepdim=True) - first) // 128).max()) + 1
+    ex_lo = (first[:, 0] // 128 - 126).numpy().astype(np.int64)  # code = (ex + 126) * 128 + u
+    tables = _Tables(grid, n_groups, ex_lo, n_e)
+    lut, p3 = _mantissa_lut(grid), grid.p + 3
+    rows = max(1, CHUNK_ELEMENTS // max(1, k))
+    for r0 in range(0, n_groups, rows):
+        r1 = min(n_groups, r0 + rows)
+        shift = (torch.arange(r1 - r0, dtype=torch.int32) * (n_e * 128))[:, None] - first[r0:r1]
+        key = torch.maximum(codes[r0:r1] + shift, shift + first[r0:r1])  # zeros into bin 0
+        hist = torch.bincount(key.reshape(-1), minlength=(r1 - r0) * n_e * 128).reshape(-1, 128)
+        hist[::n_e] = 0  # bin 0 of each channel: zeros, error 0 under every candidate
+        sums = hist.to(torch.float64).numpy() @ lut
+        b0, b1 = r0 * n_e, r1 * n_e
+        tables.low[:, b0:b1] = sums[:, :p3].T
+        tables.high[:, b0:b1] = sums[:, p3 : 2 * p3].T
+        tables.sat_boundary[b0:b1], tables.count[b0:b1] = sums[:, 2 * p3], sums[:, 2 * p3 + 1]
+        tables.sum_abs[b0:b1], tables.sum_sq[b0:b1] = sums[:, 2 * p3 + 2], sums[:, 2 * p3 + 3]
+    tables.finish()
+    return tables
