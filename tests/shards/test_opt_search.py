@@ -324,3 +324,15 @@ def test_fast_path_is_much_faster_than_the_brute_force() -> None:
     fast = best(lambda: opt_search.pts_errors(w, POW2_OPT_CANDIDATES, ctx))
     brute = best(lambda: opt_search.pts_errors_bruteforce(w, POW2_OPT_CANDIDATES, ctx))
     assert fast * 4 < brute
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fast_path_column_shards_concatenate_and_row_shards_add(dtype: torch.dtype) -> None:
+    ctx = ScaleContext()
+    w = _weight(9, (8, 40)).to(dtype)
+    ref = opt_search.pcs_reference(w.abs().amax(dim=1), ctx, w.dtype)
+    whole = opt_search.pcs_errors(w, ref, PCS_OPT_MULTIPLIERS, ctx)
+    cols = [opt_search.pcs_errors(w[a:b], ref[a:b], PCS_OPT_MULTIPLIERS, ctx) for a, b in ((0, 3), (3, 8))]
+    assert torch.equal(torch.cat(cols, dim=1), whole)
+    rows = sum(opt_search.pcs_errors(h, ref, PCS_OPT_MULTIPLIERS, ctx) for h in (w[:, :13], w[:, 13:]))
+    np.testing.assert_allclose(rows, opt_search.pcs_errors_bruteforce(w, ref, PCS_OPT_MULTIPLIERS, ctx), rtol=1e-12)
