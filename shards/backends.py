@@ -13,6 +13,10 @@ implementation of the math serves every device (decisions §2).
   only when ``habana_frameworks.torch`` imports. Untested on Gaudi hardware here: tests drive it
   with a recording stand-in for ``torch.ops.hpu``.
 
+``detect_gaudi`` tells which Gaudi this process runs on (None off Gaudi), the default of
+``device_for_scales`` (reference §1.3 step 4). It probes at call time, never at import: the tables
+of every device stay buildable and testable anywhere.
+
 Scales are broadcastable tensors or floats: 0-d (per tensor), ``[..., 1]`` for ``qa`` (one per
 row, e.g. per token) and ``[1, N]`` for ``qb`` (one per output column, e.g. per channel).
 """
@@ -27,7 +31,7 @@ import torch
 from shards import numerics
 from shards.discovery import DuplicateRegistrationError
 from shards.errors import ShardError
-from shards.numerics import Fp8Format
+from shards.numerics import Fp8Format, ScaleDevice
 
 Scale = torch.Tensor | float
 
@@ -145,6 +149,38 @@ def _load_hpu_ops() -> Any:
             "run on a Gaudi host with the Habana PyTorch plugin, or use backend 'cpu'"
         ) from e
     return torch.ops.hpu
+
+
+# Device names habana_frameworks.torch.hpu.get_device_name() reports for the cards with FP8.
+# Gaudi (first generation, "GAUDI") has no FP8 and is treated like a host without Gaudi.
+_GAUDI_NAMES: Mapping[str, ScaleDevice] = MappingProxyType({"GAUDI2": ScaleDevice.GAUDI2, "GAUDI3": ScaleDevice.GAUDI3})
+
+
+def _hpu_device_name() -> str | None:
+    """The Gaudi's device name, None when the Habana plugin does not import or sees no card."""
+    try:
+        import habana_frameworks.torch.hpu as hthpu
+    except ImportError:
+        return None  # off Gaudi: the expected case, nothing to report
+    if not hthpu.is_available():
+        return None
+    return str(hthpu.get_device_name())
+
+
+def detect_gaudi(device_name: Callable[[], str | None] = _hpu_device_name) -> ScaleDevice | None:
+    """The Gaudi this process runs on (GAUDI2 or GAUDI3), None off Gaudi.
+
+    Args:
+        device_name: returns the Habana device name or None; tests pass a stand-in.
+    """
+    name = device_name()
+    if name is None:
+        return None
+    # Match the start, so that a variant suffix after the generation still maps to it.
+    for prefix, device in _GAUDI_NAMES.items():
+        if name.upper().startswith(prefix):
+            return device
+    return None
 
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}

@@ -11,7 +11,9 @@ Semantics (reference §6, decisions §2):
   outputs are not quantized; the bias is added afterwards in its own dtype; the result is returned
   in the input's dtype;
 - scales are held as Python floats (``scale_format`` SCALAR; one-element scales only) or as
-  buffers in ``state_dict`` (CONST, and always for per-channel scales);
+  buffers (CONST, and always for per-channel scales). Both are in ``state_dict``: SCALAR scales are
+  saved as 0-d ``hp_dtype`` tensors and read back into floats (reference §6 "Scale storage"), so
+  a converted model's scales survive ``state_dict()`` → ``load_state_dict()``;
 - dynamic quantization (Linear, Matmul): activation scales are computed per call, per token
   (row) for inputs and input 0 of a matmul, per column for matmul input 1.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,7 @@ class QuantModule(nn.Module):
         self.qctx = qctx
         self._n_inputs = len(scales.inputs)
         self._n_outputs = len(scales.outputs)
+        self._scalar_scales: list[str] = []  # names of the scales held as floats
         for i, s in enumerate(scales.inputs):
             self._put_scale(f"scale_input_{i}", s)
         for i, s in enumerate(scales.outputs):
@@ -83,9 +86,36 @@ class QuantModule(nn.Module):
             setattr(self, name, None)
         elif self.qctx.scale_format is ScaleFormat.SCALAR and value.numel() == 1:
             setattr(self, name, float(value.reshape(-1)[0]))
+            self._scalar_scales.append(name)
         else:
             # CONST, and per-channel scales in any format (INC forces CONST for those).
             self.register_buffer(name, value.detach().clone())
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._scalar_scales:
+            # Exact: the float came from an hp tensor (bf16/fp32 values are floats exactly).
+            destination[prefix + name] = torch.tensor(getattr(self, name), dtype=self.qctx.hp)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        for name in self._scalar_scales:
+            key = prefix + name
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)  # nn.Module does not know our float attributes
+            value = state_dict.get(key)
+            if value is None:
+                if strict:
+                    missing_keys.append(key)
+            elif not isinstance(value, torch.Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                error_msgs.append(f"{key}: a SCALAR scale needs one element, got {shape}; "
+                                  "convert this model with scale_format CONST to load per-channel scales")
+            else:
+                setattr(self, name, float(value.reshape(-1)[0]))
 
     def _scale(self, name: str) -> ScaleValue:
         value: ScaleValue | None = getattr(self, name)

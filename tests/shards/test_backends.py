@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 import pytest
@@ -15,11 +17,12 @@ from shards.backends import (
     HpuBackend,
     UnknownBackendError,
     backend_for_device,
+    detect_gaudi,
     get_backend,
     register_backend,
 )
 from shards.discovery import DuplicateRegistrationError
-from shards.numerics import E4M3, E4M3_GAUDI2, E5M2
+from shards.numerics import E4M3, E4M3_GAUDI2, E5M2, ScaleDevice
 
 F8 = torch.float8_e4m3fn
 
@@ -140,3 +143,41 @@ def test_registry() -> None:
         get_backend("tpu")
     with pytest.raises(DuplicateRegistrationError, match="'cpu'"):
         register_backend("cpu", EmulatedBackend)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [("GAUDI2", ScaleDevice.GAUDI2), ("GAUDI3", ScaleDevice.GAUDI3), ("gaudi2", ScaleDevice.GAUDI2),
+     ("GAUDI", None), (None, None)],
+)
+def test_detect_gaudi_maps_the_device_name(name: str | None, expected: ScaleDevice | None) -> None:
+    assert detect_gaudi(lambda: name) is expected
+
+
+def _fake_habana(monkeypatch: pytest.MonkeyPatch, available: bool, device_name: str) -> None:
+    """Stand-in modules for ``habana_frameworks.torch.hpu`` (only what detect_gaudi calls)."""
+    hpu = types.ModuleType("habana_frameworks.torch.hpu")
+    hpu.is_available = lambda: available  # type: ignore[attr-defined]
+    hpu.get_device_name = lambda: device_name  # type: ignore[attr-defined]
+    top, torch_pkg = types.ModuleType("habana_frameworks"), types.ModuleType("habana_frameworks.torch")
+    top.torch, torch_pkg.hpu = torch_pkg, hpu  # type: ignore[attr-defined]
+    for name, module in [("habana_frameworks", top), ("habana_frameworks.torch", torch_pkg),
+                         ("habana_frameworks.torch.hpu", hpu)]:
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("available, device_name, expected",
+                         [(True, "GAUDI3", ScaleDevice.GAUDI3), (True, "GAUDI2", ScaleDevice.GAUDI2),
+                          (False, "GAUDI3", None)])
+def test_detect_gaudi_probes_the_habana_plugin(monkeypatch: pytest.MonkeyPatch, available: bool, device_name: str,
+                                               expected: ScaleDevice | None) -> None:
+    _fake_habana(monkeypatch, available, device_name)
+    assert detect_gaudi() is expected
+
+
+def test_detect_gaudi_off_gaudi_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import fail, as on a host without the plugin.
+    monkeypatch.setitem(sys.modules, "habana_frameworks", None)
+    monkeypatch.delitem(sys.modules, "habana_frameworks.torch", raising=False)
+    monkeypatch.delitem(sys.modules, "habana_frameworks.torch.hpu", raising=False)
+    assert detect_gaudi() is None

@@ -98,13 +98,60 @@ def test_scalar_versus_const_storage() -> None:
     scalar = QuantLinear(lin, scales, qctx(fmt=ScaleFormat.SCALAR))
     const = QuantLinear(lin, scales, qctx(fmt=ScaleFormat.CONST))
     assert isinstance(scalar.scale_input_0, float) and isinstance(scalar.scale_weight, float)
-    assert set(scalar.state_dict()) == {"weight", "bias"}
+    assert not dict(scalar.named_buffers())
+    # Reference §6: SCALAR scales are saved as hp tensors, so the state_dicts hold the same keys.
+    assert set(scalar.state_dict()) == set(const.state_dict()) == {
+        "weight", "bias", "scale_input_0", "scale_output_0", "scale_weight"}
     sd = const.state_dict()
     assert {"scale_input_0", "scale_output_0", "scale_weight"} <= set(sd)
     assert sd["scale_input_0"].dtype == torch.bfloat16 and not any(p.requires_grad for p in const.parameters())
     x = torch.randn(2, 8)
     assert torch.equal(scalar(x), const(x))
     assert scalar.to_inc_node() == const.to_inc_node() == {"inputs": [0.125], "outputs": [0.03125], "params": {"weight": 0.25}}
+
+
+def _scalar_linear(s_in: float, s_w: float, seed: int, fmt: ScaleFormat = ScaleFormat.SCALAR) -> QuantLinear:
+    torch.manual_seed(seed)
+    return QuantLinear(nn.Linear(8, 4), ModuleScales((t(s_in),), (t(s_in * s_w),), t(s_w)), qctx(fmt=fmt))
+
+
+@pytest.mark.parametrize("hp", [HpDtype.BF16, HpDtype.FP32])
+def test_scalar_scales_are_saved_as_hp_tensors(hp: HpDtype) -> None:
+    ql = QuantLinear(nn.Linear(8, 4), ModuleScales((t(0.375),), (t(0.375 * 2.0**-5),), t(2.0**-5)),
+                     qctx(hp, fmt=ScaleFormat.SCALAR))
+    sd = ql.state_dict()
+    expected = {"scale_input_0": 0.375, "scale_output_0": 0.375 * 2.0**-5, "scale_weight": 2.0**-5}
+    for key, value in expected.items():
+        assert sd[key].dtype == HP[hp] and sd[key].shape == () and sd[key].item() == value
+
+
+@pytest.mark.parametrize("source_fmt", [ScaleFormat.SCALAR, ScaleFormat.CONST])
+def test_scalar_scales_survive_a_state_dict_round_trip(source_fmt: ScaleFormat) -> None:
+    source = _scalar_linear(2.0**-3, 2.0**-6, seed=1, fmt=source_fmt)
+    target = _scalar_linear(1.0, 1.0, seed=2)  # other weights, other scales
+    target.load_state_dict(source.state_dict())
+    assert isinstance(target.scale_input_0, float)
+    assert (target.scale_input_0, target.scale_output_0, target.scale_weight) == (2.0**-3, 2.0**-9, 2.0**-6)
+    x = torch.randn(3, 8)
+    assert torch.equal(target(x), source(x))
+
+
+def test_missing_scalar_scale_is_reported() -> None:
+    target = _scalar_linear(1.0, 1.0, seed=0)
+    sd = _scalar_linear(0.5, 0.5, seed=0).state_dict()
+    del sd["scale_input_0"]
+    with pytest.raises(RuntimeError, match="Missing key.*scale_input_0"):
+        target.load_state_dict(sd)
+    result = target.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["scale_input_0"] and target.scale_input_0 == 1.0 and target.scale_weight == 0.5
+
+
+def test_per_channel_scale_into_a_scalar_is_refused() -> None:
+    target = _scalar_linear(1.0, 1.0, seed=0)
+    sd = target.state_dict()
+    sd["scale_weight"] = t([0.5, 0.25, 0.5, 0.5])
+    with pytest.raises(RuntimeError, match="scale_weight: a SCALAR scale needs one element, got \\(4,\\)"):
+        target.load_state_dict(sd)
 
 
 def test_per_channel_node_shape() -> None:
