@@ -1,24 +1,48 @@
-"""The INC-style API end to end on one card: files, scales, selection, accuracy."""
+"""The INC-style API end to end on one card: the stats store, INC files, scales, selection, accuracy."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import orchestrator
+from orchestrator import api
+from orchestrator.errors import ConfigError
 from shards.convert import MissingMeasurementError
+from shards.numerics import ScaleDevice
 from shards.qmodules import QuantLinear
 from shards.scale_spec import PREDEFINED
 from shards.scales import ScaleContext, activation_scale, weight_scale
+from stats_store.errors import IncFileExistsError
+from stats_store.layout import ZarrStatsStore
+from stats_store.store_errors import RunMismatchError
 from tests.models import llama_tokens, sequential_batches, tiny_llama, tiny_sequential
+
+INC_FILES = ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz", "measure_hooks_maxabs_mod_list.json"]
 
 
 def cfg(tmp_path: Path, **extra: object) -> dict[str, object]:
     return {"mode": "AUTO", "scale_method": "maxabs_pow2", "dump_stats_path": str(tmp_path / "out" / "measure"), **extra}
+
+
+def store_of(tmp_path: Path) -> Path:
+    return tmp_path / "out" / "measure.zarr"
+
+
+def calibrate(model: nn.Module, config: dict[str, object], batches: list[torch.Tensor], **kwargs: bool):  # type: ignore[no-untyped-def]
+    """prepare → forwards → finalize_calibration, as a user script does."""
+    orchestrator.prepare(model, config)
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return orchestrator.finalize_calibration(model, **kwargs)
 
 
 def captured_amax(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, float]:
@@ -51,13 +75,38 @@ def test_scales_match_the_numeric_core_on_independent_stats(tmp_path: Path, meth
         else:
             assert node["params"]["weight"]["0"] == s_w.float().tolist()
             assert node["outputs"] == [(s_w * s_in).float().tolist()]
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz", "measure_hooks_maxabs_mod_list.json"]
+    # The store is the one place the measurement lives: no INC file unless asked for.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["measure.zarr"]
+
+
+def test_store_holds_the_exact_amax_of_the_inputs(tmp_path: Path) -> None:
+    batches = sequential_batches(4, 3)
+    expected = captured_amax(tiny_sequential(), ["0", "2", "4"], batches)
+    returned = calibrate(tiny_sequential(), cfg(tmp_path), batches)
+    store = ZarrStatsStore.open(store_of(tmp_path))
+    stored = store.read_reduced()
+    ref = tiny_sequential()
+    for name in ["0", "2", "4"]:
+        st = stored.modules[name]
+        assert st.inputs[0].tolist() == [np.float32(expected[name])]
+        # Weights are measured per output channel.
+        assert st.params["weight"].tolist() == ref.get_submodule(name).weight.detach().abs().amax(dim=1).tolist()
+        assert st.num_samples == 3 and returned.modules[name].inputs[0].tolist() == st.inputs[0].tolist()
+    assert (store.meta.dp, store.meta.tp, store.meta.device_kind, store.meta.observer) == (1, 1, "cpu", "maxabs")
+    assert store.commits()[0].batch_ids == (0, 1, 2)
+
+
+def test_inc_files_on_request(tmp_path: Path) -> None:
+    calibrate(tiny_sequential(), cfg(tmp_path), sequential_batches(5, 2), inc_files=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*INC_FILES, "measure.zarr"])
     doc = json.loads((tmp_path / "out" / "measure_hooks_maxabs.json").read_text())
     assert doc["Mode"] == "DynamicRange" and sorted(doc["Nodes"]) == ["0", "2", "4"]
+    assert "NumSamples" not in doc  # INC writes it only when dumping at an interval
+    stored = ZarrStatsStore.open(store_of(tmp_path)).read_reduced()
+    assert doc["Nodes"]["2"]["inputs"] == [[[float(stored.modules["2"].inputs[0][0])]]]
 
 
-def test_two_step_flow_reads_the_files_back(tmp_path: Path) -> None:
+def test_two_step_flow_reads_the_store_back(tmp_path: Path) -> None:
     batches = sequential_batches(1, 2)
     one_step = orchestrator.quantize(tiny_sequential(), cfg(tmp_path / "a"), batches)
     model = orchestrator.prepare(tiny_sequential(), cfg(tmp_path / "b"))
@@ -66,7 +115,8 @@ def test_two_step_flow_reads_the_files_back(tmp_path: Path) -> None:
             model(x)
     m = orchestrator.finalize_calibration(model)
     assert sorted(m.modules) == ["0", "2", "4"]
-    # A fresh model, converted from the files alone (config given as a JSON path).
+    assert sorted(p.name for p in (tmp_path / "b" / "out").iterdir()) == ["measure.zarr"]
+    # A fresh model, converted from the store alone (config given as a JSON path).
     path = tmp_path / "quant.json"
     path.write_text(json.dumps(cfg(tmp_path / "b")))
     fresh = orchestrator.convert(tiny_sequential(), path)
@@ -86,8 +136,7 @@ def test_missing_measurement_is_named_or_ignored(tmp_path: Path) -> None:
     with torch.no_grad():
         model(torch.randn(2, 32))
     orchestrator.finalize_calibration(model)
-    measure_file = str(tmp_path / "out" / "measure_hooks_maxabs.json")
-    with pytest.raises(MissingMeasurementError, match=rf"module\(s\) '2' in '{measure_file}'"):
+    with pytest.raises(MissingMeasurementError, match=rf"module\(s\) '2' in the stats store '{store_of(tmp_path)}'"):
         orchestrator.convert(tiny_sequential(), cfg(tmp_path))
     kept = orchestrator.convert(tiny_sequential(), cfg(tmp_path, ignore_modules_wo_measures=True))
     assert type(kept[2]) is nn.Linear and isinstance(kept[0], QuantLinear)
@@ -96,12 +145,28 @@ def test_missing_measurement_is_named_or_ignored(tmp_path: Path) -> None:
 def test_no_measurement_files_at_all(tmp_path: Path) -> None:
     with pytest.raises(MissingMeasurementError, match="'0', '2', '4' in .*measure_hooks_maxabs.json"):
         orchestrator.convert(tiny_sequential(), cfg(tmp_path))
+    with pytest.raises(MissingMeasurementError, match=f"in the stats store '{store_of(tmp_path)}' \\(none there\\)"):
+        orchestrator.convert(tiny_sequential(), cfg(tmp_path))
 
 
 def test_existing_measurement_is_not_overwritten(tmp_path: Path) -> None:
     orchestrator.quantize(tiny_sequential(), cfg(tmp_path), sequential_batches(3, 1))
+    model = tiny_sequential()
+    # Refused at prepare, before any data runs; the model is left unobserved.
+    with pytest.raises(FileExistsError, match=f"{store_of(tmp_path)} already holds a measurement.*overwrite=True"):
+        orchestrator.quantize(model, cfg(tmp_path), sequential_batches(3, 1))
+    assert model not in api._CALIBRATING and not model._forward_pre_hooks
+    big = [x * 1000 for x in sequential_batches(3, 1)]
+    orchestrator.quantize(tiny_sequential(), cfg(tmp_path), big, overwrite=True)
+    stored = ZarrStatsStore.open(store_of(tmp_path)).read_reduced()
+    assert stored.modules["0"].inputs[0].tolist() == [np.float32(captured_amax(tiny_sequential(), ["0"], big)["0"])]
+
+
+def test_inc_files_are_never_overwritten(tmp_path: Path) -> None:
+    calibrate(tiny_sequential(), cfg(tmp_path / "a"), sequential_batches(3, 1), inc_files=True)
+    shutil.copytree(tmp_path / "a" / "out", tmp_path / "out", ignore=shutil.ignore_patterns("*.zarr"))
     with pytest.raises(FileExistsError, match="measure_hooks_maxabs"):
-        orchestrator.quantize(tiny_sequential(), cfg(tmp_path), sequential_batches(3, 1))
+        calibrate(tiny_sequential(), cfg(tmp_path), sequential_batches(3, 1), inc_files=True)
 
 
 def test_unit_scale_needs_no_data(tmp_path: Path) -> None:
