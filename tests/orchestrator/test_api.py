@@ -201,3 +201,102 @@ def test_dynamic_per_token_needs_no_measurement(tmp_path: Path) -> None:
     ref = weight_scale(tiny_sequential()[0].weight, PREDEFINED["MAXABS_PCS_POW2"].weight, ScaleContext())
     assert node["inputs"] == [] and node["params"]["weight"]["0"] == ref.float().tolist()
     assert model[0].qctx.dynamic and not (tmp_path / "out").exists()
+
+
+def test_inc_files_are_imported_when_there_is_no_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    batches = sequential_batches(6, 2)
+    one_step = orchestrator.quantize(tiny_sequential(), cfg(tmp_path / "a"), batches)
+    calibrate(tiny_sequential(), cfg(tmp_path), batches, inc_files=True)
+    shutil.rmtree(store_of(tmp_path))  # what a user coming from INC has: its files only
+    with caplog.at_level(logging.WARNING, logger="orchestrator.api"):
+        fresh = orchestrator.convert(tiny_sequential(), cfg(tmp_path))
+    assert f"no stats store at {store_of(tmp_path)}; importing INC measurement files" in caplog.text
+    assert "measure_hooks_maxabs.json" in caplog.text
+    assert orchestrator.scales_of(fresh) == orchestrator.scales_of(one_step)
+    assert not store_of(tmp_path).exists()  # importing reads the files, it writes nothing
+
+
+@pytest.mark.parametrize(
+    "other",
+    [pytest.param(lambda: tiny_sequential(1), id="other-weights"),
+     pytest.param(lambda: tiny_sequential(0, dtype=torch.bfloat16), id="other-dtype"),
+     pytest.param(lambda: tiny_sequential(0, width=48), id="other-shapes")],
+)
+def test_store_of_another_model_is_refused(tmp_path: Path, other) -> None:  # type: ignore[no-untyped-def]
+    calibrate(tiny_sequential(0), cfg(tmp_path), sequential_batches(7, 1))
+    model = other()
+    with pytest.raises(RunMismatchError, match=f"{store_of(tmp_path)} holds statistics of another model"):
+        orchestrator.convert(model, cfg(tmp_path))
+    assert type(model[0]) is nn.Linear  # refused before anything was converted
+
+
+def test_interval_dumps_stream_into_the_store(tmp_path: Path) -> None:
+    batches = sequential_batches(8, 5)
+    config = cfg(tmp_path, calibration_sample_interval=2)
+    model = orchestrator.prepare(tiny_sequential(), config)
+    with torch.no_grad():
+        for x in batches[:4]:
+            model(x)
+    # Two flushes so far, each with the ids of its own forwards; readable before finalize.
+    store = ZarrStatsStore.open(store_of(tmp_path))
+    assert store.commits()[0].batch_ids == (0, 1, 2, 3) and store.commits()[0].generation == 2
+    first4 = captured_amax(tiny_sequential(), ["0", "4"], batches[:4])
+    assert store.read_shard(0).modules["4"].inputs[0].tolist() == [np.float32(first4["4"])]
+    with torch.no_grad():
+        model(batches[4])
+    m = orchestrator.finalize_calibration(model, inc_files=True)
+    all5 = captured_amax(tiny_sequential(), ["0", "4"], batches)
+    stored = ZarrStatsStore.open(store_of(tmp_path)).read_reduced()
+    assert stored.modules["0"].inputs[0].tolist() == [np.float32(all5["0"])]
+    # Counts are added per flush, never re-counted: 5 forwards in all.
+    assert stored.modules["0"].num_samples == 5 and stored.num_samples == 5 and m.num_samples == 5
+    assert ZarrStatsStore.open(store_of(tmp_path)).commits()[0].batch_ids == (0, 1, 2, 3, 4)
+    assert json.loads((tmp_path / "out" / "measure_hooks_maxabs.json").read_text())["NumSamples"] == 5
+
+
+def test_scale_file_only_on_request_and_never_overwritten(tmp_path: Path) -> None:
+    batches = sequential_batches(9, 2)
+    amax = captured_amax(tiny_sequential(), ["0"], batches)
+    orchestrator.quantize(tiny_sequential(), cfg(tmp_path), batches)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["measure.zarr"]
+    model = orchestrator.convert(tiny_sequential(), cfg(tmp_path), inc_scale_file=True)
+    scale_json = tmp_path / "out" / "measure_hooks_maxabs_MAXABS_POW2.json"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "measure.zarr", "measure_hooks_maxabs_MAXABS_POW2.json", "measure_hooks_maxabs_MAXABS_POW2.npz"]
+    doc = json.loads(scale_json.read_text())
+    spec, ref = PREDEFINED["MAXABS_POW2"], tiny_sequential()
+    assert doc["Nodes"]["0"]["inputs"] == [float(activation_scale(amax["0"], spec.activation, ScaleContext()))]
+    assert doc["Nodes"]["0"]["params"] == {"weight": float(weight_scale(ref[0].weight, spec.weight, ScaleContext()))}
+    assert doc["Nodes"] == orchestrator.scales_of(model)
+    before = scale_json.read_bytes()
+    again = tiny_sequential()
+    with pytest.raises(IncFileExistsError, match="measure_hooks_maxabs_MAXABS_POW2.json"):
+        orchestrator.convert(again, cfg(tmp_path), inc_scale_file=True)
+    assert scale_json.read_bytes() == before and type(again[0]) is nn.Linear  # refused before converting
+
+
+def test_scalar_scales_survive_state_dict_load(tmp_path: Path) -> None:
+    source = orchestrator.quantize(tiny_sequential(), cfg(tmp_path / "a"), sequential_batches(10, 2))
+    # Same architecture, other calibration data: other input scales before the load.
+    target = orchestrator.quantize(tiny_sequential(), cfg(tmp_path / "b"), [x * 100 for x in sequential_batches(10, 2)])
+    assert isinstance(target[0].scale_input_0, float)
+    assert orchestrator.scales_of(target) != orchestrator.scales_of(source)
+    target.load_state_dict(source.state_dict())
+    assert orchestrator.scales_of(target) == orchestrator.scales_of(source)
+    x = torch.randn(4, 32) * 3
+    assert torch.equal(target(x), source(x))
+
+
+def test_device_for_scales_defaults_to_the_detected_gaudi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = cfg(tmp_path, scale_method="maxabs_hw")
+    batches = sequential_batches(11, 2)
+    amax = captured_amax(tiny_sequential(), ["0"], batches)
+    if api.detect_gaudi() is None:  # off Gaudi: HW-aligned scales need device_for_scales
+        with pytest.raises(ConfigError, match="device_for_scales"):
+            orchestrator.quantize(tiny_sequential(), config, batches)
+    monkeypatch.setattr(api, "detect_gaudi", lambda: ScaleDevice.GAUDI2)
+    model = orchestrator.quantize(tiny_sequential(), cfg(tmp_path / "g", scale_method="maxabs_hw"), batches)
+    ctx = ScaleContext(device=ScaleDevice.GAUDI2)
+    assert model[0].qctx.scale_ctx.device is ScaleDevice.GAUDI2 and model[0].qctx.fmt.fullscale == 240.0
+    expected = activation_scale(amax["0"], PREDEFINED["MAXABS_HW"].activation, ctx)
+    assert orchestrator.scales_of(model)["0"]["inputs"] == [float(expected)]
