@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator.calibration import Calibration, RunReport
+from orchestrator.coverage import UncoveredPolicy
 from orchestrator.data import Batch, make_batches, read_texts, tokenize_texts
 from orchestrator.errors import Fp8OrchestratorError
 from shards.checkpoint import read_config
@@ -51,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--flush-every", type=int, default=8, help="batches between store flushes (default 8)")
             s.add_argument("--overwrite", action="store_true", help="replace a store of a different run")
         if name in ("quantize", "run"):
+            s.add_argument("--uncovered", default=None, choices=[p.value for p in UncoveredPolicy],
+                           help="selected modules that saw no data: fail (default; warn when the config sets "
+                                "ignore_modules_wo_measures), warn (leave them in high precision) or unit_scale")
             s.add_argument("--export", default=None, help="write a compressed-tensors FP8 checkpoint here")
             s.add_argument("--inc-world", type=int, default=None, help="also export INC measurement/scale files for N ranks")
     return p
@@ -76,7 +81,8 @@ def summary_table(report: RunReport, title: str = "fp8-calibrate") -> Table:
         ("modules measured", str(report.modules_measured)),
         ("modules selected for quantization", str(report.modules_selected)),
         ("modules with no observation", ", ".join(report.uncovered) or "none"),
-        ("modules with NaN/Inf", ", ".join(report.nonfinite) or "none"),
+        ("modules with NaN/Inf (never in a scale)", _nonfinite_text(report.nonfinite)),
+        ("shard groups restarted after a fault", str(report.restarts)),
         ("modules with scales", str(report.scales)),
         ("modules quantized (per shard)", str(report.quantized)),
     ]
@@ -86,13 +92,19 @@ def summary_table(report: RunReport, title: str = "fp8-calibrate") -> Table:
     return t
 
 
+def _nonfinite_text(report: dict[str, dict[str, int]]) -> str:
+    """``module (inputs.0: 3)`` per module that saw NaN/Inf values."""
+    parts = [f"{name} ({', '.join(f'{k}: {v}' for k, v in labels.items())})" for name, labels in report.items()]
+    return ", ".join(parts) or "none"
+
+
 def run(args: argparse.Namespace) -> RunReport:
     """Execute one command; returns the run report."""
     hpu = ScaleDevice(args.hpu_device) if args.hpu_device else None
     overwrite = getattr(args, "overwrite", False)
     with Calibration(args.config, args.model, tp=args.tp, dp=args.dp, address=args.address, device=args.device,
                      hpu_device=hpu, overwrite=overwrite, progress=not args.no_progress,
-                     flush_every=getattr(args, "flush_every", 8)) as cal:
+                     flush_every=getattr(args, "flush_every", 8), uncovered=getattr(args, "uncovered", None)) as cal:
         if args.command in ("measure", "run"):
             batches = calibration_batches(args.data, args.model, args.seq_len, args.batch_size, args.max_batches)
             cal.measure(batches)
@@ -109,12 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run(args)
     except (Fp8OrchestratorError, ShardError, StatsStoreError) as e:
-        console.print(f"[bold red]fp8-calibrate {args.command}:[/] {e}")
+        # One line whatever the terminal width; the message is text, never rich markup ("[0, 1]").
+        message = " ".join(str(e).split())
+        console.print(f"[bold red]fp8-calibrate {args.command}:[/] {escape(message)}", soft_wrap=True)
         return 2
     if args.json:
         print(json.dumps({"batches": report.batches, "skipped": report.skipped, "modules_measured": report.modules_measured,
                           "modules_quantized": report.quantized, "uncovered": report.uncovered,
-                          "nonfinite": report.nonfinite, "seconds": report.timer.seconds}))
+                          "nonfinite": report.nonfinite, "restarts": report.restarts,
+                          "seconds": report.timer.seconds}))
     else:
         console.print(summary_table(report))
     return 0

@@ -29,6 +29,7 @@ class CalibrationRunner(ShardRunner):
     _calib: ShardCalibration | None = None
     _store: ZarrStatsStore | None = None
     _pending_batches: list[int]
+    _committed: frozenset[int] = frozenset()
 
     def _calibration(self) -> ShardCalibration:
         if self._calib is None:
@@ -40,16 +41,25 @@ class CalibrationRunner(ShardRunner):
 
     # ---- MEASURE --------------------------------------------------------------------------------
     def start_measure(self, plan: RunPlan, store_path: str) -> list[str]:
-        """Attach observers and open the run's store (created by the driver)."""
+        """Attach observers and open the run's store (created by the driver).
+
+        The batches this shard's commit record already holds are remembered: after a fault its tp
+        peers may have to redo one of them, and this shard then runs it without counting it again.
+        """
         self._store = ZarrStatsStore.open(store_path)
         self._pending_batches = []
+        record = self._store.commits().get(self.topology.index)
+        self._committed = frozenset(record.batch_ids) if record is not None else frozenset()
         return self._calibration().start(plan)
 
     def measure_batch(self, batch_id: int, tokens: np.ndarray) -> int:
         """Run one calibration batch; returns the number of tokens seen."""
         ids = torch.tensor(np.asarray(tokens), dtype=torch.long, device=next(self.model.parameters()).device)
-        self._calibration().run(ids)
-        self._pending_batches.append(int(batch_id))
+        if int(batch_id) in self._committed:
+            self._calibration().run_uncounted(ids)  # collectives need every rank; the store has its counts
+        else:
+            self._calibration().run(ids)
+            self._pending_batches.append(int(batch_id))
         return int(ids.numel())
 
     def flush(self) -> list[int]:

@@ -2,7 +2,8 @@
 
 - MEASURE: observers on the shard's model; each flush yields the statistics of the batches since
   the previous flush (values are running maxima, so re-sending them is harmless; call and NaN
-  counts are sent as increments so the store can add them).
+  counts are sent as increments so the store can add them). A batch the store already holds for
+  this shard (its tp peer must redo it after a fault) runs uncounted: its counts are marked sent.
 - OPT search: error partials of the shard's weight slice, which the coordinator adds up (row
   shards) or concatenates (column shards) before picking, so the choice equals one card's.
 - QUANTIZE: the coordinator's global weight scales are sliced to this shard, input scales come
@@ -74,6 +75,7 @@ class _Sent:
 
     calls: dict[str, int] = field(default_factory=dict)
     nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
+    samples: int = 0
 
 
 class ShardCalibration:
@@ -106,12 +108,32 @@ class ShardCalibration:
         with torch.no_grad():
             self.model(input_ids=input_ids, use_cache=False)
 
-    def increment(self) -> Measurement:
-        """Statistics since the last call: running maxima, counts as increments."""
+    def run_uncounted(self, input_ids: torch.Tensor) -> None:
+        """Run a batch whose counts the store already holds: values still merge (max is idempotent),
+        but its call, sample and NaN counts are marked as sent so no later flush adds them again."""
+        before = self._session_or_raise().collect()
+        self.run(input_ids)
+        after = self._session_or_raise().collect()
+        sent = self._sent
+        for name, stats in after.modules.items():
+            old = before.modules.get(name)
+            sent.calls[name] = sent.calls.get(name, 0) + stats.num_samples - (old.num_samples if old else 0)
+            seen = sent.nonfinite.setdefault(name, {})
+            for label, n in stats.nonfinite.items():
+                seen[label] = seen.get(label, 0) + n - (old.nonfinite.get(label, 0) if old else 0)
+        sent.samples += (after.num_samples or 0) - (before.num_samples or 0)
+
+    def _session_or_raise(self) -> MeasureSession:
         if self._session is None:
             raise RuntimeError("start() the measurement first")
-        m = self._session.collect()
-        out = Measurement(observer=m.observer, num_samples=m.num_samples)
+        return self._session
+
+    def increment(self) -> Measurement:
+        """Statistics since the last call: running maxima, counts as increments."""
+        m = self._session_or_raise().collect()
+        # num_samples is only kept with calibration_sample_interval > 0 (else the store counts batches).
+        samples = None if m.num_samples is None else m.num_samples - self._sent.samples
+        out = Measurement(observer=m.observer, num_samples=samples)
         for name, stats in m.modules.items():
             calls = stats.num_samples - self._sent.calls.get(name, 0)
             seen = self._sent.nonfinite.get(name, {})
@@ -119,6 +141,7 @@ class ShardCalibration:
             out.modules[name] = replace(stats, num_samples=calls, nonfinite=nonfinite)
             self._sent.calls[name] = stats.num_samples
             self._sent.nonfinite[name] = dict(stats.nonfinite)
+        self._sent.samples = m.num_samples or 0
         return out
 
     def stop(self) -> None:

@@ -2,7 +2,8 @@
 
 Each tp group gets its own placement group (STRICT_PACK: one node, so its ranks meet on loopback),
 one bundle per rank holding that rank's card: ``{"HPU": 1}`` on Gaudi, one GPU on CUDA, a CPU
-otherwise.
+otherwise. ``WorkerGroups.restart_group`` replaces a whole tp group after one of its actors died:
+its process group must be rebuilt anyway, and the survivors' in-memory state is lost with it.
 """
 
 from __future__ import annotations
@@ -56,12 +57,28 @@ def worker_resources(kind: DeviceKind) -> WorkerResources:
     return WorkerResources(num_cpus=1)
 
 
+@dataclass(frozen=True)
+class _Spawn:
+    """What ``make_workers`` started the actors with, so a tp group can be started again."""
+
+    worker_cls: Any
+    checkpoint: Path
+    dp: int
+    tp: int
+    kind: DeviceKind
+    res: WorkerResources
+    runner_kwargs: Mapping[str, Any]
+    timeout_s: float
+
+
 @dataclass
 class WorkerGroups:
     """The started shard actors, ``groups[dp_rank][tp_rank]``, and their placement groups."""
 
     groups: list[list[Any]]
     placement_groups: list[PlacementGroup]
+    _spawn: _Spawn | None = None
+    restarts: int = 0
 
     @property
     def actors(self) -> list[Any]:
@@ -75,6 +92,26 @@ class WorkerGroups:
         for pg in self.placement_groups:
             remove_placement_group(pg)
         self.groups, self.placement_groups = [], []
+
+    def restart_group(self, dp_rank: int) -> list[Any]:
+        """Kill every actor of tp group ``dp_rank`` and start and load fresh ones in its placement group.
+
+        The new actors hold a freshly loaded shard and nothing else (no observers, no statistics).
+
+        Raises:
+            WorkerStartError: a new actor died while starting, or these groups cannot be restarted.
+        """
+        if self._spawn is None or not 0 <= dp_rank < len(self.groups):
+            raise WorkerStartError(f"dp group {dp_rank}: cannot restart it (started groups: {len(self.groups)})")
+        for actor in self.groups[dp_rank]:
+            ray.kill(actor, no_restart=True)  # also ends a survivor blocked in a collective with the dead rank
+        sp = self._spawn
+        group = _start_group(sp.worker_cls, sp.checkpoint, sp.dp, sp.tp, dp_rank, sp.kind, sp.res,
+                             self.placement_groups[dp_rank], sp.runner_kwargs)
+        self.groups[dp_rank] = group
+        self.restarts += 1
+        _load_all(WorkerGroups([group], []), first_dp_rank=dp_rank)
+        return group
 
 
 def _start_group(worker_cls: Any, checkpoint: Path, dp: int, tp: int, dp_rank: int, kind: DeviceKind,
@@ -115,7 +152,7 @@ def make_workers(checkpoint: str | Path, dp: int = 1, tp: int = 1, device_kind: 
     res = resources or worker_resources(kind)
     worker_cls = ray.remote(runner_cls) if runner_cls is not ShardRunner else ShardWorker
     kwargs = dict(dtype=dtype, num_threads=num_threads, timeout_s=timeout_s)
-    started = WorkerGroups([], [])
+    started = WorkerGroups([], [], _Spawn(worker_cls, Path(checkpoint), dp, tp, kind, res, kwargs, timeout_s))
     try:
         for dp_rank in range(dp):
             pg = placement_group([res.bundle() for _ in range(tp)], strategy="STRICT_PACK")
@@ -135,14 +172,14 @@ def make_workers(checkpoint: str | Path, dp: int = 1, tp: int = 1, device_kind: 
     return started
 
 
-def _load_all(started: WorkerGroups) -> None:
+def _load_all(started: WorkerGroups, first_dp_rank: int = 0) -> None:
     """Rank 0 of each group picks the rendezvous; all ranks of all groups then load concurrently.
 
     Results are taken as they finish, so a rank that dies fails the start at once instead of after
     its peers' rendezvous timeout.
     """
     where: dict[Any, tuple[int, int]] = {}
-    for dp_rank, group in enumerate(started.groups):
+    for dp_rank, group in enumerate(started.groups, first_dp_rank):
         rendezvous = _get(group[0].pick_rendezvous.remote(), dp_rank, 0)
         where.update({a.load.remote(rendezvous): (dp_rank, tp_rank) for tp_rank, a in enumerate(group)})
     pending = list(where)
