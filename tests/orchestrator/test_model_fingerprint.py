@@ -1,0 +1,101 @@
+"""Fingerprint of an in-memory model: equal for equal models, different for any other, fast."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from orchestrator.model_fingerprint import BLOCK_ELEMENTS, BLOCKS, fingerprint_of_module
+from tests.models import tiny_llama, tiny_sequential
+
+
+def test_equal_models_have_equal_fingerprints() -> None:
+    a, b = fingerprint_of_module(tiny_sequential(0)), fingerprint_of_module(tiny_sequential(0))
+    assert a == b and a["source"] == "module" and a["tensors"] == 6
+    json.dumps(a)  # it goes into the store's JSON attributes
+
+
+def test_layout_is_names_dtypes_and_shapes() -> None:
+    model = tiny_sequential(0)
+    layout = {"0.weight": ["float32", [64, 32]], "0.bias": ["float32", [64]], "2.weight": ["float32", [32, 64]],
+              "2.bias": ["float32", [32]], "4.weight": ["float32", [16, 32]], "4.bias": ["float32", [16]]}
+    expected = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint_of_module(model)["layout"] == expected
+
+
+@pytest.mark.parametrize(
+    "other",
+    [pytest.param(lambda: tiny_sequential(1), id="seed"),
+     pytest.param(lambda: tiny_sequential(0, dtype=torch.bfloat16), id="dtype"),
+     pytest.param(lambda: tiny_sequential(0, width=48), id="width")],
+)
+def test_other_models_differ(other) -> None:  # type: ignore[no-untyped-def]
+    a, b = fingerprint_of_module(tiny_sequential(0)), fingerprint_of_module(other())
+    assert a["content"] != b["content"]
+
+
+def test_small_parameters_are_hashed_whole() -> None:
+    model = tiny_sequential(0)
+    before = fingerprint_of_module(model)
+    with torch.no_grad():
+        model[2].weight[17, 41] += 2.0**-20  # one element, a tiny change
+    after = fingerprint_of_module(model)
+    assert after["layout"] == before["layout"] and after["content"] != before["content"]
+
+
+def _big(n: int) -> nn.Module:
+    m = nn.Module()
+    m.w = nn.Parameter(torch.zeros(n), requires_grad=False)
+    return m
+
+
+@pytest.mark.parametrize("index", [0, -1, BLOCK_ELEMENTS - 1])
+def test_large_parameters_hash_blocks_at_both_ends(index: int) -> None:
+    model = _big(BLOCKS * BLOCK_ELEMENTS * 10)
+    before = fingerprint_of_module(model)
+    with torch.no_grad():
+        model.w[index] = 1.0
+    assert fingerprint_of_module(model)["content"] != before["content"]
+
+
+def test_large_parameters_are_sampled() -> None:
+    # The sample is BLOCKS blocks spread evenly; an element between two blocks is not read.
+    n = BLOCKS * BLOCK_ELEMENTS * 10
+    model = _big(n)
+    before = fingerprint_of_module(model)
+    with torch.no_grad():
+        model.w[BLOCK_ELEMENTS + 10] = 1.0  # block 1 starts near n / (BLOCKS - 1)
+    assert fingerprint_of_module(model) == before
+
+
+def test_tied_parameters_count_once() -> None:
+    model = tiny_llama(0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert fingerprint_of_module(model)["tensors"] == len(list(model.named_parameters()))
+
+
+def test_fp8_parameters_are_read_by_their_bits() -> None:
+    m = _big(8)
+    m.w = nn.Parameter(torch.arange(8, dtype=torch.float32).to(torch.float8_e4m3fn), requires_grad=False)
+    before = fingerprint_of_module(m)
+    m.w.data[3] = torch.tensor(5.0).to(torch.float8_e4m3fn)
+    assert fingerprint_of_module(m)["content"] != before["content"]
+
+
+def test_135m_parameters_take_well_under_half_a_second() -> None:
+    # SmolLM2-135M's parameter shapes in bf16 (30 layers, hidden 576, 49152 tied embeddings),
+    # left uninitialised: only the sampled blocks are read.
+    shapes = [(49152, 576)] + [s for _ in range(30) for s in
+                               [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536),
+                                (576,), (576,)]]
+    model = nn.Module()
+    model.p = nn.ParameterList([nn.Parameter(torch.empty(s, dtype=torch.bfloat16), requires_grad=False) for s in shapes])
+    assert sum(p.numel() for p in model.parameters()) > 134_000_000
+    start = time.perf_counter()
+    fingerprint_of_module(model)
+    assert time.perf_counter() - start < 0.5
