@@ -300,3 +300,14 @@ def test_device_for_scales_defaults_to_the_detected_gaudi(tmp_path: Path, monkey
     assert model[0].qctx.scale_ctx.device is ScaleDevice.GAUDI2 and model[0].qctx.fmt.fullscale == 240.0
     expected = activation_scale(amax["0"], PREDEFINED["MAXABS_HW"].activation, ctx)
     assert orchestrator.scales_of(model)["0"]["inputs"] == [float(expected)]
+
+
+def test_hf_model_two_step_flow_reads_the_store_back(tmp_path: Path) -> None:
+    calib = [llama_tokens(i, 2, 16) for i in range(2)]
+    one_step = orchestrator.quantize(tiny_llama(0), cfg(tmp_path / "a"), calib)
+    calibrate(tiny_llama(0), cfg(tmp_path / "b"), calib)  # fresh model objects on both sides
+    fresh = orchestrator.convert(tiny_llama(0), cfg(tmp_path / "b"))
+    assert orchestrator.scales_of(fresh) == orchestrator.scales_of(one_step)
+    tokens = llama_tokens(50, 2, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens).logits, one_step(tokens).logits)

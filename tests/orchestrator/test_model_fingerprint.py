@@ -99,3 +99,9 @@ def test_135m_parameters_take_well_under_half_a_second() -> None:
     start = time.perf_counter()
     fingerprint_of_module(model)
     assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fingerprint_does_not_depend_on_the_device() -> None:
+    # Measured on a GPU, converted on the host (or the other way round): the same model.
+    assert fingerprint_of_module(tiny_sequential(0).cuda()) == fingerprint_of_module(tiny_sequential(0))
