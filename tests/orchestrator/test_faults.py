@@ -47,41 +47,39 @@ DOWN = "model.layers.1.mlp.down_proj"
 
 # ---- fault-injecting runners (imported by the actors by module name) --------------------------------
 class FaultyRunner(CalibrationRunner):
-    """Reads ``<store>.fault.json``: ``{"where": "batch"|"flush", "rank", "at", "how", "after_peer"}``.
+    """Reads a list of faults from ``<store>.faults.json``; each fires once (marker ``<store>.fault-<i>``).
 
-    ``how``: ``sigkill`` (a real os.kill of the actor process), ``ray_kill`` (ray.kill of itself,
-    Ray may restart it), ``raise`` (an exception: the driver stops). ``at`` is a batch id or the
-    n-th flush of the rank. ``after_peer``: first wait until tp rank 0 of the group has committed
-    that many flushes, so the group's commits are left half done.
+    A fault is ``{"where": "batch"|"flush", "rank", "at", "how", "after_peer"}``. ``how``:
+    ``sigkill`` (a real os.kill of the actor process), ``ray_kill`` (ray.kill of itself; Ray may
+    restart it), ``raise`` (an exception: the driver stops). ``at`` is a batch id, or the n-th flush
+    of this actor process. ``after_peer``: first wait until tp rank 0 of the group has committed
+    that generation, so the group's commits are left half done.
     """
 
-    _fault: dict[str, Any] | None = None
+    _faults: list[dict[str, Any]] = []
     _flushes = 0
 
     def start_measure(self, plan: RunPlan, store_path: str) -> list[str]:
-        spec = Path(store_path + ".fault.json")
-        self._fault = json.loads(spec.read_text()) if spec.is_file() else None
-        self._marker = Path(store_path + ".fault.fired")
+        spec = Path(store_path + ".faults.json")
+        self._faults = json.loads(spec.read_text()) if spec.is_file() else []
+        self._prefix = store_path
         self._flushes = 0
         return super().start_measure(plan, store_path)
 
-    def _should_fire(self, where: str, at: int) -> bool:
-        f = self._fault
-        return (f is not None and f["where"] == where and f["rank"] == self.topology.tp_rank and f["at"] == at
-                and not self._marker.exists())
-
-    def _fire(self) -> None:
-        assert self._fault is not None
-        if self._fault.get("after_peer"):
-            self._wait_peer(int(self._fault["after_peer"]))
-        self._marker.write_text("fired")
-        how = self._fault["how"]
-        if how == "sigkill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif how == "ray_kill":
-            ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
-            time.sleep(60)  # the kill lands while this call is still running
-        raise RuntimeError(f"injected fault on shard {self.topology.index}")
+    def _maybe_fire(self, where: str, at: int) -> None:
+        for i, f in enumerate(self._faults):
+            marker = Path(f"{self._prefix}.fault-{i}")
+            if f["where"] != where or f["rank"] != self.topology.tp_rank or f["at"] != at or marker.exists():
+                continue
+            if f.get("after_peer"):
+                self._wait_peer(int(f["after_peer"]))
+            marker.write_text("fired")
+            if f["how"] == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif f["how"] == "ray_kill":
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=False)
+                time.sleep(60)  # the kill lands while this call is still running
+            raise RuntimeError(f"injected fault {i} on shard {self.topology.index}")
 
     def _wait_peer(self, generation: int) -> None:
         assert self._store is not None
@@ -92,19 +90,17 @@ class FaultyRunner(CalibrationRunner):
             if rec is not None and rec.generation >= generation:
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"shard {peer} never committed flush {generation}")
+        raise TimeoutError(f"shard {peer} never committed generation {generation}")
 
     def measure_batch(self, batch_id: int, tokens: np.ndarray) -> int:
         n = super().measure_batch(batch_id, tokens)  # after the forward: the peers' collectives are done
-        if self._should_fire("batch", batch_id):
-            self._fire()
+        self._maybe_fire("batch", batch_id)
         return n
 
     def flush(self) -> list[int]:
         if self._pending_batches:
             self._flushes += 1
-            if self._should_fire("flush", self._flushes):
-                self._fire()
+            self._maybe_fire("flush", self._flushes)
         return super().flush()
 
 
@@ -155,12 +151,12 @@ def _config(tmp: Path, **extra: Any) -> dict[str, Any]:
     return {"observer": "maxabs", "scale_method": "maxabs_pow2", "dump_stats_path": str(tmp / "stats" / "run"), **extra}
 
 
-def _measure(ckpt: Path, tmp: Path, *, tp: int = 2, runner: type = CalibrationRunner, fault: dict[str, Any] | None = None,
-             **cfg: Any) -> tuple[Measurement, Any]:
+def _measure(ckpt: Path, tmp: Path, *, tp: int = 2, runner: type = CalibrationRunner,
+             faults: list[dict[str, Any]] | None = None, **cfg: Any) -> tuple[Measurement, Any]:
     config = _config(tmp, **cfg)
-    if fault is not None:
+    if faults is not None:
         (tmp / "stats").mkdir(parents=True, exist_ok=True)
-        Path(str(tmp / "stats" / "run.zarr") + ".fault.json").write_text(json.dumps(fault))
+        Path(str(tmp / "stats" / "run.zarr") + ".faults.json").write_text(json.dumps(faults))
     with Calibration(config, ckpt, tp=tp, progress=False, flush_every=FLUSH_EVERY, resources=SIM_CARD,
                      runner_cls=runner, timeout_s=60) as cal:
         return cal.measure(_batches()), cal.report
@@ -197,34 +193,37 @@ def clean(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, M
 
 
 # ---- 1. dead workers and a dead driver ---------------------------------------------------------------
-@pytest.mark.parametrize("fault", [
-    {"where": "batch", "rank": 1, "at": 3, "how": "sigkill"},
-    {"where": "batch", "rank": 0, "at": 4, "how": "ray_kill"},
-    # rank 0 has committed its 2nd flush, rank 1 dies in its own: batches 2 and 3 are half committed
+# Three faults in one run (each actor start costs seconds): rank 1 killed with SIGKILL after batch 1;
+# then, after the group's restart, rank 1 killed in its 2nd flush once rank 0 has committed its own
+# (batches 2 and 3 half committed); then rank 0 ray.kill-ed after batch 5.
+THREE_FAULTS = [
+    {"where": "batch", "rank": 1, "at": 1, "how": "sigkill"},
     {"where": "flush", "rank": 1, "at": 2, "how": "sigkill", "after_peer": 2},
-], ids=["sigkill-rank1-batch3", "raykill-rank0-batch4", "sigkill-rank1-half-committed-flush"])
-def test_killed_worker_is_replaced_and_the_stats_equal_a_clean_run(ckpt: Path, tmp_path: Path, fault: dict[str, Any],
-                                                                   clean: tuple[Path, Measurement]) -> None:
-    stats, report = _measure(ckpt, tmp_path, runner=FaultyRunner, fault=fault)
-    assert Path(str(tmp_path / "stats" / "run.zarr") + ".fault.fired").is_file()  # the fault did happen
-    assert report.restarts == 1
+    {"where": "batch", "rank": 0, "at": 5, "how": "ray_kill"},
+]
+
+
+def test_killed_workers_are_replaced_and_the_stats_equal_a_clean_run(ckpt: Path, tmp_path: Path,
+                                                                     clean: tuple[Path, Measurement]) -> None:
+    stats, report = _measure(ckpt, tmp_path, runner=FaultyRunner, faults=THREE_FAULTS)
+    fired = [Path(f"{tmp_path / 'stats' / 'run.zarr'}.fault-{i}").is_file() for i in range(len(THREE_FAULTS))]
+    assert fired == [True, True, True]
+    assert report.restarts == 3
     assert report.batches == N_BATCHES  # redone batches are not counted twice
     _assert_same_stats(stats, clean[1])
     _assert_complete_store(tmp_path)
 
 
-@pytest.mark.parametrize("fault", [
-    {"where": "flush", "rank": 1, "at": 2, "how": "raise", "after_peer": 2},
-    {"where": "batch", "rank": 0, "at": 3, "how": "raise"},
-], ids=["half-committed-flush", "after-batch3"])
-def test_rerun_after_a_failed_driver_resumes_and_equals_a_clean_run(ckpt: Path, tmp_path: Path, fault: dict[str, Any],
+def test_rerun_after_a_failed_driver_resumes_and_equals_a_clean_run(ckpt: Path, tmp_path: Path,
                                                                     clean: tuple[Path, Measurement]) -> None:
+    # Rank 1 raises in its 2nd flush after rank 0 committed: the driver stops with batches 2, 3 half done.
+    faults = [{"where": "flush", "rank": 1, "at": 2, "how": "raise", "after_peer": 2}]
     with pytest.raises(RayTaskError, match="injected fault"):
-        _measure(ckpt, tmp_path, runner=FaultyRunner, fault=fault)
+        _measure(ckpt, tmp_path, runner=FaultyRunner, faults=faults)
     first = ZarrStatsStore.open(tmp_path / "stats" / "run.zarr").commits()
-    assert sorted(first[0].batch_ids) == [0, 1, 2, 3] if fault["where"] == "flush" else [0, 1]
+    assert (sorted(first[0].batch_ids), sorted(first[1].batch_ids)) == ([0, 1, 2, 3], [0, 1])
     stats, report = _measure(ckpt, tmp_path)  # the same command again
-    assert report.skipped == 2 and report.batches == N_BATCHES - 2
+    assert report.skipped == 2 and report.batches == N_BATCHES - 2 and report.restarts == 0
     _assert_same_stats(stats, clean[1])
     _assert_complete_store(tmp_path)
 
