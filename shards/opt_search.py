@@ -499,7 +499,7 @@ def _bf16_tables(x: torch.Tensor, codes: torch.Tensor, kexp: np.ndarray, grid: _
     if int(low_code.min()) < 128:
         return None
     first = (low_code // 128 - 1) * 128  # bin 0 sits one binade below the lowest: the zeros' bin
-    n_e = int(((codes.amax(dim=1, keepdim=True) - first) // 128).max()) + 1
+    n_e = max(1, int(((codes.amax(dim=1, keepdim=True) - first) // 128).max()) + 1)  # >= 1: all-zero rows
     ex_lo = (first[:, 0] // 128 - 126).numpy().astype(np.int64)  # code = (ex + 126) * 128 + u
     tables = _Tables(grid, n_groups, ex_lo, n_e)
     lut, p3 = _mantissa_lut(grid), grid.p + 3

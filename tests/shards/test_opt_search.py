@@ -184,9 +184,19 @@ def _pts_cands(ctx: ScaleContext) -> tuple[float, ...]:
 
 def _ties_kept(fast: torch.Tensor, brute: torch.Tensor) -> None:
     """The candidates that reach the minimum are the same, bit for bit (per column for PCS): INC's
-    tie rules only look at those, so equal minimum sets mean equal picks under either rule."""
+    tie rules only look at those, so equal minimum sets mean equal picks under either rule.
+
+    Exception: candidates whose exact error sums differ by less than float64 summation noise. There
+    the brute force's own order of additions decides (e.g. 2304 + 2^-42 + 2^-48 rounds to 2304 or up
+    depending on which tiny term comes first) and neither order is more right, so columns whose
+    minimum set differs are accepted only when all the differing candidates are within 1e-12 of the min.
+    """
     f, b = fast.reshape(fast.shape[0], -1), brute.reshape(brute.shape[0], -1)
-    assert torch.equal(f == f.min(dim=0).values, b == b.min(dim=0).values)
+    fmin, bmin = f == f.min(dim=0).values, b == b.min(dim=0).values
+    for col in torch.nonzero((fmin != bmin).any(dim=0)).flatten().tolist():
+        differing = (fmin[:, col] != bmin[:, col]).nonzero().flatten()
+        lo = b[:, col].min()
+        assert torch.all((b[differing, col] - lo).abs() <= 1e-12 * lo), (col, f[:, col], b[:, col])
 
 
 def _check_pts(w: torch.Tensor, ctx: ScaleContext, cands: Sequence[float]) -> None:
@@ -194,7 +204,10 @@ def _check_pts(w: torch.Tensor, ctx: ScaleContext, cands: Sequence[float]) -> No
     brute = opt_search.pts_errors_bruteforce(w, cands, ctx)
     np.testing.assert_allclose(fast.numpy(), brute.numpy(), rtol=1e-12, atol=0)
     _ties_kept(fast, brute)
-    assert opt_search.pick_pts(fast, cands) == opt_search.pick_pts(brute, cands)
+    got, want = opt_search.pick_pts(fast, cands), opt_search.pick_pts(brute, cands)
+    if got != want:  # only inside summation noise (see _ties_kept)
+        e = dict(zip(cands, brute.tolist()))
+        assert abs(e[got] - e[want]) <= 1e-12 * min(e[got], e[want])
 
 
 def _check_pcs(w: torch.Tensor, ctx: ScaleContext, mults: Sequence[float] = PCS_OPT_MULTIPLIERS) -> None:
@@ -203,7 +216,10 @@ def _check_pcs(w: torch.Tensor, ctx: ScaleContext, mults: Sequence[float] = PCS_
     brute = opt_search.pcs_errors_bruteforce(w, ref, mults, ctx)
     np.testing.assert_allclose(fast.numpy(), brute.numpy(), rtol=1e-12, atol=0)
     _ties_kept(fast, brute)
-    assert torch.equal(opt_search.pick_pcs(fast, ref, mults, ctx), opt_search.pick_pcs(brute, ref, mults, ctx))
+    got, want = opt_search.pick_pcs(fast, ref, mults, ctx), opt_search.pick_pcs(brute, ref, mults, ctx)
+    for col in torch.nonzero(got != want).flatten().tolist():  # only inside summation noise
+        lo = brute[:, col].min()
+        assert (brute[:, col] - lo).abs().le(1e-12 * lo).sum() > 1, col
 
 
 def _takes_fast_path(w: torch.Tensor, cands: Sequence[float], ctx: ScaleContext) -> bool:
@@ -228,6 +244,10 @@ def _adversarial(name: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(11)
     if name == "zeros":
         return torch.zeros(4, 16)
+    if name == "zero_row":  # one channel entirely zero beside normal ones
+        w = torch.randn(3, 16, generator=g)
+        w[1] = 0.0
+        return w
     if name == "one_value":
         return torch.full((3, 5), 0.3)
     if name == "grid":  # exact FP8 values at several binades: zero error for many candidates
@@ -248,8 +268,8 @@ def _adversarial(name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["zeros", "one_value", "grid", "thresholds", "subnormal_ties", "huge_tiny", "wide"])
-@pytest.mark.parametrize("ctx", CTXS[:3], ids=lambda c: f"{c.device}")
+@pytest.mark.parametrize("name", ["zeros", "zero_row", "one_value", "grid", "thresholds", "subnormal_ties", "huge_tiny", "wide"])
+@pytest.mark.parametrize("ctx", CTXS[:4], ids=lambda c: f"{c.device}-{c.hp.value}")
 def test_fast_path_matches_brute_force_on_adversarial_weights(name: str, dtype: torch.dtype, ctx: ScaleContext) -> None:
     w = _adversarial(name).to(dtype)
     if not bool(torch.isfinite(w).all()):
