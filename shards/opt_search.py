@@ -1,20 +1,30 @@
-"""OPT (MSE) weight-scale search, vectorised over candidates, on any device (reference §2.6).
+"""OPT (MSE) weight-scale search with INC's tie rules, exact and fast for power-of-two candidates (§2.6).
 
 The search is split into two steps so that it can run over tensor-parallel shards:
 
 1. ``*_errors`` return, for each candidate, the sum of squared quantization errors of the part
    of the weight a shard holds, in float64. Sums over shards add up (row-parallel shards: add
-   the per-channel errors; column-parallel shards: concatenate them).
+   the per-channel errors; column-parallel shards: concatenate them, bit for bit).
 2. ``pick_*`` choose the candidate with INC's tie rule.
 
 INC compares L2 norms (PTS) or per-channel sums of squares (PCS) in low precision; we compare
 float64 sums of squares. The square root is monotone, so the argmin is the same.
 
+Two implementations compute the errors:
+
+- ``*_errors_bruteforce`` quantize the whole tensor once per candidate (vectorised, chunked): any
+  candidates, any dtype. It is the reference the fast path is tested against.
+- The fast path (``pts_errors``/``pcs_errors`` when every candidate scale is a power of two, as all
+  of INC's lists are) scores all candidates from per-(channel, binary exponent) tables built in one
+  pass over the data; see the section comment below. Per-element errors are the brute force's
+  exactly, so picks agree; where candidates' exact sums differ by less than float64 summation
+  noise, each implementation's order of additions decides (neither is more right).
+
 Ties are common and must stay exact: for power-of-two candidates, an element that neither
-saturates nor goes subnormal has the *same* error under every candidate. So each candidate's
-partial sum is computed by the same code path over the same element blocks, in the same order.
+saturates nor goes subnormal has the *same* error under every candidate. The brute force computes
+each candidate's partial sums by the same code path over the same element blocks, in the same order.
 Torch splits a reduction over threads (changing its rounding) only when it produces a single
-output, so every reduction here has at least two outputs (a lone candidate row is duplicated).
+output, so every reduction there has at least two outputs (a lone candidate row is duplicated).
 """
 
 from __future__ import annotations
