@@ -64,6 +64,7 @@ def test_normalize_maps_foreign_rows_and_time_pair_alternates() -> None:
 
 def test_results_markdown_lists_missed_goals() -> None:
     rows = [run_all.row("x", "1", "2", 0.5, ">= 1", False, "why"), run_all.row("y", "1", "1", 1.0, "-", None)]
-    text = run_all.results_markdown(rows, quick=True)
+    text = run_all.results_markdown(rows, ["--quick"])
     assert "| x | 1 | 2 | 0.5 | >= 1 | NO | why |" in text
-    assert "- **x** (ratio 0.5, goal >= 1): why" in text and "## Machine" in text
+    assert "- **x** (ratio 0.5, goal >= 1): not analysed yet" in text and "## Machine" in text
+    assert "`python -m bench.run_all --quick`" in text
