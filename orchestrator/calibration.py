@@ -360,8 +360,8 @@ class Calibration:
         self.scales: GlobalScales | None = None
         self.uncovered = uncovered
         self.max_restarts = max_restarts
-        self._start_args = dict(resources=resources or worker_resources(self.device), runner_cls=runner_cls,
-                                timeout_s=timeout_s)
+        self._resources = resources or worker_resources(self.device)
+        self._runner_cls, self._timeout_s = runner_cls, timeout_s
         self._address, self._num_cpus = address, num_cpus if num_cpus is not None else max(2, tp * dp)
         self._workers: WorkerGroups | None = None
 
@@ -383,7 +383,8 @@ class Calibration:
         if self._workers is None:
             ensure_ray(self._address, self._num_cpus)
             with self.report.timer.phase("start shards"):
-                self._workers = make_workers(self.checkpoint, self.dp, self.tp, self.device, **self._start_args)
+                self._workers = make_workers(self.checkpoint, self.dp, self.tp, self.device, resources=self._resources,
+                                             runner_cls=self._runner_cls, timeout_s=self._timeout_s)
         return self._workers
 
     @property

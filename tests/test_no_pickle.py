@@ -33,11 +33,13 @@ def pickle_uses(source: str, where: str) -> list[str]:
             names = [(node.module or "").split(".")[0]]
         else:
             names = []
-        found += [f"{where}:{node.lineno}: import {n}" for n in names if n in PICKLE_MODULES]
+        line = getattr(node, "lineno", 0)
+        found += [f"{where}:{line}: import {n}" for n in names if n in PICKLE_MODULES]
         if not isinstance(node, ast.Call):
             continue
         kw = {k.arg: k.value for k in node.keywords if k.arg}
-        if isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is True:
+        allow = kw.get("allow_pickle")
+        if isinstance(allow, ast.Constant) and allow.value is True:
             found.append(f"{where}:{node.lineno}: allow_pickle=True")
         f = node.func
         if isinstance(f, ast.Attribute) and f.attr == "load" and isinstance(f.value, ast.Name) and f.value.id == "torch":
