@@ -211,6 +211,8 @@ class CommittedStore:
         num_samples = reduce_count({k: r.num_samples for k, r in commits.items()}, self.meta.tp)
         summary = {
             "generations": {str(k): r.generation for k, r in sorted(commits.items())},
+            # The reduced values feed the scales directly: a damaged array must be detected on read.
+            "values_checksum": row_checksum(packed.values),
             "num_samples": num_samples,
             "num_modules": len(packed.modules),
             "shards": {
@@ -241,6 +243,11 @@ class CommittedStore:
             raise StaleReducedError(
                 f"{self.location}: reduced statistics (shard generations {have}) are not those of the latest "
                 f"commits {canonical_json(current)}; run `stats-store reduce {self.location}` or store.reduce()"
+            )
+        if row_checksum(packed.values) != summary.get("values_checksum"):
+            raise TornWriteError(
+                f"{self.location}: the reduced statistics do not match their checksum (damaged after the "
+                f"reduce); run `stats-store reduce {self.location}` to rebuild them from the committed shards"
             )
         return packed.to_measurement(self.meta.observer, summary.get("num_samples"))
 

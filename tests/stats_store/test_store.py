@@ -206,6 +206,17 @@ class StoreConformance:
         with pytest.raises(TornWriteError, match=rf"shard 0 chunk of {MATMUL} inputs.1 \(generation 1\)"):
             store.reduce()
 
+    def test_damaged_reduced_values_are_refused_not_read(self, new_store) -> None:
+        store = new_store()
+        spec, m = shard_stats(0, [0], 0, 1, 1)
+        store.commit(store.write_shard(spec, m, [0]))
+        store.reduce()
+        self.damage_reduced(store)
+        with pytest.raises(TornWriteError, match="reduced statistics do not match their checksum.*stats-store reduce"):
+            store.read_reduced()
+        store.reduce()  # rebuilding from the committed shards repairs it
+        assert_same_stats(store.read_reduced(), reference(0, [0]))
+
     def test_a_shard_of_another_topology_is_refused(self, new_store) -> None:
         store = new_store(1, 2)
         spec, m = shard_stats(0, [0], 0, 1, 4)
@@ -225,6 +236,9 @@ class StoreConformance:
     def damage(self, store: CommittedStore, module: str, label: str, shard: int, slot: int) -> None:
         raise NotImplementedError
 
+    def damage_reduced(self, store: CommittedStore) -> None:
+        raise NotImplementedError
+
 
 class TestMemoryStore(StoreConformance):
     @staticmethod
@@ -234,6 +248,9 @@ class TestMemoryStore(StoreConformance):
     def damage(self, store, module, label, shard, slot):  # type: ignore[no-untyped-def]
         t = store.commits()[shard].modules[module].tensors[label]
         store._chunks[(shard, slot)][t.offset : t.offset + t.length] += 1  # type: ignore[attr-defined]
+
+    def damage_reduced(self, store):  # type: ignore[no-untyped-def]
+        store._reduced[0].values[0] += 1  # type: ignore[attr-defined]
 
 
 class TestZarrStore(StoreConformance):
@@ -245,6 +262,10 @@ class TestZarrStore(StoreConformance):
         t = store.commits()[shard].modules[module].tensors[label]
         arr = zarr.open_array(str(store.path / "shards" / f"shard-{shard:05d}-slot-{slot}"), mode="r+")  # type: ignore[attr-defined]
         arr[t.offset : t.offset + t.length] = arr[t.offset : t.offset + t.length] + 1
+
+    def damage_reduced(self, store):  # type: ignore[no-untyped-def]
+        arr = zarr.open_array(str(store.path / "reduced" / "values"), mode="r+")  # type: ignore[attr-defined]
+        arr[0] = arr[0] + 1
 
 
 # ---- zarr only: run identity and format ----------------------------------------------------------
