@@ -36,7 +36,7 @@ from shards.backends import Backend, backend_for_device, detect_gaudi
 from shards.convert import convert_model, scales_of as _scales_of
 from shards.hf_attention import install_hf_attention
 from shards.measure import MeasureSession, run_batch
-from shards.measurement import Measurement
+from shards.measurement import Measurement, SentCounts
 from shards.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
 from stats_store.errors import IncFileExistsError, IncFileNotFoundError
@@ -81,8 +81,7 @@ class _Calibration:
         overwrite: replace a stats store of another run when the store is opened.
         store: the run's store, opened at the first flush.
         flushed: top-level forwards already written to the store (the next batch id).
-        sent_calls: per module, calls already written (the store adds counts, so increments go).
-        sent_nonfinite: per module and tensor, NaN/Inf counts already written.
+        sent: counts already written (the store adds counts, so increments go).
     """
 
     config: Fp8Config
@@ -93,8 +92,7 @@ class _Calibration:
     overwrite: bool = False
     store: ZarrStatsStore | None = None
     flushed: int = 0
-    sent_calls: dict[str, int] = field(default_factory=dict)
-    sent_nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
+    sent: SentCounts = field(default_factory=SentCounts)
 
 
 # Calibration state is kept beside the model, not on it: nothing is hung on user modules.
@@ -128,16 +126,8 @@ def _refuse_existing_store(path: Path) -> None:
 def _increment(cal: _Calibration) -> Measurement:
     """The statistics of the forwards since the last flush: values are running maxima (re-sending
     them is harmless), call and NaN/Inf counts are increments (the store adds them)."""
-    m = cal.session.collect()
-    out = Measurement(observer=m.observer)  # num_samples None: the store counts the batch ids
-    for name, stats in m.modules.items():
-        seen = cal.sent_nonfinite.get(name, {})
-        nonfinite = {k: v - seen.get(k, 0) for k, v in stats.nonfinite.items() if v - seen.get(k, 0)}
-        out.modules[name] = replace(stats, num_samples=stats.num_samples - cal.sent_calls.get(name, 0),
-                                    nonfinite=nonfinite)
-        cal.sent_calls[name] = stats.num_samples
-        cal.sent_nonfinite[name] = dict(stats.nonfinite)
-    return out
+    # num_samples None: the store counts the batch ids.
+    return replace(cal.sent.increment(cal.session.collect()), num_samples=None)
 
 
 def _open_store(cal: _Calibration) -> ZarrStatsStore:

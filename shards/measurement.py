@@ -7,7 +7,7 @@ per-channel one (global, unsharded channel coordinates).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -74,3 +74,40 @@ def as_maxabs(values: object) -> np.ndarray:
     """Normalise a max-abs value (float, nested list, tensor, array) to a float32 1-D vector."""
     arr = np.asarray(values, dtype=np.float32)
     return arr.reshape(-1) if arr.ndim else arr.reshape(1)
+
+
+@dataclass
+class SentCounts:
+    """Counts already written to a store, so the next flush sends increments only.
+
+    The store adds counts across flushes while max-abs values merge by max; re-sending a running
+    maximum is harmless, re-sending a running count is not.
+    """
+
+    calls: dict[str, int] = field(default_factory=dict)
+    nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
+    samples: int = 0
+
+    def increment(self, m: Measurement) -> Measurement:
+        """``m`` (running totals) with its counts replaced by what is new since the last call."""
+        samples = None if m.num_samples is None else m.num_samples - self.samples
+        out = Measurement(observer=m.observer, num_samples=samples)
+        for name, stats in m.modules.items():
+            seen = self.nonfinite.get(name, {})
+            nonfinite = {k: v - seen.get(k, 0) for k, v in stats.nonfinite.items() if v - seen.get(k, 0)}
+            out.modules[name] = replace(stats, num_samples=stats.num_samples - self.calls.get(name, 0),
+                                        nonfinite=nonfinite)
+            self.calls[name] = stats.num_samples
+            self.nonfinite[name] = dict(stats.nonfinite)
+        self.samples = m.num_samples or 0
+        return out
+
+    def mark_sent(self, before: Measurement, after: Measurement) -> None:
+        """Count what happened between two running totals as already sent (a re-run batch)."""
+        for name, stats in after.modules.items():
+            old = before.modules.get(name)
+            self.calls[name] = self.calls.get(name, 0) + stats.num_samples - (old.num_samples if old else 0)
+            seen = self.nonfinite.setdefault(name, {})
+            for label, n in stats.nonfinite.items():
+                seen[label] = seen.get(label, 0) + n - (old.nonfinite.get(label, 0) if old else 0)
+        self.samples += (after.num_samples or 0) - (before.num_samples or 0)

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -24,7 +24,7 @@ from shards.convert import ConvertResult, convert_model, quantized_modules, scal
 from shards.discovery import discover
 from shards.hf_attention import install_hf_attention
 from shards.measure import MeasureSession
-from shards.measurement import Measurement
+from shards.measurement import Measurement, SentCounts
 from shards.numerics import fp8_to_bytes
 from shards.opt_search import pcs_errors, pts_errors
 from shards.plan import RunPlan
@@ -69,15 +69,6 @@ class ModuleInfo:
     in_features: int | None = None
 
 
-@dataclass
-class _Sent:
-    """Counts already flushed, so the next flush sends increments only."""
-
-    calls: dict[str, int] = field(default_factory=dict)
-    nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
-    samples: int = 0
-
-
 class ShardCalibration:
     """Measurement, OPT partials and in-place quantization of one shard's model.
 
@@ -94,14 +85,14 @@ class ShardCalibration:
         self.tp_rank = tp_rank
         self.tp_world = tp_world
         self._session: MeasureSession | None = None
-        self._sent = _Sent()
+        self._sent = SentCounts()
 
     # ---- MEASURE --------------------------------------------------------------------------------
     def start(self, plan: RunPlan) -> list[str]:
         """Attach observers; returns the measured module names."""
         install_hf_attention(self.model)
         self._session = MeasureSession(self.model, plan)
-        self._sent = _Sent()
+        self._sent = SentCounts()
         return list(self._session.modules)
 
     def run(self, input_ids: torch.Tensor) -> None:
@@ -113,15 +104,7 @@ class ShardCalibration:
         but its call, sample and NaN counts are marked as sent so no later flush adds them again."""
         before = self._session_or_raise().collect()
         self.run(input_ids)
-        after = self._session_or_raise().collect()
-        sent = self._sent
-        for name, stats in after.modules.items():
-            old = before.modules.get(name)
-            sent.calls[name] = sent.calls.get(name, 0) + stats.num_samples - (old.num_samples if old else 0)
-            seen = sent.nonfinite.setdefault(name, {})
-            for label, n in stats.nonfinite.items():
-                seen[label] = seen.get(label, 0) + n - (old.nonfinite.get(label, 0) if old else 0)
-        sent.samples += (after.num_samples or 0) - (before.num_samples or 0)
+        self._sent.mark_sent(before, self._session_or_raise().collect())
 
     def _session_or_raise(self) -> MeasureSession:
         if self._session is None:
@@ -130,19 +113,7 @@ class ShardCalibration:
 
     def increment(self) -> Measurement:
         """Statistics since the last call: running maxima, counts as increments."""
-        m = self._session_or_raise().collect()
-        # num_samples is only kept with calibration_sample_interval > 0 (else the store counts batches).
-        samples = None if m.num_samples is None else m.num_samples - self._sent.samples
-        out = Measurement(observer=m.observer, num_samples=samples)
-        for name, stats in m.modules.items():
-            calls = stats.num_samples - self._sent.calls.get(name, 0)
-            seen = self._sent.nonfinite.get(name, {})
-            nonfinite = {k: v - seen.get(k, 0) for k, v in stats.nonfinite.items() if v - seen.get(k, 0)}
-            out.modules[name] = replace(stats, num_samples=calls, nonfinite=nonfinite)
-            self._sent.calls[name] = stats.num_samples
-            self._sent.nonfinite[name] = dict(stats.nonfinite)
-        self._sent.samples = m.num_samples or 0
-        return out
+        return self._sent.increment(self._session_or_raise().collect())
 
     def stop(self) -> None:
         if self._session is not None:
