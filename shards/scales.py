@@ -205,13 +205,15 @@ def weight_scale(
     """
     if _is_fixed(section):
         return fixed_scale(section, ctx)
-    _check_finite(weight.detach(), where, "non-finite weight element")
+    # One pass: the max-abs is NaN or inf exactly when some element is (amax propagates NaN).
+    amax = weight.detach().abs().amax()
+    _check_finite(amax, where, "non-finite weight element")
     if section.value_type is ValueType.OPT:
         return _opt_weight_scale(weight, section, ctx)
     if section.granularity is Granularity.PCS:
         return pcs_scale_from_amax(per_channel_maxabs(weight), section.backoff, section.rounding, ctx)
-    m = weight.detach().abs().max().to(ctx.hp_dtype)
-    _check_finite(m, f"{where} (in {ctx.hp_dtype})", float(weight.detach().abs().max()))
+    m = amax.to(ctx.hp_dtype)
+    _check_finite(m, f"{where} (in {ctx.hp_dtype})", float(amax))
     return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
 
 
