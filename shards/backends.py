@@ -72,7 +72,10 @@ class EmulatedBackend:
         return numerics.cast_to_fp8(x.to(torch.float32) / _as_scale(scale, x), fmt)
 
     def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
-        return (q.to(torch.float32) * _as_scale(scale, q)).to(out_dtype)
+        # FP8 values are exact in every hp dtype, and a 0-d fp32 scale does not promote the product:
+        # torch multiplies in fp32 and rounds once, the same value as an fp32 round trip without
+        # its temporaries. A per-channel scale promotes to fp32 and is rounded by the final cast.
+        return (q.to(out_dtype) * _as_scale(scale, q)).to(out_dtype)
 
     def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
         return torch.matmul(self.dequantize(qa, s_a, out_dtype), self.dequantize(qb, s_b, out_dtype))

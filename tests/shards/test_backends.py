@@ -181,3 +181,18 @@ def test_detect_gaudi_off_gaudi_is_none(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delitem(sys.modules, "habana_frameworks.torch", raising=False)
     monkeypatch.delitem(sys.modules, "habana_frameworks.torch.hpu", raising=False)
     assert detect_gaudi() is None
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("scale", [0.0625, 0.048095703125, 0.0481930123, "per-channel"])
+def test_emulated_dequantize_equals_the_fp32_route(out_dtype: torch.dtype, scale: object) -> None:
+    """Dequantizing in the output dtype gives exactly round(q·s computed in fp32), for any scale."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (16, 24), generator=g, dtype=torch.uint8)
+    q = codes.view(torch.float8_e4m3fn)
+    q = torch.where(torch.isnan(q.float()), torch.zeros((), dtype=torch.float32), q.float()).to(torch.float8_e4m3fn)
+    s = torch.rand(16, 1, generator=g) * 0.1 + 1e-3 if scale == "per-channel" else scale
+    expected = (q.float() * torch.as_tensor(s, dtype=torch.float32)).to(out_dtype)
+    got = EmulatedBackend().dequantize(q, s, out_dtype)
+    assert got.dtype == out_dtype
+    assert torch.equal(got, expected)
