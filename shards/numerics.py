@@ -126,12 +126,33 @@ def _broadcast_scale(scale: torch.Tensor | float, x: torch.Tensor, axis: int | N
     return s.reshape(shape)
 
 
+# Elements per block of the blocked quantize: the fp32 temporary of a block stays in cache.
+QUANT_BLOCK = 1 << 16
+
+
+def _quantize_block(x: torch.Tensor, s: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    y = x.to(torch.float32, copy=True)
+    y.div_(s).clamp_(-fmt.fullscale, fmt.fullscale)
+    return y.to(fmt.storage)
+
+
 def quantize(
     x: torch.Tensor, scale: torch.Tensor | float, fmt: Fp8Format, axis: int | None = None
 ) -> torch.Tensor:
-    """q = cast_fp8(x / s), in fp32. ``axis`` names the channel axis of a per-channel scale."""
+    """q = cast_fp8(x / s), in fp32. ``axis`` names the channel axis of a per-channel scale.
+
+    Large tensors are processed in blocks of rows (per-tensor scales, or per-channel scales along
+    the first axis): the same element-wise arithmetic, without full-size fp32 temporaries.
+    """
     s = _broadcast_scale(scale, x, axis)
-    return cast_to_fp8(x.to(torch.float32) / s, fmt)
+    blockable = x.ndim >= 1 and x.numel() > QUANT_BLOCK and (s.ndim == 0 or s.shape[0] == x.shape[0] != 1)
+    if not blockable:
+        return _quantize_block(x, s, fmt)
+    out = torch.empty(x.shape, dtype=fmt.storage, device=x.device)
+    rows = max(1, QUANT_BLOCK // max(1, x[0].numel()))
+    for i in range(0, x.shape[0], rows):
+        out[i : i + rows] = _quantize_block(x[i : i + rows], s if s.ndim == 0 else s[i : i + rows], fmt)
+    return out
 
 
 def dequantize(

@@ -234,3 +234,20 @@ def test_quant_dequant_is_idempotent(fmt: Fp8Format, xs: list[float], scale: flo
     once = quant_dequant(x, scale, fmt)
     assert torch.equal(quant_dequant(once, scale, fmt), once)
     assert torch.isfinite(once).all()
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_quantize_of_a_large_tensor_equals_the_elementwise_formula(axis: int | None, dtype: torch.dtype) -> None:
+    from shards.numerics import E4M3, QUANT_BLOCK, quantize
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(300, 1000, generator=g) * 50).to(dtype)
+    assert x.numel() > QUANT_BLOCK
+    scale = {None: torch.tensor(0.37), 0: torch.rand(300, generator=g) + 0.05, 1: torch.rand(1000, generator=g) + 0.05}[axis]
+    shape = [1, 1]
+    if axis is not None:
+        shape[axis] = -1
+    expected = (x.float() / scale.float().reshape(shape)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    got = quantize(x, scale, E4M3, axis)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
