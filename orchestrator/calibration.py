@@ -14,12 +14,9 @@ restarted driver resumes from the store and skips batches already committed.
 from __future__ import annotations
 
 import os
-import re
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import ray
@@ -28,29 +25,24 @@ from ray.exceptions import RayActorError, RayTaskError
 from orchestrator.config import Fp8Config
 from orchestrator.coverage import UncoveredPolicy, apply_policy, parse_policy, uncovered_modules
 from orchestrator.coordinator import GlobalScales, combine_partials, global_nodes, merge_inventories, opt_requests, weight_scales
-from orchestrator.errors import Fp8OrchestratorError
+from orchestrator.errors import CalibrationError
+from orchestrator.measure_loop import _get, _MeasureLoop, _unwrapped, resume_queues
+from orchestrator.run_store import inc_export_prefix, read_measured_store
 from orchestrator.fingerprint import measurement_config_hash, model_fingerprint
-from orchestrator.progress import BatchProgress, PhaseTimer
+from orchestrator.progress import PhaseTimer
 from orchestrator.shard_actor import CalibrationRunner
 from orchestrator.data import Batch
 from shards.checkpoint import read_config
 from shards.dist import DeviceKind
-from shards.errors import ShardError
 from shards.measurement import Measurement
 from shards.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
-from shards.shard_calibration import ModuleInfo
 from shards.tp_plan import ModelDims, rule_for
 from shards.runner import ShardRunner
 from shards.worker import WorkerGroups, WorkerResources, make_workers, worker_resources
-from stats_store.errors import StatsStoreError
 from stats_store.layout import ZarrStatsStore, store_path
-from stats_store.metadata import CommitRecord, RunMeta
+from stats_store.metadata import RunMeta
 from stats_store.reshard import reshard, split_rules_from_commits
-
-
-class CalibrationError(Fp8OrchestratorError, RuntimeError):
-    """A calibration step was called out of order, or the run cannot continue."""
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, resources: dict[str, float] | None = None) -> None:
@@ -66,237 +58,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, resource
         # "local": always a new in-process cluster, never one a stale `ray start` left a pointer to.
         ray.init(address="local", num_cpus=num_cpus, resources=resources or None, include_dashboard=False,
                  log_to_driver=True)
-
-
-def done_batches(commits: dict[int, CommitRecord], tp: int) -> set[int]:
-    """Batches every tp rank of some data-parallel group has committed."""
-    by_group: dict[int, list[set[int]]] = {}
-    for shard, rec in commits.items():
-        by_group.setdefault(shard // tp, []).append(set(rec.batch_ids))
-    done: set[int] = set()
-    for sets in by_group.values():
-        if len(sets) == tp:
-            done |= set.intersection(*sets)
-    return done
-
-
-def resume_queues(batches: Sequence[Batch], commits: dict[int, CommitRecord], tp: int, dp: int,
-                  where: str) -> tuple[deque[Batch], list[deque[Batch]], int]:
-    """Split ``batches`` for a (resumed) run: the shared queue, each group's own queue, and the skip count.
-
-    A batch every tp rank of some group committed is skipped. A batch only some ranks of group
-    ``g`` committed (the driver or an actor died between their flushes) must be redone by ``g``
-    itself: its other ranks still need it, and the ranks that have it run it uncounted.
-
-    Raises:
-        CalibrationError: a partly committed batch is not among ``batches`` (the data changed).
-    """
-    done = done_batches(commits, tp)
-    by_group: dict[int, list[set[int]]] = {}
-    for shard, rec in commits.items():
-        by_group.setdefault(shard // tp, []).append(set(rec.batch_ids))
-    partial: dict[int, int] = {}
-    for g, sets in by_group.items():
-        common = set.intersection(*sets) if len(sets) == tp else set()
-        partial.update({b: g for b in set.union(*sets) - common - done})
-    missing = sorted(set(partial) - {b.batch_id for b in batches})
-    if missing:
-        raise CalibrationError(
-            f"{where}: batches {missing[:10]} were committed by only some tp ranks of their group and are not "
-            "in this run's data; rerun with the same data (same --data/--seq-len/--batch-size) or pass --overwrite"
-        )
-    own: list[deque[Batch]] = [deque() for _ in range(dp)]
-    shared: deque[Batch] = deque()
-    for b in batches:
-        if b.batch_id in done:
-            continue
-        (own[partial[b.batch_id]] if b.batch_id in partial else shared).append(b)
-    return shared, own, sum(b.batch_id in done for b in batches)
-
-
-def _unwrapped(e: RayTaskError) -> BaseException:
-    """Our own error raised inside an actor, without Ray's remote traceback around its message."""
-    cause = e.cause
-    return cause if isinstance(cause, (Fp8OrchestratorError, ShardError, StatsStoreError)) else e
-
-
-def _get(refs: Sequence[Any]) -> list[Any]:
-    """``ray.get`` that re-raises our errors from actors as themselves (one-line messages)."""
-    try:
-        return ray.get(list(refs))
-    except RayTaskError as e:
-        raise _unwrapped(e) from e
-
-
-class IncompleteStoreError(Fp8OrchestratorError, ValueError):
-    """A stats store whose measurement is unfinished (some tp ranks of a group did not commit)."""
-
-
-def read_measured_store(dump_stats_path: str | Path, fingerprint: Any) -> Measurement:
-    """The global statistics of a finished measurement of the model with ``fingerprint``.
-
-    Raises:
-        StoreNotFoundError, StoreFormatError, RunMismatchError, TornWriteError: from the store,
-            each naming its path and what to do.
-        IncompleteStoreError: no shard committed, or only some tp ranks of a group did (a commit
-            record is missing or the run was interrupted between their flushes).
-    """
-    store = ZarrStatsStore.open(store_path(dump_stats_path), expect_fingerprint=fingerprint)
-    commits, tp = store.commits(), store.meta.tp
-    fix = "rerun the measure command with the same config, model and data to finish it, or --overwrite to start over"
-    if not commits:
-        raise IncompleteStoreError(f"{store.path}: no shard has committed statistics; {fix}")
-    for g in sorted({k // tp for k in commits}):
-        records = [commits.get(g * tp + r) for r in range(tp)]
-        missing = [g * tp + r for r, rec in enumerate(records) if rec is None]
-        if missing:
-            raise IncompleteStoreError(f"{store.path}: shard(s) {missing} of dp group {g} have no commit record "
-                                       f"while their tp peers have one; {fix}")
-        sets = [frozenset(rec.batch_ids) for rec in records if rec is not None]
-        if len(set(sets)) > 1:
-            odd = sorted(frozenset.union(*sets) - frozenset.intersection(*sets))
-            raise IncompleteStoreError(f"{store.path}: batches {odd[:10]} were committed by only some tp ranks of "
-                                       f"dp group {g}; {fix}")
-    stats, _ = store.current()  # merges (checksum-verified) when the reduced arrays are stale
-    return stats
-
-
-def inc_export_prefix(out_dir: str | Path, dump_stats_path: str) -> Path:
-    """``out_dir/inc/<name>``: the config's prefix reduced to a plain file name, so INC files stay in ``out_dir/inc``.
-
-    ``dump_stats_path`` comes from a config: ``..``, separators, absolute paths and odd characters
-    must never steer where an export writes.
-    """
-    raw = Path(str(dump_stats_path).replace("\\", "/")).name
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", raw).lstrip(".") or "measure"
-    inc = Path(out_dir) / "inc"
-    prefix = inc / name
-    if prefix.parent != inc:  # cannot happen after the cleaning above; kept as the guarantee it is
-        raise CalibrationError(f"dump_stats_path: value {dump_stats_path!r} would export outside {inc}")
-    return prefix
-
-
-@dataclass
-class _GroupRun:
-    """One data-parallel group's state in the measure loop."""
-
-    refs: list[Any] = field(default_factory=list)  # calls in flight, one per tp rank
-    results: list[Any] = field(default_factory=list)
-    batch: Batch | None = None  # the batch in flight (None while flushing)
-    unflushed: list[tuple[Batch, int]] = field(default_factory=list)  # run since the last flush, with tokens
-    restarts: int = 0
-
-
-class _MeasureLoop:
-    """Hand batches to free groups, flush each group every ``flush_every`` batches, survive dead actors.
-
-    When an actor of group ``g`` dies (``RayActorError``), the whole tp group is replaced (its process
-    group must be rebuilt, and the survivors hold uncommitted statistics that would count twice),
-    and the batches ``g`` ran since its last complete flush go back to ``g``'s own queue, minus
-    those every rank of ``g`` committed. A rank whose commit record has a requeued batch runs it
-    uncounted, so the store ends up exactly as without the fault.
-    """
-
-    #: seconds to wait for the other ranks of a group after one raised: a peer that died makes a
-    #: survivor's collective fail too, and the death (recoverable) must win over that error.
-    GRACE_S = 10.0
-
-    def __init__(self, cal: "Calibration", plan: RunPlan, store: ZarrStatsStore, shared: deque[Batch],
-                 own: list[deque[Batch]]) -> None:
-        self.cal, self.plan, self.store = cal, plan, store
-        self.shared, self.own = shared, own
-        self.state = [_GroupRun() for _ in range(cal.dp)]
-        self.waiting: dict[Any, int] = {}
-        self.bar = BatchProgress(len(shared) + sum(map(len, own)), cal.dp, enabled=cal.progress)
-
-    def run(self) -> None:
-        try:
-            for g in range(self.cal.dp):
-                self._dispatch(g)
-            while self.waiting:
-                ready, _ = ray.wait(list(self.waiting), num_returns=1)
-                self._resolve(ready[0])
-        finally:
-            self.bar.close()
-
-    def _dispatch(self, g: int) -> None:
-        """Give group ``g`` its next call: a flush when due (or when no batch is left), else a batch."""
-        st, actors = self.state[g], self.cal.groups[g]
-        more = bool(self.own[g] or self.shared)
-        if st.unflushed and (len(st.unflushed) >= self.cal.flush_every or not more):
-            st.batch, st.refs = None, [a.flush.remote() for a in actors]
-        elif more:
-            batch = self.own[g].popleft() if self.own[g] else self.shared.popleft()
-            tokens = np.asarray(batch.tokens, dtype=np.int64)
-            st.batch, st.refs = batch, [a.measure_batch.remote(batch.batch_id, tokens) for a in actors]
-        else:
-            return
-        st.results = []
-        self.waiting.update({r: g for r in st.refs})
-
-    def _resolve(self, ref: Any) -> None:
-        g = self.waiting.pop(ref)
-        st = self.state[g]
-        try:
-            st.results.append(ray.get(ref))
-        except RayActorError as e:
-            self._recover(g, e)
-            return
-        except RayTaskError as e:
-            self._task_failed(g, ref, e)
-            return
-        st.refs.remove(ref)
-        if st.refs:
-            return
-        if st.batch is None:
-            st.unflushed = []  # every rank committed
-        else:
-            tokens = sum(st.results) // self.cal.tp
-            st.unflushed.append((st.batch, tokens))
-            self.cal.report.batches += 1
-            self.cal.report.tokens += tokens
-            self.bar.update(g, tokens)
-        self._dispatch(g)
-
-    def _task_failed(self, g: int, ref: Any, error: RayTaskError) -> None:
-        """An actor raised: recover if a peer of the group died (its collective failed), else stop."""
-        others = [r for r in self.state[g].refs if r is not ref]
-        ready, _ = ray.wait(others, num_returns=len(others), timeout=self.GRACE_S) if others else ([], [])
-        for r in ready:
-            try:
-                ray.get(r)
-            except RayActorError as e:
-                self._recover(g, e)
-                return
-            except RayTaskError:
-                continue
-        raise _unwrapped(error) from error
-
-    def _recover(self, g: int, error: RayActorError) -> None:
-        """Replace group ``g`` and requeue (to ``g`` itself) the batches not every rank committed."""
-        st, cal = self.state[g], self.cal
-        for r in st.refs:
-            self.waiting.pop(r, None)
-        st.restarts += 1
-        if st.restarts > cal.max_restarts:
-            raise CalibrationError(
-                f"dp group {g}: a shard actor died {st.restarts} times while measuring into {self.store.path} "
-                f"(last: {type(error).__name__}); fix the cause (memory? device?) and rerun the same command to "
-                "resume, or raise max_restarts"
-            ) from error
-        lost = [b for b, _ in st.unflushed] + ([st.batch] if st.batch is not None else [])
-        for _, tokens in st.unflushed:
-            cal.report.batches -= 1
-            cal.report.tokens -= tokens
-        cal.report.restarts += 1
-        actors = cal.workers.restart_group(g)
-        _get([a.start_measure.remote(self.plan, str(self.store.path)) for a in actors])
-        records = [self.store.commits().get(g * cal.tp + r) for r in range(cal.tp)]
-        committed = set.intersection(*(set(rec.batch_ids) if rec else set() for rec in records))
-        redo = [b for b in lost if b.batch_id not in committed]
-        self.own[g].extendleft(reversed(redo))
-        st.refs, st.results, st.batch, st.unflushed = [], [], None, []
-        self._dispatch(g)
 
 
 @dataclass

@@ -22,3 +22,11 @@ class ConfigFileNotFoundError(Fp8OrchestratorError, FileNotFoundError):
 
 class CalibrationDataError(Fp8OrchestratorError, ValueError):
     """The calibration data file is missing, malformed or too short."""
+
+
+class CalibrationError(Fp8OrchestratorError, RuntimeError):
+    """A calibration step was called out of order, or the run cannot continue."""
+
+
+class IncompleteStoreError(Fp8OrchestratorError, ValueError):
+    """A stats store whose measurement is unfinished (some tp ranks of a group did not commit)."""

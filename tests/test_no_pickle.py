@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.calibration import inc_export_prefix
+from orchestrator.run_store import inc_export_prefix
 from shards.measurement import Measurement, ModuleStats
 from stats_store.inc_format import export_measurement, write_scales
 

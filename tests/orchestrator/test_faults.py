@@ -24,7 +24,8 @@ import ray
 import torch
 from ray.exceptions import RayTaskError
 
-from orchestrator.calibration import Calibration, IncompleteStoreError
+from orchestrator.calibration import Calibration
+from orchestrator.errors import IncompleteStoreError
 from orchestrator.cli import main
 from orchestrator.coverage import UncoveredModulesError
 from orchestrator.data import Batch
