@@ -127,3 +127,25 @@ def test_save_writes_chunks_of_safetensors(tmp_path) -> None:
 def test_save_needs_a_directory() -> None:
     with pytest.raises(ValueError, match="needs a tensors directory"):
         SaveObserver(ObserveTarget("m", "inputs.0"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("channel_dim", [None, 0, -1])
+@pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
+def test_cpu_fast_maxabs_equals_the_max_of_abs(dtype: torch.dtype, channel_dim: int | None, sign: float) -> None:
+    """The aminmax shortcut gives torch.abs(x).amax exactly, also for all-negative / all-positive tensors."""
+    from shards.observers import _fast_cpu_maxabs
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 5, 7, generator=g) * 30
+    x = (x.abs() * sign if sign else x).to(dtype)
+    got = _fast_cpu_maxabs(x, channel_dim)
+    xf = x.to(torch.float32)
+    if channel_dim is None:
+        want = xf.abs().amax().reshape(1)
+    else:
+        want = xf.abs().movedim(channel_dim, 0).reshape(xf.shape[channel_dim], -1).amax(dim=1)
+    assert got is not None and torch.equal(got.to(torch.float32), want)
+    bad = xf.clone()
+    bad[0, 0, 0] = float("nan")
+    assert _fast_cpu_maxabs(bad, channel_dim) is None  # NaN: the counting path takes over
