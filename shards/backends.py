@@ -64,9 +64,17 @@ def _as_scale(scale: Scale, like: torch.Tensor) -> torch.Tensor:
 
 
 class EmulatedBackend:
-    """Exact emulation: fp32 divide, clamp, round-to-nearest-even cast; gemm in hp on dequantized values."""
+    """Exact emulation: fp32 divide, clamp, round-to-nearest-even cast; gemm in hp on dequantized values.
+
+    ``reuses_dequantized_weights``: the emulated gemm multiplies dequantized weights, so a layer may
+    keep its dequantized weight between forwards (the same values; an hp copy of the weight in
+    memory, ~2x faster CPU forwards). Pass ``reuse_weights=False`` to keep only the FP8 codes.
+    """
 
     name = "cpu"
+
+    def __init__(self, reuse_weights: bool = True) -> None:
+        self.reuses_dequantized_weights = reuse_weights
 
     def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
         return numerics.cast_to_fp8(x.to(torch.float32) / _as_scale(scale, x), fmt)
@@ -93,6 +101,9 @@ class CudaBackend(EmulatedBackend):
     name = "cuda"
     # _scaled_mm needs K and N to be multiples of 16 on the GPU kernels.
     ALIGN = 16
+
+    def __init__(self) -> None:
+        super().__init__(reuse_weights=False)  # the kernel takes the FP8 codes themselves
 
     def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
         if qb.ndim != 2 or qb.shape[0] % self.ALIGN or qb.shape[1] % self.ALIGN:

@@ -184,12 +184,29 @@ class QuantLinear(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s_in = self.qctx.backend, self.input_scale(x)
         qx = b.quantize(x, s_in, self.qctx.fmt)
-        y = b.gemm(qx, self.weight.t(), s_in, _column_scale(self._scale("scale_weight")), self.qctx.hp)
+        s_w = _column_scale(self._scale("scale_weight"))
+        if getattr(b, "reuses_dequantized_weights", False):
+            # The emulated gemm, with the weight operand dequantized once (same values).
+            y = torch.matmul(b.dequantize(qx, s_in, self.qctx.hp), self._dequantized_weight_t(s_w))
+        else:
+            y = b.gemm(qx, self.weight.t(), s_in, s_w, self.qctx.hp)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
+
+    def _dequantized_weight_t(self, s_w: ScaleValue) -> torch.Tensor:
+        """``dequantize(Wᵀ, s_w)`` in hp, recomputed only when the codes or the scale change
+        (a state_dict load writes in place and bumps the tensors' versions)."""
+        w = self.weight
+        s_key = s_w if isinstance(s_w, float) else (s_w.data_ptr(), s_w._version, s_w.device)
+        key = (w.data_ptr(), w._version, w.device, s_key)
+        cached = self.__dict__.get("_weight_hp")
+        if cached is None or cached[0] != key:
+            cached = (key, self.qctx.backend.dequantize(w.t(), s_w, self.qctx.hp))
+            self.__dict__["_weight_hp"] = cached  # a plain attribute: never in state_dict
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8={self.weight.dtype}"

@@ -213,3 +213,19 @@ def test_kv_cache_and_softmax_reference() -> None:
     assert torch.equal(sm(x), q(p, 2.0**-6, 448).float() * 2.0**-6)
     assert sm.to_inc_node() == {"inputs": [], "outputs": [2.0**-6], "params": {}}
     assert isinstance(KVCache()(x), torch.Tensor) and torch.equal(Matmul()(x, x.transpose(1, 2)), x @ x.transpose(1, 2))
+
+
+@pytest.mark.parametrize("fmt", [ScaleFormat.SCALAR, ScaleFormat.CONST])
+def test_reused_dequantized_weight_gives_the_same_output_and_follows_state_dict_loads(fmt: ScaleFormat) -> None:
+    """The emulation may keep a layer's dequantized weight; outputs equal the plain gemm path, and a
+    state_dict load of other codes and scales is picked up (never a stale weight)."""
+    torch.manual_seed(4)
+    ctx_keep, ctx_plain = qctx(fmt=fmt), QuantContext(qctx(fmt=fmt).scale_ctx, EmulatedBackend(reuse_weights=False), fmt)
+    scales = ModuleScales((t(0.048095703125),), (t(0.048095703125 * 2.0**-6),), t(2.0**-6))
+    lin, other = nn.Linear(16, 8), nn.Linear(16, 8)
+    keep, plain = QuantLinear(lin, scales, ctx_keep), QuantLinear(lin, scales, ctx_plain)
+    x = torch.randn(3, 16)
+    assert torch.equal(keep(x), plain(x)) and torch.equal(keep(x), plain(x))  # second call: the kept weight
+    replacement = QuantLinear(other, ModuleScales((t(0.25),), (t(0.25 * 2.0**-5),), t(2.0**-5)), ctx_plain)
+    keep.load_state_dict(replacement.state_dict())
+    assert torch.equal(keep(x), replacement(x))
