@@ -20,7 +20,7 @@ from bench.models import bench_llama, tokens
 from bench.timing import Row, Timing, at_least, single_thread, skipped
 
 # size name -> (model size, batches, batch, sequence length)
-SIZES = {"toy": ("toy", 4, 1, 16), "quick": ("small", 8, 2, 64), "full": ("small", 24, 4, 128)}
+SIZES = {"toy": ("toy", 4, 1, 16), "quick": ("small", 8, 2, 64), "full": ("small", 24, 4, 256)}
 NAME = "data-parallel calibration throughput dp=2 / dp=1"
 
 
