@@ -404,8 +404,9 @@ def _distinct_magnitudes(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | Non
     """For a 16-bit tensor: its distinct nonzero magnitudes (float64) and how often each occurs."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         return None
-    bits = (x.detach().reshape(-1).view(torch.int16).numpy().astype(np.int32)) & 0x7FFF
-    counts = np.bincount(bits, minlength=1 << 15)
+    # Sign dropped in int16, widened to int32 only for bincount (torch's is ~3x numpy's here).
+    bits = (x.detach().reshape(-1).view(torch.int16) & 0x7FFF).to(torch.int32)
+    counts = torch.bincount(bits, minlength=1 << 15).numpy()
     codes = np.flatnonzero(counts[1:]) + 1  # code 0 is +0.0
     values = torch.from_numpy(codes.astype(np.int16)).view(x.dtype).to(torch.float64).numpy()
     return values, counts[codes].astype(np.float64)
