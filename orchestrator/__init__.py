@@ -2,9 +2,32 @@
 
 The Python API mirrors INC's: ``prepare`` → run data → ``finalize_calibration``, ``convert``,
 ``quantize`` in one call, and ``scales_of`` to compare a converted model's scales with INC's.
+The distributed driver is ``orchestrator.calibration.Calibration`` (imported on demand: it loads Ray).
 """
 
-from orchestrator.api import CalibrationStateError, convert, finalize_calibration, prepare, quantize, scales_of
+from orchestrator.api import (
+    CalibrationStateError,
+    MeasurementExistsError,
+    StoreMismatchError,
+    convert,
+    finalize_calibration,
+    prepare,
+    quantize,
+    scales_of,
+)
 from orchestrator.config import Fp8Config
+from orchestrator.errors import ConfigError, Fp8OrchestratorError
 
-__all__ = ["Fp8Config", "prepare", "finalize_calibration", "convert", "quantize", "scales_of", "CalibrationStateError"]
+__all__ = [
+    "Fp8Config",
+    "prepare",
+    "finalize_calibration",
+    "convert",
+    "quantize",
+    "scales_of",
+    "Fp8OrchestratorError",
+    "ConfigError",
+    "CalibrationStateError",
+    "MeasurementExistsError",
+    "StoreMismatchError",
+]
