@@ -77,7 +77,7 @@ class EmulatedBackend:
         self.reuses_dequantized_weights = reuse_weights
 
     def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
-        return numerics.cast_to_fp8(x.to(torch.float32) / _as_scale(scale, x), fmt)
+        return numerics.quantize(x, _as_scale(scale, x), fmt)
 
     def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
         # FP8 values are exact in every hp dtype, and a 0-d fp32 scale does not promote the product:

@@ -145,7 +145,9 @@ def quantize(
     the first axis): the same element-wise arithmetic, without full-size fp32 temporaries.
     """
     s = _broadcast_scale(scale, x, axis)
-    blockable = x.ndim >= 1 and x.numel() > QUANT_BLOCK and (s.ndim == 0 or s.shape[0] == x.shape[0] != 1)
+    # Row blocks need the scale's first axis to be x's first axis (same rank, one entry per row).
+    per_row = s.ndim == x.ndim and s.shape[0] == x.shape[0] != 1
+    blockable = x.ndim >= 1 and x.numel() > QUANT_BLOCK and (s.ndim == 0 or per_row)
     if not blockable:
         return _quantize_block(x, s, fmt)
     out = torch.empty(x.shape, dtype=fmt.storage, device=x.device)

@@ -251,3 +251,14 @@ def test_blocked_quantize_of_a_large_tensor_equals_the_elementwise_formula(axis:
     expected = (x.float() / scale.float().reshape(shape)).clamp(-448, 448).to(torch.float8_e4m3fn)
     got = quantize(x, scale, E4M3, axis)
     assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_blocked_quantize_keeps_broadcasting_of_a_lower_rank_scale() -> None:
+    """A [T, 1] scale against a [B, T, H] tensor broadcasts over the last axes, never row-blocks."""
+    from shards.numerics import E4M3, QUANT_BLOCK, quantize
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 4, QUANT_BLOCK // 8, generator=g) * 40
+    s = torch.rand(4, 1, generator=g) + 0.05
+    expected = (x / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(quantize(x, s, E4M3).view(torch.uint8), expected.view(torch.uint8))
