@@ -227,7 +227,7 @@ class Calibration:
             self.report.scales = len(nodes)
         with self.report.timer.phase("quantize"):
             scales_ref = ray.put(w_scales)
-            local = self._local_stats(stats)
+            local = self._local_stats(plan, stats)
             refs = [a.quantize.remote(plan, local[i % self.tp] if local else None, scales_ref)
                     for i, a in enumerate(self.workers.actors)]
             self.report.quantized = len(_get(refs)[0])
@@ -239,11 +239,11 @@ class Calibration:
         partials = _get([a.opt_partials.remote(plan, requests) for a in self.groups[0]])
         return {name: combine_partials(name, [p[name] for p in partials], self.dims) for name in requests}
 
-    def _local_stats(self, stats: Measurement | None) -> list[Measurement]:
+    def _local_stats(self, plan: RunPlan, stats: Measurement | None) -> list[Measurement]:
         """The global statistics cut to each tp rank's channels (per-tensor values stay global)."""
         if stats is None:
             return []
-        store = ZarrStatsStore.open(store_path(self.config.to_plan(Mode.MEASURE).dump_stats_path))
+        store = ZarrStatsStore.open(store_path(plan.dump_stats_path))
         split = split_rules_from_commits(store.commits())
         return [m for _, m in reshard(stats, self.tp, split)]
 
