@@ -158,10 +158,24 @@ def activation_scale(
     return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
 
 
+def magnitude_max(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``amax(|w|)`` over ``dim`` (None: every element) in ``w``'s dtype; NaN if any element is NaN.
+
+    16-bit floats on CPU take the max of their sign-cleared bit patterns instead: magnitudes order
+    like those integers (inf above every finite value, NaNs above inf), and a 16-bit integer max is
+    several times faster there than abs + amax in bf16.
+    """
+    w = w.detach()
+    if w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu" and w.numel() > 0:
+        bits = w.contiguous().view(torch.int16) & 0x7FFF
+        return (bits.amax() if dim is None else bits.amax(dim=dim)).view(w.dtype)
+    a = w.abs()
+    return a.amax() if dim is None else a.amax(dim=dim)
+
+
 def per_channel_maxabs(weight: torch.Tensor) -> torch.Tensor:
     """``amax(|w|)`` over every axis but the first (output channels), in the weight's dtype."""
-    w = weight.detach()
-    return w.abs().reshape(w.shape[0], -1).amax(dim=1)
+    return magnitude_max(weight.reshape(weight.shape[0], -1), dim=1)
 
 
 def pcs_scale_from_amax(
@@ -206,7 +220,7 @@ def weight_scale(
     if _is_fixed(section):
         return fixed_scale(section, ctx)
     # One pass: the max-abs is NaN or inf exactly when some element is (amax propagates NaN).
-    amax = weight.detach().abs().amax()
+    amax = magnitude_max(weight)
     _check_finite(amax, where, "non-finite weight element")
     if section.value_type is ValueType.OPT:
         return _opt_weight_scale(weight, section, ctx)

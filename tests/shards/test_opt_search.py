@@ -356,3 +356,57 @@ def test_fast_path_column_shards_concatenate_and_row_shards_add(dtype: torch.dty
     assert torch.equal(torch.cat(cols, dim=1), whole)
     rows = sum(opt_search.pcs_errors(h, ref, PCS_OPT_MULTIPLIERS, ctx) for h in (w[:, :13], w[:, 13:]))
     np.testing.assert_allclose(rows, opt_search.pcs_errors_bruteforce(w, ref, PCS_OPT_MULTIPLIERS, ctx), rtol=1e-12)
+
+
+def _histogram_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, per call of the bf16 histogram path, whether it produced the errors."""
+    calls: list[bool] = []
+    real = opt_search._bf16_channel_errors
+
+    def spy(*args: object) -> object:
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(opt_search, "_bf16_channel_errors", spy)
+    return calls
+
+
+def _bf16_channels(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    if name == "spread":  # channels 2^-20 .. 2^12 apart, long rows (several binades each)
+        w = torch.randn(9, 3000, generator=g) * torch.logspace(-6, 4, 9).reshape(-1, 1)
+    elif name == "zeros":  # exact zeros and a channel of one repeated value
+        w = torch.randn(5, 64, generator=g)
+        w[1, 1:] = 0.0
+        w[2, ::3] = 0.0
+        w[3] = 0.75
+    else:  # "grid": FP8 grid values at one scale: several candidates have exactly equal errors
+        w = torch.tensor([1.0, 1.125, -1.25, 1.5, 1.875, -1.75, 0.0, 3.5] * 8).reshape(4, 16) * 2.0**-3
+    return w.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("ctx", [CTXS[0], CTXS[1], CTXS[2], CTXS[5]], ids=lambda c: f"{c.lp.value}-{c.device}")
+@pytest.mark.parametrize("name", ["spread", "zeros", "grid"])
+def test_bf16_channels_are_scored_from_one_histogram(name: str, ctx: ScaleContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _bf16_channels(name)
+    calls = _histogram_calls(monkeypatch)
+    _check_pcs(w, ctx)
+    _check_pcs(w, ctx, mults=(2.0**-6, 1.0, 2.0**5))  # wider, uneven multiplier offsets
+    assert calls == [True, True]
+
+
+def test_bf16_histogram_chunks_do_not_change_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    w, ctx = _bf16_channels("spread"), ScaleContext()
+    ref = opt_search.pcs_reference(w.abs().amax(dim=1), ctx, w.dtype)
+    whole = opt_search.pcs_errors(w, ref, PCS_OPT_MULTIPLIERS, ctx)
+    monkeypatch.setattr(opt_search, "HISTOGRAM_BINS", 1)  # one channel per chunk
+    assert torch.equal(opt_search.pcs_errors(w, ref, PCS_OPT_MULTIPLIERS, ctx), whole)
+
+
+def test_bf16_subnormal_weights_leave_the_histogram_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = _bf16_channels("zeros")
+    w[4, 0] = 2.0**-130  # a bf16 subnormal: its code does not encode mantissa and exponent that way
+    calls = _histogram_calls(monkeypatch)
+    _check_pcs(w, ScaleContext())
+    assert calls == [False]

@@ -22,6 +22,7 @@ from shards.scales import (
     ScaleContext,
     activation_scale,
     dynamic_activation_scale,
+    magnitude_max,
     round_scale,
     weight_scale,
     weight_scale_from_maxabs,
@@ -315,3 +316,20 @@ def test_rounding_up_keeps_every_value_within_backoff(
         return
     for x in (maxabs, f32(maxabs * frac)):
         assert x / s <= ctx.fullscale * backoff
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("special", [None, "-inf", "nan", "-0"])
+def test_magnitude_max_equals_abs_amax(dtype: torch.dtype, special: str | None) -> None:
+    """The 16-bit bit-pattern route must agree with ``abs().amax()``: values, infinities and NaN."""
+    w = (torch.randn(6, 33, generator=torch.Generator().manual_seed(3)) * 50).to(dtype)
+    w[2] = -w[2].abs()  # a channel of negative values only
+    if special is not None:
+        w[4, 7] = float(special)
+    cols = w[:, ::2]  # non-contiguous
+    for x in (w, cols):
+        for dim in (None, 1):
+            got = magnitude_max(x, dim)
+            want = x.abs().amax() if dim is None else x.abs().amax(dim=dim)
+            assert got.dtype == x.dtype
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
