@@ -72,6 +72,8 @@ class EmulatedBackend:
     """
 
     name = "cpu"
+    # gemm is matmul(dequantize(qa), dequantize(qb)): callers may pass fake_quant values instead.
+    emulated_gemm = True
 
     def __init__(self, reuse_weights: bool = True) -> None:
         self.reuses_dequantized_weights = reuse_weights
@@ -79,11 +81,13 @@ class EmulatedBackend:
     def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
         return numerics.quantize(x, _as_scale(scale, x), fmt)
 
+    def fake_quant(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format, out_dtype: torch.dtype) -> torch.Tensor:
+        """``dequantize(quantize(x, s), s)`` without materializing the codes (same values)."""
+        return numerics.fake_quant(x, _as_scale(scale, x), fmt, out_dtype)
+
     def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
-        # FP8 values are exact in every hp dtype, and a 0-d fp32 scale does not promote the product:
-        # torch multiplies in fp32 and rounds once, the same value as an fp32 round trip without
-        # its temporaries. A per-channel scale promotes to fp32 and is rounded by the final cast.
-        return (q.to(out_dtype) * _as_scale(scale, q)).to(out_dtype)
+        # The fp32 product rounded once to out_dtype: what torch computes for q.to(hp) * s too.
+        return numerics.dequantize(q, _as_scale(scale, q), out_dtype)
 
     def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
         return torch.matmul(self.dequantize(qa, s_a, out_dtype), self.dequantize(qb, s_b, out_dtype))
@@ -99,6 +103,7 @@ class CudaBackend(EmulatedBackend):
     """
 
     name = "cuda"
+    emulated_gemm = False
     # _scaled_mm needs K and N to be multiples of 16 on the GPU kernels.
     ALIGN = 16
 

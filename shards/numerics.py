@@ -11,6 +11,7 @@ See ``shared/spec/inc-fp8-semantics.md`` §2.1 and ``project-decisions.md`` §2.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -157,6 +158,36 @@ def quantize(
     return out
 
 
+# FP8 codes moved into float16 bit patterns: (left shift of the sign-extended code, log2 of the
+# factor the float16 value is below the FP8 value). E5M2 is float16's top byte; E4M3 lands in
+# float16 with bias 15 instead of 7 (subnormals included), i.e. 2**8 too small.
+_AS_FLOAT16 = {torch.float8_e5m2: (8, 0), torch.float8_e4m3fn: (7, 8)}
+_E4M3_NAN_BITS = 0x7F << 7  # where e4m3fn's NaN codes land (a float16 value, 480 * 2**-8)
+
+
+def fp8_to_float32(q: torch.Tensor) -> torch.Tensor:
+    """The exact values of FP8 codes in fp32 (NaN codes stay NaN).
+
+    On CPU torch's FP8 -> float cast is ~20x slower than its other casts, so the codes are moved
+    into float16 bit patterns with integer ops and widened from there (every step exact); on other
+    devices, and for other dtypes, this is torch's cast.
+    """
+    moves = _AS_FLOAT16.get(q.dtype)
+    if moves is None or q.device.type != "cpu" or q.numel() == 0:
+        return q.to(torch.float32)
+    bits = q.view(torch.int8).to(torch.int16).bitwise_left_shift_(moves[0])
+    if q.dtype is torch.float8_e4m3fn:
+        bits.bitwise_and_(~0x4000)  # sign extension also set bit 14: keep the sign in bit 15 only
+    values = bits.view(torch.float16).to(torch.float32)
+    if moves[1]:
+        values.mul_(2.0 ** moves[1])
+    if q.dtype is torch.float8_e4m3fn:
+        magnitude = bits.bitwise_and_(0x7FFF)
+        if int(magnitude.max()) == _E4M3_NAN_BITS:  # e4m3fn has no inf; NaN codes must stay NaN
+            values[magnitude == _E4M3_NAN_BITS] = float("nan")
+    return values
+
+
 def dequantize(
     q: torch.Tensor,
     scale: torch.Tensor | float,
@@ -165,7 +196,49 @@ def dequantize(
 ) -> torch.Tensor:
     """x_hat = q * s computed in fp32, then cast to ``out_dtype``."""
     s = _broadcast_scale(scale, q, axis)
-    return (q.to(torch.float32) * s).to(out_dtype)
+    return (fp8_to_float32(q) * s).to(out_dtype)
+
+
+_EXPONENT_BITS = 0x7F800000
+
+
+def _round_to_grid_(y: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    """Round fp32 values already clamped to the full scale onto the FP8 grid, in place, ties to even.
+
+    The FP8 step at ``y`` is ``g = 2**(e - p)`` (``e``: y's binary exponent, at least the smallest
+    normal one; ``p``: mantissa bits), a power of two read off y's exponent bits, so
+    ``round(y / g) * g`` is exact apart from the rounding itself; NaN stays NaN.
+    """
+    p, emin = 7 - fmt.exp_bits, 2 - 2 ** (fmt.exp_bits - 1)
+    e_top = math.frexp(fmt.fullscale)[1] - 1
+    g = (y.view(torch.int32) & _EXPONENT_BITS).clamp_((emin + 127) << 23, (e_top + 127) << 23)
+    g = g.sub_(p << 23).view(torch.float32)
+    return y.div_(g).round_().mul_(g)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, fmt: Fp8Format, out_dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(quantize(x, s), s)`` in ``out_dtype`` without the FP8 codes: the same values.
+
+    The emulated forward quantizes every activation and dequantizes it at once; on CPU casting to
+    and from FP8 costs several times the arithmetic, so the grid rounding is done in fp32 instead.
+    """
+    s = _broadcast_scale(scale, x, None)
+    if torch.broadcast_shapes(x.shape, s.shape) != x.shape:
+        return dequantize(quantize(x, s, fmt), s, out_dtype)
+    y = x.to(torch.float32, copy=True)
+    inverse = _inverse_power_of_two(s)
+    # x / s == x * (1 / s) exactly when s is a power of two (a multiply is ~2x faster than a divide).
+    y = y.mul_(inverse) if inverse is not None else y.div_(s)
+    y = _round_to_grid_(y.clamp_(-fmt.fullscale, fmt.fullscale), fmt)
+    return y.mul_(s).to(out_dtype)
+
+
+def _inverse_power_of_two(s: torch.Tensor) -> float | None:
+    """``1 / s`` for a one-element scale that is a power of two with a normal fp32 inverse, else None."""
+    if s.numel() != 1 or s.device.type != "cpu":
+        return None
+    mant, ex = math.frexp(float(s))
+    return 2.0 ** (1 - ex) if mant == 0.5 and -125 <= 1 - ex <= 127 else None
 
 
 def quant_dequant(

@@ -140,7 +140,14 @@ class QuantModule(nn.Module):
     def _qdq(self, x: torch.Tensor, scale: ScaleValue) -> torch.Tensor:
         """x after a round trip through FP8, in hp."""
         b = self.qctx.backend
+        fused = getattr(b, "fake_quant", None)
+        if fused is not None:
+            return fused(x, scale, self.qctx.fmt, self.qctx.hp)
         return b.dequantize(b.quantize(x, scale, self.qctx.fmt), scale, self.qctx.hp)
+
+    def _emulated_gemm(self) -> bool:
+        """Whether the backend's gemm is a matmul of dequantized operands (so QDQ'd inputs will do)."""
+        return getattr(self.qctx.backend, "emulated_gemm", False)
 
 
 def _quantize_weight(weight: torch.Tensor, scale: torch.Tensor, qctx: QuantContext) -> torch.Tensor:
@@ -183,13 +190,12 @@ class QuantLinear(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s_in = self.qctx.backend, self.input_scale(x)
-        qx = b.quantize(x, s_in, self.qctx.fmt)
         s_w = _column_scale(self._scale("scale_weight"))
-        if getattr(b, "reuses_dequantized_weights", False):
+        if getattr(b, "reuses_dequantized_weights", False) and self._emulated_gemm():
             # The emulated gemm, with the weight operand dequantized once (same values).
-            y = torch.matmul(b.dequantize(qx, s_in, self.qctx.hp), self._dequantized_weight_t(s_w))
+            y = torch.matmul(self._qdq(x, s_in), self._dequantized_weight_t(s_w))
         else:
-            y = b.gemm(qx, self.weight.t(), s_in, s_w, self.qctx.hp)
+            y = b.gemm(b.quantize(x, s_in, self.qctx.fmt), self.weight.t(), s_in, s_w, self.qctx.hp)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         if self.bias is not None:
@@ -245,7 +251,10 @@ class QuantMatmul(QuantModule):
         else:
             s_a, s_b = self._scale("scale_input_0"), self._scale("scale_input_1")
         be, fmt = self.qctx.backend, self.qctx.fmt
-        y = be.gemm(be.quantize(a, s_a, fmt), be.quantize(b, s_b, fmt), s_a, s_b, self.qctx.hp)
+        if self._emulated_gemm():
+            y = torch.matmul(self._qdq(a, s_a), self._qdq(b, s_b))
+        else:
+            y = be.gemm(be.quantize(a, s_a, fmt), be.quantize(b, s_b, fmt), s_a, s_b, self.qctx.hp)
         return y.to(torch.promote_types(a.dtype, b.dtype))
 
 

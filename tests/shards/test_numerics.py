@@ -27,7 +27,9 @@ from shards.numerics import (
     ScaleDevice,
     cast_to_fp8,
     dequantize,
+    fake_quant,
     fp8_format,
+    fp8_to_float32,
     quant_dequant,
     quantize,
 )
@@ -262,3 +264,54 @@ def test_blocked_quantize_keeps_broadcasting_of_a_lower_rank_scale() -> None:
     s = torch.rand(4, 1, generator=g) + 0.05
     expected = (x / s).clamp(-448, 448).to(torch.float8_e4m3fn)
     assert torch.equal(quantize(x, s, E4M3).view(torch.uint8), expected.view(torch.uint8))
+
+
+# --- the fast CPU routes: FP8 -> fp32 through float16 bits, QDQ without FP8 codes ---------------
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_fp8_to_float32_decodes_every_code(fmt: Fp8Format) -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    want = [decode(c, fmt.exp_bits) for c in range(256)]
+    for q in (codes.view(fmt.storage), codes.reshape(16, 16).t().view(fmt.storage)):  # and a transposed view
+        got = fp8_to_float32(q).reshape(-1).tolist()
+        order = q.view(torch.uint8).reshape(-1).tolist()
+        for c, g in zip(order, got):
+            w = want[c]
+            assert (math.isnan(g) and math.isnan(w)) or (g == w and math.copysign(1, g) == math.copysign(1, w)), (c, g, w)
+
+
+def _reference_qdq(x: torch.Tensor, s: float, fmt: Fp8Format, out_dtype: torch.dtype) -> torch.Tensor:
+    """Vectorised nearest-grid-value reference (ties to the even code) from the decoded grid."""
+    values, codes = (np.array(v) for v in grid(fmt.name))
+    y = (x.to(torch.float32) / torch.tensor(s, dtype=torch.float32)).double().numpy()  # x / s in fp32
+    a = np.minimum(np.abs(y), fmt.fullscale)
+    i = np.clip(np.searchsorted(values, a, side="right") - 1, 0, len(values) - 1)
+    j = np.minimum(i + 1, len(values) - 1)
+    lo, hi = values[i], values[j]
+    up = (hi - a < a - lo) | ((hi - a == a - lo) & (codes[i] % 2 == 1))
+    v = np.where(np.isnan(y), np.nan, np.copysign(np.where(up, hi, lo), y))
+    return (torch.from_numpy(v).to(torch.float32) * torch.tensor(s, dtype=torch.float32)).to(out_dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("scale", [1.0, 2.0**-9, 2.0**12, 0.048095703125, 3.7e-30, 1e30])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fake_quant_of_every_bf16_value_matches_the_grid(fmt: Fp8Format, scale: float, out_dtype: torch.dtype) -> None:
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    got, want = fake_quant(x, scale, fmt, out_dtype), _reference_qdq(x, scale, fmt, out_dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan], want[~nan])
+    assert torch.equal(torch.signbit(got[~nan]), torch.signbit(want[~nan]))  # -0.0 stays -0.0
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_fake_quant_per_channel_and_fp32_inputs_equal_quantize_then_dequantize(fmt: Fp8Format) -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 48, generator=g) * torch.exp2(torch.randint(-24, 24, (64, 48), generator=g).float())
+    s = torch.exp2(torch.randint(-12, 12, (1, 48), generator=g).float()) * torch.rand(1, 48, generator=g).add(0.5)
+    for scale in (s, s[0, 0], float(s[0, 1])):
+        want = dequantize(quantize(x, scale, fmt), scale, torch.float16)
+        got = fake_quant(x, scale, fmt, torch.float16)
+        assert torch.equal(got, want)
