@@ -20,7 +20,7 @@ Semantics (reference §6, decisions §2):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
@@ -34,6 +34,7 @@ from shards.module_scales import ModuleScales
 from shards.numerics import Fp8Format
 from shards.op_types import get_op_type
 from shards.plan import ScaleFormat
+from shards.qdq_memo import SharedInputMemo
 from shards.scales import ScaleContext, dynamic_activation_scale
 
 
@@ -46,12 +47,14 @@ class QuantContext:
         backend: the device's cast and gemm.
         scale_format: SCALAR (Python floats) or CONST (buffers).
         dynamic: activation scales per call instead of from the measurement.
+        memo: the last Linear input QDQ'd, shared by the modules of one conversion.
     """
 
     scale_ctx: ScaleContext
     backend: Backend
     scale_format: ScaleFormat = ScaleFormat.SCALAR
     dynamic: bool = False
+    memo: SharedInputMemo = field(default_factory=SharedInputMemo, compare=False, repr=False)
 
     @property
     def fmt(self) -> Fp8Format:
@@ -193,7 +196,8 @@ class QuantLinear(QuantModule):
         s_w = _column_scale(self._scale("scale_weight"))
         if getattr(b, "reuses_dequantized_weights", False) and self._emulated_gemm():
             # The emulated gemm, with the weight operand dequantized once (same values).
-            y = torch.matmul(self._qdq(x, s_in), self._dequantized_weight_t(s_w))
+            qdq = self.qctx.memo.fake_quant(x, s_in, lambda: self._qdq(x, s_in))
+            y = torch.matmul(qdq, self._dequantized_weight_t(s_w))
         else:
             y = b.gemm(b.quantize(x, s_in, self.qctx.fmt), self.weight.t(), s_in, s_w, self.qctx.hp)
         if self.all_reduce is not None:
@@ -207,7 +211,8 @@ class QuantLinear(QuantModule):
         (a state_dict load writes in place and bumps the tensors' versions)."""
         w = self.weight
         s_key = s_w if isinstance(s_w, float) else (s_w.data_ptr(), s_w._version, s_w.device)
-        key = (w.data_ptr(), w._version, w.device, s_key)
+        # Inference-mode tensors cannot enter autograd later: one made there is not reused outside.
+        key = (w.data_ptr(), w._version, w.device, s_key, torch.is_inference_mode_enabled())
         cached = self.__dict__.get("_weight_hp")
         if cached is None or cached[0] != key:
             cached = (key, self.qctx.backend.dequantize(w.t(), s_w, self.qctx.hp))
