@@ -188,14 +188,13 @@ def pick_pcs(
     Returns ``round(reference * m_best)`` per channel, in the promoted dtype INC computes it in.
     """
     dtype = _pcs_scale_dtype(reference, ctx)
-    best_err = torch.full(errors.shape[1:], float("inf"), dtype=torch.float64)
-    best_m = torch.full(errors.shape[1:], float("nan"), dtype=dtype)
-    for i, m in enumerate(multipliers):
-        better = errors[i] < best_err
-        best_m = torch.where(better, torch.tensor(float(m), dtype=ctx.hp_dtype).to(dtype), best_m)
-        best_err = torch.where(better, errors[i], best_err)
-    if bool(torch.isnan(best_m).any()):
+    # NaN never wins a strict < and inf never beats the starting inf: both count as inf here;
+    # argmin takes the first of equal minima, i.e. the first multiplier wins a tie.
+    e = np.nan_to_num(errors.to(torch.float64).numpy(), nan=np.inf, posinf=np.inf)
+    if e.size and not np.isfinite(e.min(axis=0)).all():
         raise ValueError("OPT search: a channel has no candidate with a finite error")
+    mult = torch.tensor([float(m) for m in multipliers], dtype=ctx.hp_dtype).to(dtype)
+    best_m = mult[torch.from_numpy(np.argmin(e, axis=0))]
     return round_scale(best_m * reference.to(dtype), rounding, ctx)
 
 

@@ -195,7 +195,9 @@ def opt_candidates(section: SectionSpec, ctx: ScaleContext) -> tuple[float, ...]
     return POW2_OPT_CANDIDATES
 
 
-def _opt_weight_scale(weight: torch.Tensor, section: SectionSpec, ctx: ScaleContext) -> torch.Tensor:
+def _opt_weight_scale(
+    weight: torch.Tensor, section: SectionSpec, ctx: ScaleContext, channel_maxabs: torch.Tensor | None
+) -> torch.Tensor:
     # Deferred import: opt_search builds on this module's rounding helpers.
     from shards import opt_search
     from shards.scale_spec import PCS_OPT_MULTIPLIERS
@@ -205,7 +207,8 @@ def _opt_weight_scale(weight: torch.Tensor, section: SectionSpec, ctx: ScaleCont
         best = opt_search.pick_pts(opt_search.pts_errors(weight, cands, ctx), cands)
         return round_scale(torch.tensor(best, dtype=ctx.hp_dtype), section.rounding, ctx)
     mults = section.candidates if section.candidates is not None else PCS_OPT_MULTIPLIERS
-    ref = opt_search.pcs_reference(per_channel_maxabs(weight), ctx, weight.dtype, backoff=section.backoff)
+    amax = per_channel_maxabs(weight) if channel_maxabs is None else channel_maxabs
+    ref = opt_search.pcs_reference(amax, ctx, weight.dtype, backoff=section.backoff)
     errors = opt_search.pcs_errors(weight, ref, mults, ctx)
     return opt_search.pick_pcs(errors, ref, mults, ctx, rounding=section.rounding)
 
@@ -220,12 +223,13 @@ def weight_scale(
     if _is_fixed(section):
         return fixed_scale(section, ctx)
     # One pass: the max-abs is NaN or inf exactly when some element is (amax propagates NaN).
-    amax = magnitude_max(weight)
+    per_channel = per_channel_maxabs(weight) if section.granularity is Granularity.PCS else None
+    amax = magnitude_max(weight) if per_channel is None else per_channel.max()
     _check_finite(amax, where, "non-finite weight element")
     if section.value_type is ValueType.OPT:
-        return _opt_weight_scale(weight, section, ctx)
-    if section.granularity is Granularity.PCS:
-        return pcs_scale_from_amax(per_channel_maxabs(weight), section.backoff, section.rounding, ctx)
+        return _opt_weight_scale(weight, section, ctx, per_channel)
+    if per_channel is not None:
+        return pcs_scale_from_amax(per_channel, section.backoff, section.rounding, ctx)
     m = amax.to(ctx.hp_dtype)
     _check_finite(m, f"{where} (in {ctx.hp_dtype})", float(amax))
     return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
