@@ -557,9 +557,10 @@ def _bf16_channel_errors(
     if not _exact_lookup(columns, codes.shape[1]):
         return None
     sums = _binade_sums(codes, first_binade, n_r, np.stack(columns, axis=1))  # [groups, n_r, columns]
-    # Binade r of channel c holds units of 4**(first_binade[c] + 1 + r). Powers of two commute exactly
-    # with float addition here (no subnormals: every nonzero sum is >= 2**-266), so the per-binade
-    # factor is applied before the sum and the per-channel one after it.
+    # Binade r of channel c holds units of 4**(first_binade[c] + 1 + r). Scaling by a power of two
+    # commutes exactly with float addition while nothing goes subnormal or overflows (every factor
+    # here stays within 2**-600 .. 2**600), so the per-binade factor is applied before the sum and
+    # the per-channel one after it.
     sums *= np.ldexp(1.0, 2 * np.arange(n_r))[None, :, None]
     col = col.reshape(n_r, -1)
     total = np.zeros((codes.shape[0], kexp.shape[0]))
