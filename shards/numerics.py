@@ -131,10 +131,25 @@ def _broadcast_scale(scale: torch.Tensor | float, x: torch.Tensor, axis: int | N
 QUANT_BLOCK = 1 << 16
 
 
-def _quantize_block(x: torch.Tensor, s: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+def _quantize_block(x: torch.Tensor, s: torch.Tensor, inverse: torch.Tensor | float | None, fmt: Fp8Format,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     y = x.to(torch.float32, copy=True)
-    y.div_(s).clamp_(-fmt.fullscale, fmt.fullscale)
-    return y.to(fmt.storage)
+    y = y.mul_(inverse) if inverse is not None else y.div_(s)
+    y.clamp_(-fmt.fullscale, fmt.fullscale)
+    return y.to(fmt.storage) if out is None else out.copy_(y)
+
+
+def _inverse_scale(s: torch.Tensor) -> torch.Tensor | float | None:
+    """``1 / s`` when every scale is a power of two with a normal fp32 inverse (then ``x * (1/s)``
+    equals ``x / s`` bit for bit, and a multiply is ~2x faster than a divide), else None."""
+    if s.numel() == 1:
+        return _inverse_power_of_two(s)
+    if s.device.type != "cpu" or s.numel() == 0:
+        return None
+    mant, ex = torch.frexp(s)
+    if not bool((mant == 0.5).all()) or not bool(((1 - ex >= -125) & (1 - ex <= 127)).all()):
+        return None
+    return torch.ldexp(torch.ones_like(s), 1 - ex)
 
 
 def quantize(
@@ -146,15 +161,19 @@ def quantize(
     the first axis): the same element-wise arithmetic, without full-size fp32 temporaries.
     """
     s = _broadcast_scale(scale, x, axis)
+    inverse = _inverse_scale(s)
     # Row blocks need the scale's first axis to be x's first axis (same rank, one entry per row).
     per_row = s.ndim == x.ndim and s.shape[0] == x.shape[0] != 1
     blockable = x.ndim >= 1 and x.numel() > QUANT_BLOCK and (s.ndim == 0 or per_row)
     if not blockable:
-        return _quantize_block(x, s, fmt)
+        return _quantize_block(x, s, inverse, fmt)
     out = torch.empty(x.shape, dtype=fmt.storage, device=x.device)
     rows = max(1, QUANT_BLOCK // max(1, x[0].numel()))
     for i in range(0, x.shape[0], rows):
-        out[i : i + rows] = _quantize_block(x[i : i + rows], s if s.ndim == 0 else s[i : i + rows], fmt)
+        block = slice(i, i + rows)
+        s_i = s if s.ndim == 0 else s[block]
+        inv_i = inverse if not isinstance(inverse, torch.Tensor) else inverse[block]
+        _quantize_block(x[block], s_i, inv_i, fmt, out[block])
     return out
 
 
