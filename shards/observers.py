@@ -11,6 +11,7 @@ and left out of the max. Reference ``inc-fp8-semantics.md`` §3.3; decisions §3
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 
 from shards.discovery import DuplicateRegistrationError
 from shards.errors import ShardError
+from shards.scales import magnitude_max
 
 
 class UnknownObserverError(ShardError, ValueError):
@@ -94,18 +96,18 @@ def _fast_cpu_maxabs(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor |
 
     A CPU tensor has no device queue to stall, so looking at the result costs nothing; it saves the
     isfinite/where/count passes that the accelerator path runs on every tensor to stay sync-free.
-    One aminmax pass, no |x| temporary: max|x| = max(-min, max). NaN propagates and inf stays, so a
-    finite result proves every element finite.
+    One pass, no |x| temporary: :func:`shards.scales.magnitude_max` per tensor, and per channel an
+    aminmax with max|x| = max(-min, max). NaN propagates and inf stays, so a finite result proves
+    every element finite.
     """
     if x.device.type != "cpu":
         return None
     x = _upcast_fp8(x)
     if channel_dim is None or x.ndim == 0:
-        lo, hi = torch.aminmax(x)
-        m = torch.maximum(-lo, hi).reshape(1)
-    else:
-        lo, hi = torch.aminmax(x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1), dim=1)
-        m = torch.maximum(-lo, hi)
+        m = magnitude_max(x).reshape(1)  # bf16/fp16: a max over sign-cleared bit patterns, NaN on top
+        return m if math.isfinite(float(m)) else None
+    lo, hi = torch.aminmax(x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1), dim=1)
+    m = torch.maximum(-lo, hi)
     return m if bool(torch.isfinite(m).all()) else None
 
 
@@ -131,7 +133,8 @@ class _CountingObserver:
             )
         torch.maximum(self._state, value.to(self._state.device), out=self._state)
         assert self._nonfinite is not None
-        self._nonfinite += bad.to(self._nonfinite.device)
+        if bad is not _NO_BAD:  # the CPU fast path proved the tensor finite: nothing to add
+            self._nonfinite += bad.to(self._nonfinite.device)
 
     def result(self) -> np.ndarray | None:
         if self._state is None:
