@@ -52,11 +52,12 @@ def test_per_channel_along_the_declared_axis(dim: int) -> None:
     np.testing.assert_array_equal(obs.result(), stacked.max(axis=other).astype(np.float32))
 
 
-def test_nonfinite_values_are_counted_and_left_out() -> None:
-    x = torch.tensor([[1.0, float("nan"), -3.0], [float("inf"), 2.0, float("-inf")]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_nonfinite_values_are_counted_and_left_out(dtype: torch.dtype) -> None:
+    x = torch.tensor([[1.0, float("nan"), -3.0], [float("inf"), 2.0, float("-inf")]], dtype=dtype)
     for obs in (MaxAbsObserver(ObserveTarget("m", "i")), MaxAbsPerChannelObserver(ObserveTarget("m", "i", 0))):
         obs.update(x)
-        obs.update(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, float("nan")]]))
+        obs.update(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, float("nan")]], dtype=dtype))
         assert obs.nonfinite() == 4
     per_tensor = MaxAbsObserver(ObserveTarget("m", "i"))
     per_tensor.update(x)
