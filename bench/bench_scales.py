@@ -16,7 +16,6 @@ Run alone: ``.venv/bin/python -m bench.bench_scales [--quick]``.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -78,14 +77,9 @@ def _per_gb(t: Timing, nbytes: int) -> str:
 def _per_tensor(fn: Callable[[torch.Tensor], torch.Tensor], stack: dict[str, torch.Tensor],
                 repeats: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Fastest of ``repeats`` timings of ``fn`` on each tensor, and its results."""
-    times, results = {}, {}
-    for name, w in stack.items():
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            results[name] = fn(w)
-            best = min(best, time.perf_counter() - t0)
-        times[name] = best
+    results: dict[str, torch.Tensor] = {}
+    times = {name: time_it(lambda: results.__setitem__(name, fn(w)), repeats, warmup=0).min
+             for name, w in stack.items()}
     return times, results
 
 

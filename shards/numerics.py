@@ -142,10 +142,11 @@ def _quantize_block(x: torch.Tensor, s: torch.Tensor, inverse: torch.Tensor | fl
 def _inverse_scale(s: torch.Tensor) -> torch.Tensor | float | None:
     """``1 / s`` when every scale is a power of two with a normal fp32 inverse (then ``x * (1/s)``
     equals ``x / s`` bit for bit, and a multiply is ~2x faster than a divide), else None."""
-    if s.numel() == 1:
-        return _inverse_power_of_two(s)
     if s.device.type != "cpu" or s.numel() == 0:
         return None
+    if s.numel() == 1:
+        mant, ex = math.frexp(float(s))
+        return 2.0 ** (1 - ex) if mant == 0.5 and -125 <= 1 - ex <= 127 else None
     mant, ex = torch.frexp(s)
     if not bool((mant == 0.5).all()) or not bool(((1 - ex >= -125) & (1 - ex <= 127)).all()):
         return None
@@ -245,19 +246,10 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, fmt: Fp8Format, out
     if torch.broadcast_shapes(x.shape, s.shape) != x.shape:
         return dequantize(quantize(x, s, fmt), s, out_dtype)
     y = x.to(torch.float32, copy=True)
-    inverse = _inverse_power_of_two(s)
-    # x / s == x * (1 / s) exactly when s is a power of two (a multiply is ~2x faster than a divide).
+    inverse = _inverse_scale(s)
     y = y.mul_(inverse) if inverse is not None else y.div_(s)
     y = _round_to_grid_(y.clamp_(-fmt.fullscale, fmt.fullscale), fmt)
     return y.mul_(s).to(out_dtype)
-
-
-def _inverse_power_of_two(s: torch.Tensor) -> float | None:
-    """``1 / s`` for a one-element scale that is a power of two with a normal fp32 inverse, else None."""
-    if s.numel() != 1 or s.device.type != "cpu":
-        return None
-    mant, ex = math.frexp(float(s))
-    return 2.0 ** (1 - ex) if mant == 0.5 and -125 <= 1 - ex <= 127 else None
 
 
 def quant_dequant(

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from shards.numerics import Fp8Format
-from shards.scales import ScaleContext
+from shards.scales import ScaleContext, magnitude_codes
 
 # Elements of one block of the per-element table passes.
 CHUNK_ELEMENTS = 1 << 22
@@ -92,12 +92,6 @@ def _magnitudes(x: torch.Tensor) -> np.ndarray:
     return np.abs(x.detach().to(torch.float32).numpy(), dtype=np.float64)
 
 
-def _bf16_codes(x: torch.Tensor) -> torch.Tensor:
-    """The 15-bit magnitude codes (exponent field << 7 | mantissa) of a bf16 tensor, as int16
-    (16-bit reductions are several times faster than 32-bit ones on CPU)."""
-    return x.detach().contiguous().view(torch.int16) & 0x7FFF
-
-
 def _bf16_value(code: int) -> float:
     return float(torch.tensor(code, dtype=torch.int16).view(torch.bfloat16))
 
@@ -115,7 +109,7 @@ def fast_errors_or_none(
     # A single 16-bit channel is reduced to its distinct magnitudes with multiplicities first;
     # several bf16 channels go through mantissa histograms; anything else element by element.
     distinct = _distinct_magnitudes(x) if x.shape[0] == 1 else None
-    codes = _bf16_codes(x) if distinct is None and x.dtype is torch.bfloat16 else None
+    codes = magnitude_codes(x) if distinct is None and x.dtype is torch.bfloat16 else None
     a, code_range = None, None
     if distinct is not None:
         finite, amax = bool(np.isfinite(distinct[0]).all()), float(distinct[0].max(initial=0.0))
@@ -231,7 +225,7 @@ def _distinct_magnitudes(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | Non
     if x.dtype not in (torch.bfloat16, torch.float16):
         return None
     # Sign dropped in int16, widened to int32 only for bincount (torch's is ~3x numpy's here).
-    bits = (x.detach().reshape(-1).view(torch.int16) & 0x7FFF).to(torch.int32)
+    bits = magnitude_codes(x).reshape(-1).to(torch.int32)
     counts = torch.bincount(bits, minlength=1 << 15).numpy()
     codes = np.flatnonzero(counts[1:]) + 1  # code 0 is +0.0
     values = torch.from_numpy(codes.astype(np.int16)).view(x.dtype).to(torch.float64).numpy()
@@ -350,7 +344,7 @@ def _exact_lookup(columns: list[np.ndarray], max_count: int) -> bool:
 def _bf16_channel_errors(
     codes: torch.Tensor, code_range: tuple[torch.Tensor, torch.Tensor], kexp: np.ndarray, grid: _Grid
 ) -> np.ndarray | None:
-    """``[n_cand, groups]`` error sums of a bf16 ``[groups, K]`` tensor (``codes``: :func:`_bf16_codes`,
+    """``[n_cand, groups]`` error sums of a bf16 ``[groups, K]`` tensor (``codes``: :func:`shards.scales.magnitude_codes`,
     ``code_range``: their per-row min and max) from one histogram; None where this path does not
     apply (bf16 subnormals, candidates at different offsets per channel, inexact lookup sums)."""
     offsets = kexp - kexp[:1]

@@ -158,16 +158,21 @@ def activation_scale(
     return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
 
 
+def magnitude_codes(w: torch.Tensor) -> torch.Tensor:
+    """The sign-cleared bit patterns of a 16-bit float tensor, as int16: they order like the
+    magnitudes (inf above every finite value, NaNs above inf), and 16-bit integer reductions are
+    several times faster than float ones on CPU."""
+    return w.detach().contiguous().view(torch.int16) & 0x7FFF
+
+
 def magnitude_max(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """``amax(|w|)`` over ``dim`` (None: every element) in ``w``'s dtype; NaN if any element is NaN.
 
-    16-bit floats on CPU take the max of their sign-cleared bit patterns instead: magnitudes order
-    like those integers (inf above every finite value, NaNs above inf), and a 16-bit integer max is
-    several times faster there than abs + amax in bf16.
+    16-bit floats on CPU take the max of :func:`magnitude_codes` instead of abs + amax.
     """
     w = w.detach()
     if w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu" and w.numel() > 0:
-        bits = w.contiguous().view(torch.int16) & 0x7FFF
+        bits = magnitude_codes(w)
         return (bits.amax() if dim is None else bits.amax(dim=dim)).view(w.dtype)
     a = w.abs()
     return a.amax() if dim is None else a.amax(dim=dim)
