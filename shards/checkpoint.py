@@ -1,15 +1,17 @@
-"""Build one tensor-parallel shard of a HF Llama-family model from a safetensors checkpoint.
+"""Build one tensor-parallel shard of a HF decoder of a supported family from a safetensors checkpoint.
 
-The model is the real HF class (``LlamaForCausalLM``...), built on the meta device from a config
-whose head counts and intermediate size are divided by tp, with q/k/v/gate/up replaced by
-``ColumnParallelLinear`` and o/down by ``RowParallelLinear`` (``shards.tp_plan``). Each rank reads
-only its slices of those weights (``safe_open(...).get_slice``); embeddings, norms and lm_head are
-read whole (replicated).
+The model is the real HF class (``LlamaForCausalLM``, ``MixtralForCausalLM``...), built on the meta
+device from a config whose head counts and intermediate sizes are divided by tp (its family says
+which), with fused MoE experts replaced by per-expert Linears (``shards.families.experts``) and every
+projection of the sharding table replaced by ``ColumnParallelLinear`` / ``RowParallelLinear``
+(``shards.tp_plan``). Each rank reads only its slices of those weights (``safe_open(...).get_slice``)
+under their on-disk names (per expert, as ``save_pretrained`` writes them; a checkpoint holding
+the fused 3-D expert tensors is sliced per expert); embeddings, norms, routers and lm_head are read
+whole (replicated).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,12 +24,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from shards.errors import ShardError
+from shards.families import ModelFamily, family_for, unfuse_experts
+from shards.families.registry import EXPERT_NAME
 from shards.tp_layers import AllReduce, ColumnParallelLinear, RowParallelLinear
 from shards.tp_plan import (
     ModelDims,
     Parallel,
     bias_index,
-    check_shardable,
     rule_for,
     weight_index,
 )
@@ -72,15 +75,8 @@ def read_config(ckpt_dir: str | Path) -> PretrainedConfig:
 
 
 def local_config(config: PretrainedConfig, world: int) -> PretrainedConfig:
-    """A copy of ``config`` with heads and intermediate size divided by ``world`` (head_dim kept)."""
-    dims = ModelDims.from_config(config)
-    check_shardable(dims, world)
-    cfg = copy.deepcopy(config)
-    cfg.head_dim = dims.head_dim  # HF derives it from hidden/heads otherwise, which would change it
-    cfg.num_attention_heads = dims.num_heads // world
-    cfg.num_key_value_heads = dims.num_kv_heads // world
-    cfg.intermediate_size = dims.intermediate // world
-    return cfg
+    """A copy of ``config`` with heads and intermediate sizes divided by ``world`` (its family says which)."""
+    return family_for(config).local_config(config, world)
 
 
 class SafetensorsReader:
@@ -142,15 +138,20 @@ def _replace_projections(model: nn.Module, dims: ModelDims, rank: int, world: in
         model.set_submodule(name, layer)
 
 
-def _check_all_linears_known(model: nn.Module) -> None:
-    """Every linear must be in the sharding table or be lm_head: an unknown one would stay whole
-    while its neighbours are split, and the shard would compute garbage."""
+def _check_all_linears_known(model: nn.Module, family: ModelFamily) -> None:
+    """Every linear must be in the sharding table or replicated by the family's design: an unknown
+    one would stay whole while its neighbours are split, and the shard would compute garbage. No
+    fused 3-D weight may remain: it would never be measured or quantized."""
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and name != "lm_head":
+        if type(module) is nn.Linear and not family.is_replicated(name):
             raise CheckpointError(
-                f"module {name!r} is a Linear that the tp sharding table (shards.tp_plan.TP_RULES) does not "
-                "cover; this architecture is not supported for tp > 1"
+                f"module {name!r} is a Linear that the {family.name} family's sharding rules do not cover; "
+                "add it to the family table (shards/families/catalog.py)"
             )
+        fused = [n for n, p in module.named_parameters(recurse=False) if p.ndim > 2]
+        if fused:
+            raise CheckpointError(f"module {name!r} ({type(module).__name__}) still holds fused weights {fused}; "
+                                  f"the {family.name} family table does not unfuse this module")
 
 
 def _index_of(key: str, local_shape: tuple[int, ...], dims: ModelDims, rank: int,
@@ -168,21 +169,53 @@ def _index_of(key: str, local_shape: tuple[int, ...], dims: ModelDims, rank: int
     raise CheckpointError(f"tensor {key!r}: the sharding table knows weight and bias only")
 
 
-def _read_state(model: nn.Module, reader: SafetensorsReader, dims: ModelDims, rank: int, world: int,
-                tied: bool, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+def _fused_source(key: str, family: ModelFamily, index: Index, dims: ModelDims,
+                  reader: SafetensorsReader) -> tuple[str, Index, tuple[int, ...]] | None:
+    """Where a per-expert weight sits in a checkpoint that stores the fused 3-D expert tensors:
+    ``(fused name, index into it, its expected shape)``, or None when the checkpoint has no fused form."""
+    layout = family.experts
+    m = EXPERT_NAME.match(key.removesuffix(".weight"))
+    if layout is None or m is None or not key.endswith(".weight"):
+        return None
+    e, proj, layer = int(m["expert"]), m["proj"], m["layer"]
+    inter, hidden = dims.features("expert_intermediate"), dims.hidden
+    for prefix in (f"{layer}.experts", family.disk_name(f"{layer}.experts")):
+        fused = f"{prefix}.{'down_proj' if proj == layout.down else 'gate_up_proj'}"
+        if fused not in reader:
+            continue
+        n_exp = reader.shape(fused)[0]
+        if proj == layout.down:
+            return fused, (e, *index), (n_exp, hidden, inter)
+        rows, cols = index
+        off = 0 if proj == layout.gate else inter
+        start, stop, _ = rows.indices(inter)
+        return fused, (e, slice(start + off, stop + off), cols), (n_exp, 2 * inter, hidden)
+    return None
+
+
+def _read_state(model: nn.Module, reader: SafetensorsReader, family: ModelFamily, dims: ModelDims, rank: int,
+                world: int, tied: bool, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for key, meta in model.state_dict().items():
-        if key not in reader:
+        index, global_shape = _index_of(key, tuple(meta.shape), dims, rank, world)
+        expected = global_shape if global_shape is not None else tuple(meta.shape)
+        disk = family.disk_name(key)
+        if disk not in reader and key in reader:
+            disk = key  # a checkpoint saved under the in-model names
+        if disk not in reader:
             if tied and key == "lm_head.weight":
                 continue  # filled from the embedding below, as HF ties them
-            raise CheckpointError(f"tensor {key!r} is missing from checkpoint {str(reader.dir)!r}")
-        index, global_shape = _index_of(key, tuple(meta.shape), dims, rank, world)
-        stored = reader.shape(key)
-        expected = global_shape if global_shape is not None else tuple(meta.shape)
+            fused = _fused_source(key, family, index, dims, reader)
+            if fused is None:
+                raise CheckpointError(f"tensor {disk!r} is missing from checkpoint {str(reader.dir)!r} "
+                                      f"(model tensor {key!r}, {family.name} family); the checkpoint does not "
+                                      "match its config.json")
+            disk, index, expected = fused
+        stored = reader.shape(disk)
         if stored != expected:
-            raise CheckpointError(f"tensor {key!r} in {str(reader.dir)!r} has shape {stored}, the config "
+            raise CheckpointError(f"tensor {disk!r} in {str(reader.dir)!r} has shape {stored}, the config "
                                   f"gives {expected}")
-        t = reader.read(key, index)
+        t = reader.read(disk, index)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         state[key] = t.to(device).contiguous()
@@ -219,17 +252,19 @@ def build_tp_shard(ckpt_dir: str | Path, rank: int, world: int, all_reduce: AllR
         device: where the shard's tensors live.
     """
     config = read_config(ckpt_dir)
-    dims = ModelDims.from_config(config)
-    cfg = local_config(config, world)
+    family = family_for(config)
+    dims = family.dims(config)
+    cfg = family.local_config(config, world)
     dev = torch.device(device)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
+    unfuse_experts(model, family)
     _replace_projections(model, dims, rank, world, all_reduce)
-    _check_all_linears_known(model)
+    _check_all_linears_known(model, family)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     with ExitStack() as stack:
         reader = SafetensorsReader(ckpt_dir, stack)
-        state = _read_state(model, reader, dims, rank, world, tied, dtype, dev)
+        state = _read_state(model, reader, family, dims, rank, world, tied, dtype, dev)
     model.load_state_dict(state, strict=True, assign=True)
     _materialize_buffers(model, cfg, dev)
     model.eval()

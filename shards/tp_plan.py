@@ -1,20 +1,28 @@
-"""The one sharding table for tensor-parallel HF Llama-family decoders (Megatron style).
+"""The one sharding table for tensor-parallel HF decoders (Megatron style), dense and MoE.
 
-q/k/v/gate/up are column-parallel: the weight ``[out, in]`` is split along ``out`` (dim 0), so each
-shard produces its own slice of the output features from the full input. o/down are row-parallel:
-the weight is split along ``in`` (dim 1), each shard multiplies its slice of the input features, and
-the partial outputs are summed by an all-reduce. Every other module (embeddings, norms, lm_head) is
-replicated.
+Column-parallel projections split the weight ``[out, in]`` along ``out`` (dim 0): each shard
+produces its own slice of the output features from the full input. Row-parallel ones split along
+``in`` (dim 1): each shard multiplies its slice of the input features and the partial outputs are
+summed by an all-reduce. Every other module (embeddings, norms, routers, low-rank MLA down
+projections, lm_head) is replicated.
 
-The same table tells the stats store how a shard's per-channel statistic maps to global (tp=1)
-coordinates: a slice of the global channel axis (``Merge.CONCAT``) or the full axis, combined by
-elementwise max (``Merge.MAX``).
+MoE experts are tensor-sliced like a dense MLP (decisions §6): every rank holds a slice of *every*
+expert (gate/up split along the expert's intermediate axis, down along its input), so every rank
+sees every routed token and tp=k gives exactly tp=1's per-expert statistics, scales and FP8
+weights. Expert parallelism (whole experts per rank) would make each rank measure only its
+experts, which is the vLLM-Gaudi calibration gap users complain about.
+
+Rows are matched on the tail of a qualified module name, ``*`` standing for an expert index, so one
+table serves every family of ``shards.families`` (a family names the rule sets it uses and the
+sizes of the axes). The same table tells the stats store how a shard's per-channel statistic maps
+to global (tp=1) coordinates: a slice of the global channel axis (``Merge.CONCAT``) or the full
+axis, combined by elementwise max (``Merge.MAX``).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -42,35 +50,77 @@ class Merge(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Axis:
+    """A named feature axis: its global length, the unit it is cut in, and whether tp splits it."""
+
+    features: int
+    granule: int = 1
+    sharded: bool = True
+
+
+# Axes every decoder has; a family adds or overrides others (``ModelDims.extra``).
+_BASE_SHARDED = ("q", "kv", "intermediate")
+
+
+@dataclass(frozen=True)
 class ModelDims:
-    """The global (unsharded) sizes that the sharding table refers to."""
+    """The global (unsharded) sizes that the sharding table refers to.
+
+    ``extra`` holds the axes of a family beyond the dense Llama ones (expert and shared-expert
+    intermediate sizes, MLA head layouts) and may override ``q`` and ``attn_out`` (the input of
+    ``o_proj``, ``q`` unless overridden).
+    """
 
     hidden: int
     intermediate: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    extra: Mapping[str, Axis] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelDims":
-        """Read the sizes from a HF Llama-family config (``head_dim`` defaults like HF's)."""
+        """Read the sizes from a HF config through its family (an unsupported family is refused)."""
+        from shards.families import family_for  # the families import this module
+
+        return family_for(config).dims(config)
+
+    @classmethod
+    def dense(cls, config: Any, **extra: Axis) -> "ModelDims":
+        """The Llama-family sizes of a HF config (``head_dim`` defaults like HF's)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads, kv, head_dim)
+        return cls(config.hidden_size, config.intermediate_size, config.num_attention_heads, kv, head_dim, extra)
+
+    def _axis(self, axis: str) -> Axis:
+        if axis in self.extra:
+            return self.extra[axis]
+        base = {
+            "hidden": Axis(self.hidden, 1, False),
+            "intermediate": Axis(self.intermediate),
+            "q": Axis(self.num_heads * self.head_dim, self.head_dim),
+            "kv": Axis(self.num_kv_heads * self.head_dim, self.head_dim),
+        }
+        if axis == "attn_out":
+            return self._axis("q")
+        try:
+            return base[axis]
+        except KeyError:
+            raise TensorParallelError(f"axis {axis!r} is not defined for this model; known: "
+                                      f"{sorted({*base, 'attn_out', *self.extra})}") from None
 
     def features(self, axis: str) -> int:
-        """Number of features of a named axis: ``hidden``, ``intermediate``, ``q`` or ``kv``."""
-        sizes = {
-            "hidden": self.hidden,
-            "intermediate": self.intermediate,
-            "q": self.num_heads * self.head_dim,
-            "kv": self.num_kv_heads * self.head_dim,
-        }
-        return sizes[axis]
+        """Number of features of a named axis (``hidden``, ``intermediate``, ``q``, ``kv``, ...)."""
+        return self._axis(axis).features
 
     def granule(self, axis: str) -> int:
         """The unit a sharded axis is cut in: whole heads for attention, single features otherwise."""
-        return self.head_dim if axis in ("q", "kv") else 1
+        return self._axis(axis).granule
+
+    def sharded_axes(self) -> tuple[str, ...]:
+        """Every axis some projection of this model splits over the tp group."""
+        extra = [a for a, ax in self.extra.items() if ax.sharded and a not in _BASE_SHARDED]
+        return (*_BASE_SHARDED, *extra)
 
 
 @dataclass(frozen=True)
@@ -78,18 +128,30 @@ class ProjectionRule:
     """One row of the table: a projection, its parallel style and its global feature axes.
 
     Attributes:
-        parent: attribute name of the owning block (``self_attn`` or ``mlp``).
-        name: attribute name of the projection inside it (``q_proj``...).
+        path: the tail of the qualified module name, dotted; ``*`` matches an expert index
+            (``mlp.experts.*.gate_proj``).
         parallel: column- or row-parallel.
         in_axis: named axis of the input features (see ``ModelDims.features``).
         out_axis: named axis of the output features.
     """
 
-    parent: str
-    name: str
+    path: str
     parallel: Parallel
     in_axis: str
     out_axis: str
+
+    @property
+    def name(self) -> str:
+        """The projection's own attribute name (``q_proj``)."""
+        return self.path.rsplit(".", 1)[-1]
+
+    def matches(self, module_name: str) -> bool:
+        """Whether a qualified module name ends with this row's path."""
+        want = self.path.split(".")
+        parts = module_name.split(".")
+        if len(parts) <= len(want):  # the tail alone (``q_proj``) is not a module of a decoder
+            return False
+        return all(w == p or (w == "*" and p.isdigit()) for w, p in zip(want, parts[-len(want):]))
 
     @property
     def weight_shard_dim(self) -> int:
@@ -107,33 +169,58 @@ class ProjectionRule:
         return self.out_axis if self.parallel is Parallel.COLUMN else self.in_axis
 
 
-def _rule(parent: str, name: str, parallel: Parallel, in_axis: str, out_axis: str) -> ProjectionRule:
-    return ProjectionRule(parent, name, parallel, in_axis, out_axis)
+def _col(path: str, in_axis: str, out_axis: str) -> ProjectionRule:
+    return ProjectionRule(path, Parallel.COLUMN, in_axis, out_axis)
 
 
-TP_RULES: Mapping[str, ProjectionRule] = MappingProxyType(
-    {
-        r.name: r
-        for r in (
-            _rule("self_attn", "q_proj", Parallel.COLUMN, "hidden", "q"),
-            _rule("self_attn", "k_proj", Parallel.COLUMN, "hidden", "kv"),
-            _rule("self_attn", "v_proj", Parallel.COLUMN, "hidden", "kv"),
-            _rule("self_attn", "o_proj", Parallel.ROW, "q", "hidden"),
-            _rule("mlp", "gate_proj", Parallel.COLUMN, "hidden", "intermediate"),
-            _rule("mlp", "up_proj", Parallel.COLUMN, "hidden", "intermediate"),
-            _rule("mlp", "down_proj", Parallel.ROW, "intermediate", "hidden"),
-        )
-    }
-)
+def _row(path: str, in_axis: str, out_axis: str) -> ProjectionRule:
+    return ProjectionRule(path, Parallel.ROW, in_axis, out_axis)
+
+
+def _mlp(prefix: str, gate: str, up: str, down: str, axis: str) -> tuple[ProjectionRule, ...]:
+    return (_col(f"{prefix}.{gate}", "hidden", axis), _col(f"{prefix}.{up}", "hidden", axis),
+            _row(f"{prefix}.{down}", axis, "hidden"))
+
+
+# Rule sets, named by what they shard; a family lists the ones its layers use.
+RULE_SETS: Mapping[str, tuple[ProjectionRule, ...]] = MappingProxyType({
+    "attention": (
+        _col("self_attn.q_proj", "hidden", "q"), _col("self_attn.k_proj", "hidden", "kv"),
+        _col("self_attn.v_proj", "hidden", "kv"), _row("self_attn.o_proj", "attn_out", "hidden"),
+    ),
+    # DeepSeek MLA: q_proj (no q LoRA) or q_a_proj -> q_b_proj, kv_a_proj_with_mqa -> kv_b_proj. The
+    # low-rank down projections are replicated (listed in the family), the up projections split by head.
+    "mla_attention": (
+        _col("self_attn.q_proj", "hidden", "q"), _col("self_attn.q_b_proj", "q_lora", "q"),
+        _col("self_attn.kv_b_proj", "kv_lora", "kv_b"), _row("self_attn.o_proj", "attn_out", "hidden"),
+    ),
+    "mlp": _mlp("mlp", "gate_proj", "up_proj", "down_proj", "intermediate"),
+    "experts": _mlp("mlp.experts.*", "gate_proj", "up_proj", "down_proj", "expert_intermediate"),
+    "mixtral_experts": _mlp("mlp.experts.*", "w1", "w3", "w2", "expert_intermediate"),
+    "shared_experts": _mlp("mlp.shared_experts", "gate_proj", "up_proj", "down_proj", "shared_intermediate"),
+})
+
+
+def _union(sets: Iterable[tuple[ProjectionRule, ...]]) -> Mapping[str, ProjectionRule]:
+    table: dict[str, ProjectionRule] = {}
+    for rules in sets:
+        for r in rules:
+            if r.path in table and table[r.path] != r:
+                raise ValueError(f"sharding rule {r.path!r} is defined twice with different axes")
+            table[r.path] = r
+    return MappingProxyType(table)
+
+
+TP_RULES: Mapping[str, ProjectionRule] = _union(RULE_SETS.values())
+"""Every row, keyed by its path (the rows are the same in every family that uses them)."""
 
 
 def rule_for(module_name: str) -> ProjectionRule | None:
     """The rule of a qualified module name (``model.layers.3.mlp.up_proj``), None if replicated."""
-    parts = module_name.split(".")
-    rule = TP_RULES.get(parts[-1])
-    if rule is None or len(parts) < 2 or parts[-2] != rule.parent:
-        return None
-    return rule
+    for rule in TP_RULES.values():
+        if rule.matches(module_name):
+            return rule
+    return None
 
 
 def shard_slice(global_len: int, rank: int, world: int, granule: int = 1) -> slice:
@@ -156,7 +243,7 @@ def shard_slice(global_len: int, rank: int, world: int, granule: int = 1) -> sli
 
 def check_shardable(dims: ModelDims, world: int) -> None:
     """Raise naming the first axis that tp=``world`` cannot split into whole heads/features."""
-    for axis in ("q", "kv", "intermediate"):
+    for axis in dims.sharded_axes():
         try:
             shard_slice(dims.features(axis), 0, world, dims.granule(axis))
         except TensorParallelError as e:

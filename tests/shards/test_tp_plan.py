@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shards.tp_plan import (
+    RULE_SETS,
     TP_RULES,
     Merge,
     ModelDims,
@@ -29,11 +30,24 @@ EXPECTED_STYLE = {
     "o_proj": "row", "down_proj": "row",
 }  # fmt: skip
 
+# The dense Llama rows by projection name.
+DENSE = {r.name: r for r in RULE_SETS["attention"] + RULE_SETS["mlp"]}
+
 DIMS = ModelDims(hidden=48, intermediate=96, num_heads=8, num_kv_heads=4, head_dim=8)
 
 
 def test_table_matches_megatron_split() -> None:
-    assert {name: r.parallel.value for name, r in TP_RULES.items()} == EXPECTED_STYLE
+    dense = RULE_SETS["attention"] + RULE_SETS["mlp"]
+    assert {r.name: r.parallel.value for r in dense} == EXPECTED_STYLE
+    # Experts and shared experts are split like a dense MLP: gate/up by columns, down by rows.
+    for set_name in ("experts", "mixtral_experts", "shared_experts"):
+        assert [r.parallel.value for r in RULE_SETS[set_name]] == ["column", "column", "row"]
+
+
+def test_rows_shared_by_rule_sets_agree() -> None:
+    for rules in RULE_SETS.values():
+        for r in rules:
+            assert TP_RULES[r.path] == r
 
 
 def test_table_covers_every_llama_linear_but_lm_head() -> None:
@@ -56,6 +70,12 @@ def test_table_covers_every_llama_linear_but_lm_head() -> None:
         ("lm_head", None),
         ("model.embed_tokens", None),
         ("q_proj", None),
+        ("model.layers.1.mlp.experts.3.gate_proj", "gate_proj"),
+        ("model.layers.1.mlp.experts.3.w2", "w2"),
+        ("model.layers.1.mlp.experts.gate_proj", None),  # no expert index
+        ("model.layers.1.mlp.shared_experts.down_proj", "down_proj"),
+        ("model.layers.1.self_attn.kv_b_proj", "kv_b_proj"),
+        ("model.layers.1.self_attn.kv_a_proj_with_mqa", None),  # MLA's low-rank down projection: replicated
     ],
 )
 def test_rule_for(name: str, expected: str | None) -> None:
@@ -101,9 +121,10 @@ def test_check_shardable_names_the_axis() -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-@pytest.mark.parametrize("name", sorted(TP_RULES))
-def test_weight_slices_reassemble_the_global_weight(name: str, world: int) -> None:
-    rule = TP_RULES[name]
+@pytest.mark.parametrize("path", sorted(r.path for r in RULE_SETS["attention"] + RULE_SETS["mlp"]))
+def test_weight_slices_reassemble_the_global_weight(path: str, world: int) -> None:
+    rule = TP_RULES[path]
+    name = rule.name
     out, inn = DIMS.features(rule.out_axis), DIMS.features(rule.in_axis)
     weight = torch.arange(out * inn, dtype=torch.float32).reshape(out, inn)
     bias = torch.arange(out, dtype=torch.float32)
@@ -120,7 +141,7 @@ def test_weight_slices_reassemble_the_global_weight(name: str, world: int) -> No
 
 @pytest.mark.parametrize("name", ["q_proj", "k_proj", "v_proj"])
 def test_attention_shards_hold_whole_heads(name: str) -> None:
-    rule = TP_RULES[name]
+    rule = DENSE[name]
     for r in range(4):
         rows, _ = weight_index(rule, DIMS, r, 4)
         assert rows.start % DIMS.head_dim == 0 and rows.stop % DIMS.head_dim == 0
@@ -134,7 +155,7 @@ def _maxabs(t: torch.Tensor, dim: int) -> np.ndarray:
 
 def _tp1_and_shard_stats(name: str, world: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """Per-channel stats of an unsharded projection and of each shard, computed from explicit slices."""
-    rule = TP_RULES[name]
+    rule = DENSE[name]
     g = torch.Generator().manual_seed(3)
     out, inn = DIMS.features(rule.out_axis), DIMS.features(rule.in_axis)
     weight = torch.randn(out, inn, generator=g)
@@ -155,9 +176,9 @@ def _tp1_and_shard_stats(name: str, world: int) -> tuple[dict[str, np.ndarray], 
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-@pytest.mark.parametrize("name", sorted(TP_RULES))
+@pytest.mark.parametrize("name", sorted(r.name for r in RULE_SETS["attention"] + RULE_SETS["mlp"]))
 def test_merged_shard_stats_equal_unsharded_stats(name: str, world: int) -> None:
-    module = f"model.layers.0.{TP_RULES[name].parent}.{name}"
+    module = f"model.layers.0.{DENSE[name].path}"
     full, shard_stats = _tp1_and_shard_stats(name, world)
     for label in shard_stats[0]:
         maps = [stat_shard(module, label, DIMS, r, world) for r in range(world)]
@@ -187,8 +208,8 @@ def test_merged_shard_stats_equal_unsharded_stats(name: str, world: int) -> None
     ],
 )
 def test_stat_shard_layout(name: str, label: str, merge: Merge, exact: bool) -> None:
-    rule = TP_RULES[name]
-    s = stat_shard(f"model.layers.2.{rule.parent}.{name}", label, DIMS, 1, 2)
+    rule = DENSE[name]
+    s = stat_shard(f"model.layers.2.{rule.path}", label, DIMS, 1, 2)
     assert (s.merge, s.exact) == (merge, exact)
     if merge is Merge.CONCAT:
         assert s.local == slice(s.global_len // 2, s.global_len)
