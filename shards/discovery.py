@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from shards.errors import ShardError
@@ -77,12 +78,31 @@ class FoundModule:
                      if issubclass(c, nn.Module) and c is not nn.Module)
 
 
+def _tied_to_embedding(model: nn.Module) -> set[int]:
+    """Storage addresses of input-embedding weights (a tied output head shares one)."""
+    return {m.weight.data_ptr() for m in model.modules()
+            if isinstance(m, nn.Embedding) and not m.weight.is_meta and m.weight.numel()}
+
+
+def is_tied_head(module: nn.Module, tied: set[int]) -> bool:
+    """Whether a module's weight is an input embedding's (``lm_head`` of a tied model)."""
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and not w.is_meta and w.numel() > 0 and w.data_ptr() in tied
+
+
 def supported_modules(model: nn.Module) -> list[FoundModule]:
-    """Every module that has an op type, in ``named_modules()`` order."""
+    """Every module that has an op type, in ``named_modules()`` order.
+
+    An output head tied to the input embedding (SmolLM2, Llama-3.2-1B, small Qwen) is left out:
+    its weight *is* the embedding, which stays in high precision, and a checkpoint with a tied
+    config has no place for a separate FP8 head (decisions §6: the export computes what the
+    in-memory model computes).
+    """
+    tied = _tied_to_embedding(model)
     found = []
     for path, module in model.named_modules():
         op = op_type_of(module)
-        if op is not None:
+        if op is not None and not is_tied_head(module, tied):
             found.append(FoundModule(clean_name(path), path, module, op))
     return found
 

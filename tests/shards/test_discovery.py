@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import re
 
 import pytest
@@ -71,8 +73,17 @@ def test_hf_llama_attention_ops_are_discovered() -> None:
     for child, op in [("k_cache", "kv_cache"), ("v_cache", "kv_cache"), ("matmul_qk", "matmul"),
                       ("softmax", "softmax"), ("matmul_av", "matmul"), ("q_proj", "linear"), ("o_proj", "linear")]:
         assert ops[f"{attn}.{child}"] == op
-    assert ops["lm_head"] == "linear"
-    assert len(ops) == 2 * (7 + 5) + 1
+    assert "lm_head" not in ops  # tied to the embedding: stays high precision
+    assert len(ops) == 2 * (7 + 5)
+
+
+def test_tied_head_is_not_selected_an_untied_one_is() -> None:
+    tied = tiny_llama()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert "lm_head" not in {f.name for f in supported_modules(tied)}
+    untied = tiny_llama()
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    assert "lm_head" in {f.name for f in supported_modules(untied)}
 
 
 def test_plain_models_get_no_attention_ops() -> None:
