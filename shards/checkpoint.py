@@ -193,9 +193,10 @@ def _fused_source(key: str, family: ModelFamily, index: Index, dims: ModelDims,
     return None
 
 
-def _read_state(model: nn.Module, reader: SafetensorsReader, family: ModelFamily, dims: ModelDims, rank: int,
-                world: int, tied: bool, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+def _plan_reads(model: nn.Module, reader: SafetensorsReader, family: ModelFamily, dims: ModelDims, rank: int,
+                world: int, tied: bool) -> dict[str, tuple[str, Index]]:
+    """Model key → (on-disk tensor, index to read), every name and stored shape checked first."""
+    reads: dict[str, tuple[str, Index]] = {}
     for key, meta in model.state_dict().items():
         index, global_shape = _index_of(key, tuple(meta.shape), dims, rank, world)
         expected = global_shape if global_shape is not None else tuple(meta.shape)
@@ -204,7 +205,7 @@ def _read_state(model: nn.Module, reader: SafetensorsReader, family: ModelFamily
             disk = key  # a checkpoint saved under the in-model names
         if disk not in reader:
             if tied and key == "lm_head.weight":
-                continue  # filled from the embedding below, as HF ties them
+                continue  # filled from the embedding, as HF ties them
             fused = _fused_source(key, family, index, dims, reader)
             if fused is None:
                 raise CheckpointError(f"tensor {disk!r} is missing from checkpoint {str(reader.dir)!r} "
@@ -215,6 +216,14 @@ def _read_state(model: nn.Module, reader: SafetensorsReader, family: ModelFamily
         if stored != expected:
             raise CheckpointError(f"tensor {disk!r} in {str(reader.dir)!r} has shape {stored}, the config "
                                   f"gives {expected}")
+        reads[key] = (disk, index)
+    return reads
+
+
+def _read_state(model: nn.Module, reader: SafetensorsReader, family: ModelFamily, dims: ModelDims, rank: int,
+                world: int, tied: bool, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for key, (disk, index) in _plan_reads(model, reader, family, dims, rank, world, tied).items():
         t = reader.read(disk, index)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
@@ -236,6 +245,36 @@ def _materialize_buffers(model: nn.Module, config: PretrainedConfig, device: tor
             model.set_submodule(name, type(module)(config=config))
 
 
+def _meta_shard(config: PretrainedConfig, rank: int, world: int,
+                all_reduce: AllReduce | None) -> tuple[ModelFamily, ModelDims, nn.Module]:
+    """The family, global sizes and this rank's model on the meta device (no weights yet)."""
+    family = family_for(config)
+    dims = family.dims(config)
+    cfg = family.local_config(config, world)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    unfuse_experts(model, family)
+    _replace_projections(model, dims, rank, world, all_reduce)
+    _check_all_linears_known(model, family)
+    return family, dims, model
+
+
+def check_checkpoint(ckpt_dir: str | Path, world: int) -> ModelFamily:
+    """Everything a tp=``world`` run will read, checked from the file headers alone (no weights read).
+
+    Run by the driver before any actor starts: an unsupported family, a tp size that does not divide
+    the heads or intermediate sizes, or a tensor that is missing or has another shape than the
+    config gives, is one named error here instead of one per actor.
+    """
+    config = read_config(ckpt_dir)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for rank in range(world):
+        family, dims, model = _meta_shard(config, rank, world, (lambda t: t) if world > 1 else None)
+        with ExitStack() as stack:
+            _plan_reads(model, SafetensorsReader(ckpt_dir, stack), family, dims, rank, world, tied)
+    return family
+
+
 def build_tp_shard(ckpt_dir: str | Path, rank: int, world: int, all_reduce: AllReduce | None = None,
                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> TpShard:
     """Build rank ``rank`` of a tp=``world`` shard from a ``save_pretrained`` safetensors directory.
@@ -252,15 +291,9 @@ def build_tp_shard(ckpt_dir: str | Path, rank: int, world: int, all_reduce: AllR
         device: where the shard's tensors live.
     """
     config = read_config(ckpt_dir)
-    family = family_for(config)
-    dims = family.dims(config)
-    cfg = family.local_config(config, world)
+    family, dims, model = _meta_shard(config, rank, world, all_reduce)
+    cfg = model.config
     dev = torch.device(device)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    unfuse_experts(model, family)
-    _replace_projections(model, dims, rank, world, all_reduce)
-    _check_all_linears_known(model, family)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     with ExitStack() as stack:
         reader = SafetensorsReader(ckpt_dir, stack)
