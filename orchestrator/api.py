@@ -138,6 +138,7 @@ def _open_store(cal: _Calibration) -> ZarrStatsStore:
         meta = RunMeta(measurement_config_hash(cal.config), cal.fingerprint, dp=1, tp=1,
                        device_kind=cal.device_kind, observer=cal.plan.observer)
         cal.store = ZarrStatsStore.open_run(path, meta, overwrite=cal.overwrite)
+        cal.store.record_selected(list(cal.session.modules))  # called or not (idle MoE experts)
         cal.overwrite = False  # later flushes of this run must never wipe what it wrote
     return cal.store
 

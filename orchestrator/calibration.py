@@ -23,7 +23,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.config import Fp8Config
-from orchestrator.coverage import UncoveredPolicy, apply_policy, parse_policy, uncovered_modules
+from orchestrator.coverage import (UncoveredPolicy, expert_token_counts, parse_policy, resolve_uncovered,
+                                   uncovered_modules, with_expert_siblings)
 from orchestrator.coordinator import GlobalScales, combine_partials, global_nodes, merge_inventories, opt_requests, weight_scales
 from orchestrator.errors import CalibrationError
 from orchestrator.measure_loop import _get, _MeasureLoop, _unwrapped, resume_queues
@@ -71,6 +72,10 @@ class RunReport:
     modules_selected: int = 0
     restarts: int = 0
     uncovered: list[str] = field(default_factory=list)
+    uncovered_policy: str = ""  # the policy applied to ``uncovered`` (fail, warn, unit_scale, expert_max)
+    filled: list[str] = field(default_factory=list)  # idle expert projections expert_max filled
+    # MoE layer → expert index → tokens routed to it (0: idle; None: measured, count not stored)
+    expert_tokens: dict[str, dict[int, int | None]] = field(default_factory=dict)
     nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
     scales: int = 0
     quantized: int = 0
@@ -93,8 +98,9 @@ class Calibration:
         progress: show progress bars.
         resources: per-shard resources override (e.g. ``{"HPU": 1}`` to place simulated cards).
         timeout_s: how long to wait for placement and collectives.
-        uncovered: what to do with selected modules that saw no data: ``fail``, ``warn`` or
-            ``unit_scale`` (None: ``warn`` if the config sets ignore_modules_wo_measures, else ``fail``).
+        uncovered: what to do with selected modules that saw no data: ``fail``, ``warn``,
+            ``unit_scale`` or ``expert_max`` (see ``orchestrator.coverage``; None: ``warn`` if the
+            config sets ignore_modules_wo_measures, else ``fail``).
         max_restarts: how often a dp group may lose an actor during one measure() before it gives up.
         runner_cls: the shard actor class (tests inject faults with a subclass).
 
@@ -175,7 +181,8 @@ class Calibration:
         shared, own, skipped = resume_queues(batches, commits, self.tp, self.dp, str(store.path))
         self.report.skipped += skipped
         path = str(store.path)
-        _get([a.start_measure.remote(plan, path) for a in self.workers.actors])
+        selected = _get([a.start_measure.remote(plan, path) for a in self.workers.actors])
+        store.record_selected([n for names in selected for n in names])  # idle experts have no commit
         with self.report.timer.phase("measure"):
             _MeasureLoop(self, plan, store, shared, own).run()
             self._finish_measure()
@@ -183,6 +190,7 @@ class Calibration:
             self.global_stats = store.reduce()
         self.report.modules_measured = len(self.global_stats.modules)
         self.report.nonfinite = self.global_stats.nonfinite_report()
+        self.report.expert_tokens = expert_token_counts(store.selected_modules() or [], self.global_stats)
         return self.global_stats
 
     def _finish_measure(self) -> None:
@@ -218,7 +226,10 @@ class Calibration:
             modules = merge_inventories(_get([a.inventory.remote(plan) for a in group0]), self.dims)
             self.report.modules_selected = len(modules)
             self.report.uncovered = uncovered_modules(plan, modules, stats)
-            plan = apply_policy(plan, self.report.uncovered, policy, str(store_path(plan.dump_stats_path)))
+            self.report.expert_tokens = expert_token_counts(modules, stats)
+            resolved = resolve_uncovered(plan, self.report.uncovered, policy, str(store_path(plan.dump_stats_path)), stats)
+            plan, stats, self.report.filled = resolved.plan, resolved.stats, resolved.filled
+            self.report.uncovered_policy = policy.value if self.report.uncovered else ""
             requests = opt_requests(plan, modules)
             errors = self._opt_errors(plan, requests)
             w_scales = weight_scales(plan, modules, errors)
@@ -244,7 +255,7 @@ class Calibration:
         if stats is None:
             return []
         store = ZarrStatsStore.open(store_path(plan.dump_stats_path))
-        split = split_rules_from_commits(store.commits())
+        split = with_expert_siblings(split_rules_from_commits(store.commits()))  # filled experts: as their siblings
         return [m for _, m in reshard(stats, self.tp, split)]
 
     # ---- using the result -----------------------------------------------------------------------

@@ -86,6 +86,9 @@ def summary_table(report: RunReport, title: str = "fp8-calibrate") -> Table:
         ("modules with scales", str(report.scales)),
         ("modules quantized (per shard)", str(report.quantized)),
     ]
+    from orchestrator.coverage import summary_rows  # idle MoE experts, what the uncovered policy did
+
+    rows += summary_rows(report)
     rows += [(f"time: {k}", f"{v:.2f} s") for k, v in report.timer.seconds.items()]
     for k, v in rows:
         t.add_row(k, v)

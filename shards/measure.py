@@ -108,7 +108,10 @@ def _behaviour(found: FoundModule) -> MeasureBehaviour:
 
 
 class ModuleObservers:
-    """The observers of one module and its call count (a Python int: counting needs no sync)."""
+    """The observers of one module, its call count and the rows (tokens) its first input saw.
+
+    Both counts are Python ints taken from shapes: counting needs no device sync.
+    """
 
     def __init__(self, found: FoundModule, inputs: list[Observer], outputs: list[Observer] | None,
                  params: dict[str, Observer], behaviour: MeasureBehaviour) -> None:
@@ -118,10 +121,14 @@ class ModuleObservers:
         self.params = params
         self.behaviour = behaviour
         self.calls = 0
+        self.tokens = 0
 
     def observe_inputs(self, args: Args, kwargs: Kwargs) -> None:
         self.calls += 1
-        for obs, x in zip(self.inputs, self.behaviour.inputs_of(args, kwargs)):
+        inputs = self.behaviour.inputs_of(args, kwargs)
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() and inputs[0].shape[-1]:
+            self.tokens += inputs[0].numel() // inputs[0].shape[-1]  # rows: a routed expert's tokens
+        for obs, x in zip(self.inputs, inputs):
             if isinstance(x, torch.Tensor):
                 obs.update(x)
 
@@ -147,6 +154,7 @@ class ModuleObservers:
             params={k: r for k, o in self.params.items() if (r := o.result()) is not None},
             num_samples=self.calls,
             nonfinite=nonfinite,
+            num_tokens=self.tokens,
         )
 
 

@@ -27,6 +27,9 @@ class ModuleStats:
             values seen. Observers leave them out of the max; values imported from INC files keep
             them in the vectors as data (so an export gives the file back) and scale code refuses
             to turn them into scales.
+        num_tokens: rows (tokens) seen at ``inputs[0]`` over all calls (``numel // shape[-1]`` per
+            call): for a routed MoE expert, the tokens routed to it. 0 when unknown (INC imports,
+            stores written before it was counted).
     """
 
     name: str
@@ -36,6 +39,7 @@ class ModuleStats:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     num_samples: int = 0
     nonfinite: dict[str, int] = field(default_factory=dict)
+    num_tokens: int = 0
 
     def tensors(self) -> dict[str, np.ndarray]:
         """Every observed array keyed by a stable label: ``inputs.0``, ``outputs.1``, ``params.weight``."""
@@ -87,6 +91,7 @@ class SentCounts:
     calls: dict[str, int] = field(default_factory=dict)
     nonfinite: dict[str, dict[str, int]] = field(default_factory=dict)
     samples: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)
 
     def increment(self, m: Measurement) -> Measurement:
         """``m`` (running totals) with its counts replaced by what is new since the last call."""
@@ -96,8 +101,9 @@ class SentCounts:
             seen = self.nonfinite.get(name, {})
             nonfinite = {k: v - seen.get(k, 0) for k, v in stats.nonfinite.items() if v - seen.get(k, 0)}
             out.modules[name] = replace(stats, num_samples=stats.num_samples - self.calls.get(name, 0),
-                                        nonfinite=nonfinite)
+                                        nonfinite=nonfinite, num_tokens=stats.num_tokens - self.tokens.get(name, 0))
             self.calls[name] = stats.num_samples
+            self.tokens[name] = stats.num_tokens
             self.nonfinite[name] = dict(stats.nonfinite)
         self.samples = m.num_samples or 0
         return out
@@ -107,6 +113,7 @@ class SentCounts:
         for name, stats in after.modules.items():
             old = before.modules.get(name)
             self.calls[name] = self.calls.get(name, 0) + stats.num_samples - (old.num_samples if old else 0)
+            self.tokens[name] = self.tokens.get(name, 0) + stats.num_tokens - (old.num_tokens if old else 0)
             seen = self.nonfinite.setdefault(name, {})
             for label, n in stats.nonfinite.items():
                 seen[label] = seen.get(label, 0) + n - (old.nonfinite.get(label, 0) if old else 0)

@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 
 from shards.errors import ShardError
+from shards.expert_coverage import expert_token_counts, infer_expert_names, layer_text, parse_expert, tokens_recorded
 from shards.measurement import Measurement
 from stats_store import cli_tables
 from stats_store.errors import StatsStoreError
@@ -62,7 +63,8 @@ def cmd_ls(args: argparse.Namespace) -> dict[str, Any]:
         "num_samples": stats.num_samples,
         "shards": [{"shard": k, "generation": r.generation, "num_samples": r.num_samples, "batches_done": len(r.batch_ids)}
                    for k, r in sorted(store.commits().items())],
-        "modules": [{"name": n, "op_type": s.op_type, "num_samples": s.num_samples, "tensors": len(s.tensors()),
+        "modules": [{"name": n, "op_type": s.op_type, "num_samples": s.num_samples, "num_tokens": s.num_tokens,
+                     "tensors": len(s.tensors()),
                      "max": max((x for x in (_num(v) for v in s.tensors().values()) if x is not None), default=None),
                      "nonfinite": sum(s.nonfinite.values())} for n, s in stats.modules.items()],
     }
@@ -88,7 +90,8 @@ def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
         for label, t in rec.modules[args.module].tensors.items():
             shards.append({"shard": k, "tensor": label, "slice": t.slice.to_json() if t.slice else None,
                            "max": _num(local[label]), "values": _values(local[label])})
-    return {"module": args.module, "op_type": s.op_type, "num_samples": s.num_samples, "nonfinite": dict(s.nonfinite),
+    return {"module": args.module, "op_type": s.op_type, "num_samples": s.num_samples, "num_tokens": s.num_tokens,
+            "nonfinite": dict(s.nonfinite),
             "tensors": {lb: {"max": _num(v), "values": _values(v)} for lb, v in s.tensors().items()}, "shards": shards}
 
 
@@ -118,12 +121,20 @@ def cmd_diff(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- coverage ------------------------------------------------------------------------------------
 def cmd_coverage(args: argparse.Namespace) -> dict[str, Any]:
+    """Selected modules with no measurement, modules with no values, and per MoE layer the routed
+    experts that saw no token with every expert's token count.
+
+    The selected modules are the store's recorded inventory (``record_selected``) plus ``--expect``;
+    without an inventory the experts of a layer are inferred from the measured expert names.
+    """
     store = ZarrStatsStore.open(args.path)
     stats, _ = _current(store)
-    problems = []
-    if args.expect:
-        expected = json.loads(Path(args.expect).read_text(encoding="utf-8"))
-        problems += [{"module": n, "problem": "not measured"} for n in expected if n not in stats.modules]
+    recorded = store.selected_modules()
+    expected = json.loads(Path(args.expect).read_text(encoding="utf-8")) if args.expect else []
+    selected = list(dict.fromkeys([*(recorded or []), *expected]))
+    inventory = selected if recorded is not None else [*selected, *infer_expert_names(stats.modules)]
+    unmeasured = [n for n in selected if n not in stats.modules and parse_expert(n) is None]
+    problems: list[dict[str, Any]] = [{"module": n, "problem": "not measured"} for n in unmeasured]
     for name, s in stats.modules.items():
         if s.num_samples == 0:
             problems.append({"module": name, "problem": "0 samples"})
@@ -134,7 +145,18 @@ def cmd_coverage(args: argparse.Namespace) -> dict[str, Any]:
             idle = [i - 1 for i, v in enumerate(s.outputs) if i > 0 and v is not None and not np.nanmax(np.abs(v), initial=0) > 0]
             if idle:
                 problems.append({"module": name, "problem": f"experts with no observations: {idle}"})
-    return {"store": store.location, "modules": len(stats.modules), "uncovered": problems}
+    experts = []
+    for layer, counts in expert_token_counts(inventory, stats).items():
+        idle_ = [e for e, n in counts.items() if n == 0]
+        experts.append({"layer": layer, "experts": len(counts), "idle": idle_,
+                        "tokens": {str(e): n for e, n in counts.items()}, "summary": layer_text(counts)})
+        if idle_:
+            problems.append({"module": layer, "problem": f"experts with no token: {idle_} (of {len(counts)})"})
+    return {"store": store.location, "modules": len(stats.modules), "uncovered": problems,
+            "selected": len(selected) if recorded is not None or expected else None,
+            "inventory": "recorded" if recorded is not None else ("--expect" if expected else "none"),
+            "experts_inferred": recorded is None, "tokens_recorded": tokens_recorded(stats),
+            "unmeasured": unmeasured, "experts": experts}
 
 
 # ---- reduce --------------------------------------------------------------------------------------

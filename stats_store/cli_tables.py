@@ -39,13 +39,14 @@ def render_ls(d: dict[str, Any], console: Console) -> None:
                         [[r["run"], r.get("started"), r["config_hash"], r["device_kind"]] for r in d["runs"]]))
     console.print(table("shards", ["shard", "generation", "samples", "batches done"],
                         [[s["shard"], s["generation"], s["num_samples"], s["batches_done"]] for s in d["shards"]]))
-    console.print(table("modules", ["module", "op type", "samples", "tensors", "max |x|", "NaN/Inf"],
-                        [[m["name"], m["op_type"], m["num_samples"], m["tensors"], m["max"], m["nonfinite"]]
+    console.print(table("modules", ["module", "op type", "samples", "tokens", "tensors", "max |x|", "NaN/Inf"],
+                        [[m["name"], m["op_type"], m["num_samples"], m["num_tokens"], m["tensors"], m["max"], m["nonfinite"]]
                          for m in d["modules"]]))
 
 
 def render_show(d: dict[str, Any], console: Console) -> None:
-    console.print(f"{d['module']} ({d['op_type']}), {d['num_samples']} samples, NaN/Inf {d['nonfinite']}")
+    console.print(f"{d['module']} ({d['op_type']}), {d['num_samples']} samples, {d['num_tokens']} tokens, "
+                  f"NaN/Inf {d['nonfinite']}")
     console.print(table("global values", ["tensor", "channels", "max", "values"],
                         [[lb, len(v), t["max"], v] for lb, t in d["tensors"].items() for v in [t["values"]]]))
     console.print(table("per shard", ["shard", "tensor", "slice", "max", "values"],
@@ -66,8 +67,17 @@ def _zip_long(a: list[str], b: list[str]) -> list[tuple[str, str]]:
 
 
 def render_coverage(d: dict[str, Any], console: Console) -> None:
+    selected = "no selected-module inventory" if d["selected"] is None else f"{d['selected']} selected ({d['inventory']})"
+    console.print(f"{d['store']}: {d['modules']} module(s) measured, {selected}")
     console.print(table(f"coverage of {d['store']}: {len(d['uncovered'])} problem(s)", ["module", "what"],
                         [[u["module"], u["problem"]] for u in d["uncovered"]]))
+    if d["experts"]:
+        how = "experts inferred from measured names" if d["experts_inferred"] else "experts from the recorded inventory"
+        counts = "" if d["tokens_recorded"] else "; no token counts in this store"
+        rows = [[e["layer"], e["experts"], ", ".join(map(str, e["idle"])) or "none", e["summary"],
+                 " ".join(f"{k}:{'?' if v is None else v}" for k, v in e["tokens"].items())] for e in d["experts"]]
+        console.print(table(f"MoE experts ({how}{counts})", ["layer", "experts", "idle (0 tokens)", "summary",
+                                                             "tokens per expert"], rows))
 
 
 def render_scales(d: dict[str, Any], console: Console) -> None:

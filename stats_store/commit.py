@@ -145,7 +145,8 @@ def _pack(flushed: Mapping[str, tuple[ModuleCommit, list[_Tensor]]]) -> tuple[np
             stored = chunk[offset : offset + values.size]
             index[label] = TensorCommit(merge_name, row_checksum(stored), global_len, sl, offset)
             offset += values.size
-        modules[name] = ModuleCommit(module.op_type, module.num_samples, module.nonfinite, MappingProxyType(index))
+        modules[name] = ModuleCommit(module.op_type, module.num_samples, module.nonfinite, MappingProxyType(index),
+                                     module.num_tokens)
     return chunk, modules
 
 
@@ -197,5 +198,6 @@ def _flush_module(
         op_type=new.op_type if new else old.op_type,  # type: ignore[union-attr]
         num_samples=(old.num_samples if old else 0) + (new.num_samples if new else 0),
         nonfinite=MappingProxyType(counts),
+        num_tokens=(old.num_tokens if old else 0) + (int(new.num_tokens) if new else 0),
     )
     return module, tensors

@@ -10,6 +10,9 @@ For ``dump_stats_path = <dir>/<prefix>`` the store is ``<dir>/<prefix>.zarr``::
     reduced/values                     float32 (N,), one chunk: every module's global tensors
     reduced/module_name, module_op_type          str (M,)   the modules, in discovery order
     reduced/module_num_samples                   int64 (M,)
+    reduced/module_num_tokens                    int64 (M,)   rows seen at inputs[0] (tokens routed
+                                                 to an expert); absent in stores written before
+                                                 it was counted, which read as 0
     reduced/tensor_label                         str (T,)   e.g. inputs.0, outputs.1, params.weight
     reduced/tensor_index                         int64 (T, 3): module row, offset, length in values
     reduced/nonfinite_label                      str (F,)   NaN/Inf counts, only where non-zero
@@ -19,6 +22,9 @@ For ``dump_stats_path = <dir>/<prefix>`` the store is ``<dir>/<prefix>.zarr``::
     _commits/shard-<k>.json            commit records (written to a temp file, then os.replace); each
                                        is also the index of its chunk (module, label, op type, merge,
                                        slice, offset, length, checksum)
+    _selected.json                     the modules the run selected for measuring, called or not
+                                       (``record_selected``; union over calls; written like a
+                                       commit record). Absent in stores that never recorded it.
 
 Why packed, not a group per module with an array per tensor (format 1): zarr costs about 1 ms
 per group, 2.3 ms per array created, 2.2 ms per chunk written and 4 ms per array read on the
@@ -58,6 +64,7 @@ from stats_store.store import CommittedStore, StoreCapabilities
 from stats_store.store_errors import RunMismatchError, StoreFormatError, StoreNotFoundError
 
 COMMITS_DIR = "_commits"
+SELECTED_FILE = "_selected.json"
 SHARDS_GROUP = "shards"
 REDUCED_GROUP = "reduced"
 ZARR_SUFFIX = ".zarr"
@@ -206,7 +213,18 @@ class ZarrStatsStore(CommittedStore):
     def _read_reduced(self) -> Packed | None:
         red = self._root[REDUCED_GROUP]
         arrays = {name: np.asarray(red[name][...]) for name in (*_INDEX_NAMES, "values")}  # type: ignore[index]
+        if _TOKENS in red:  # stores reduced before tokens were counted have no such array: 0 tokens
+            arrays[_TOKENS] = np.asarray(red[_TOKENS][...])  # type: ignore[index]
         return _packed_from_arrays(arrays)
+
+    def _read_selected(self) -> list[str] | None:
+        p = self.path / SELECTED_FILE
+        if not p.is_file():
+            return None
+        return [str(n) for n in json.loads(p.read_text(encoding="utf-8"))["modules"]]
+
+    def _write_selected(self, names: list[str]) -> None:
+        atomic_write_json(self.path / SELECTED_FILE, {"modules": names})
 
     def runs(self) -> list[dict[str, Any]]:
         return list(self._root.attrs.get("runs", []))
@@ -214,6 +232,7 @@ class ZarrStatsStore(CommittedStore):
 
 _INDEX_NAMES = ("module_name", "module_op_type", "module_num_samples", "tensor_label", "tensor_index",
                 "nonfinite_label", "nonfinite_index")
+_TOKENS = "module_num_tokens"  # optional on read (added after format 2 first shipped)
 
 
 def _write_array(group: zarr.Group, name: str, value: np.ndarray, **kwargs: Any) -> None:
@@ -233,6 +252,7 @@ def _index_arrays(packed: Packed) -> dict[str, np.ndarray]:
         "module_name": np.array([m.name for m in mods], dtype=str),
         "module_op_type": np.array([m.op_type for m in mods], dtype=str),
         "module_num_samples": np.array([m.num_samples for m in mods], dtype=np.int64),
+        _TOKENS: np.array([m.num_tokens for m in mods], dtype=np.int64),
         "tensor_label": np.array([t[1] for t in tensors], dtype=str),
         "tensor_index": np.array([(t[0], t[2], t[3]) for t in tensors], dtype=np.int64).reshape(-1, 3),
         "nonfinite_label": np.array([f[1] for f in nonfinite], dtype=str),
@@ -243,12 +263,13 @@ def _index_arrays(packed: Packed) -> dict[str, np.ndarray]:
 def _packed_from_arrays(a: dict[str, np.ndarray]) -> Packed:
     """Inverse of ``_index_arrays`` (plus the values)."""
     names, ops, samples = a["module_name"].tolist(), a["module_op_type"].tolist(), a["module_num_samples"].tolist()
+    tokens = a[_TOKENS].tolist() if _TOKENS in a else [0] * len(names)
     tensors: list[list[tuple[str, int, int]]] = [[] for _ in names]
     for label, (row, off, n) in zip(a["tensor_label"].tolist(), a["tensor_index"].tolist()):
         tensors[row].append((label, off, n))
     nonfinite: list[dict[str, int]] = [{} for _ in names]
     for label, (row, count) in zip(a["nonfinite_label"].tolist(), a["nonfinite_index"].tolist()):
         nonfinite[row][label] = count
-    entries = tuple(ModuleEntry(n, o, s, MappingProxyType(f), tuple(t))
-                    for n, o, s, f, t in zip(names, ops, samples, nonfinite, tensors))
+    entries = tuple(ModuleEntry(n, o, s, MappingProxyType(f), tuple(t), k)
+                    for n, o, s, f, t, k in zip(names, ops, samples, nonfinite, tensors, tokens))
     return Packed(np.asarray(a["values"], dtype=np.float32), entries)

@@ -122,12 +122,17 @@ class TensorCommit:
 
 @dataclass(frozen=True)
 class ModuleCommit:
-    """One module of one shard's commit: op type, counts and tensors."""
+    """One module of one shard's commit: op type, counts (calls, NaN/Inf, tokens) and tensors.
+
+    ``num_tokens`` (rows seen at ``inputs[0]``) is absent from records written before it was
+    counted; they read as 0.
+    """
 
     op_type: str
     num_samples: int
     nonfinite: Mapping[str, int] = field(default_factory=dict)
     tensors: Mapping[str, TensorCommit] = field(default_factory=dict)
+    num_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,7 @@ class CommitRecord:
                 name: {
                     "op_type": m.op_type,
                     "num_samples": m.num_samples,
+                    "num_tokens": m.num_tokens,
                     "nonfinite": dict(m.nonfinite),
                     "tensors": {
                         label: {
@@ -207,6 +213,7 @@ class CommitRecord:
                         for label, t in m["tensors"].items()
                     }
                 ),
+                num_tokens=int(m.get("num_tokens", 0)),
             )
             for name, m in d["modules"].items()
         }

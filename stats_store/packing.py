@@ -20,7 +20,8 @@ from stats_store.store_errors import ShardSpecError
 
 
 def module_stats_from_tensors(
-    name: str, op_type: str, tensors: Mapping[str, np.ndarray], num_samples: int, nonfinite: Mapping[str, int]
+    name: str, op_type: str, tensors: Mapping[str, np.ndarray], num_samples: int, nonfinite: Mapping[str, int],
+    num_tokens: int = 0,
 ) -> ModuleStats:
     """Rebuild a ``ModuleStats`` from label → vector (``inputs.0``, ``outputs.2``, ``params.weight``)."""
     inputs: dict[int, np.ndarray] = {}
@@ -45,6 +46,7 @@ def module_stats_from_tensors(
         params=params,
         num_samples=num_samples,
         nonfinite=dict(nonfinite),
+        num_tokens=num_tokens,
     )
 
 
@@ -58,6 +60,7 @@ class ModuleEntry:
         num_samples: forward calls observed.
         nonfinite: tensor label → NaN/Inf count.
         tensors: ``(label, offset, length)`` of each tensor, in label order of ``ModuleStats.tensors``.
+        num_tokens: rows (tokens) seen at ``inputs[0]``; 0 when unknown.
     """
 
     name: str
@@ -65,6 +68,7 @@ class ModuleEntry:
     num_samples: int
     nonfinite: Mapping[str, int]
     tensors: tuple[tuple[str, int, int], ...]
+    num_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class Packed:
     def module_stats(self, entry: ModuleEntry) -> ModuleStats:
         """One module's statistics; its vectors are views of ``values``."""
         tensors = {label: self.values[off : off + n] for label, off, n in entry.tensors}
-        return module_stats_from_tensors(entry.name, entry.op_type, tensors, entry.num_samples, entry.nonfinite)
+        return module_stats_from_tensors(entry.name, entry.op_type, tensors, entry.num_samples, entry.nonfinite,
+                                         entry.num_tokens)
 
     def to_measurement(self, observer: str, num_samples: int | None) -> Measurement:
         """All modules as a ``Measurement`` (vectors are views of ``values``)."""
@@ -100,6 +105,6 @@ def pack_measurement(stats: Measurement) -> Packed:
             pieces.append(vec)
             offset += vec.size
         entries.append(ModuleEntry(name, module.op_type, int(module.num_samples),
-                                   MappingProxyType(dict(module.nonfinite)), tuple(tensors)))
+                                   MappingProxyType(dict(module.nonfinite)), tuple(tensors), int(module.num_tokens)))
     values = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
     return Packed(values, tuple(entries))

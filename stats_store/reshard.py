@@ -86,5 +86,6 @@ def _one_rank(
             sl = channel_slice(value.size, rank, tp, rule.granule, what=f"{name} {label}")
             slices[(name, label)] = sl
             tensors[label] = np.array(value[sl.start : sl.stop], dtype=np.float32, copy=True)
-        out.modules[name] = module_stats_from_tensors(name, stats.op_type, tensors, stats.num_samples, stats.nonfinite)
+        out.modules[name] = module_stats_from_tensors(name, stats.op_type, tensors, stats.num_samples, stats.nonfinite,
+                                                      stats.num_tokens)
     return slices, out

@@ -120,5 +120,6 @@ def _entry(name: str, op_type: str, placed: Mapping[str, _GlobalTensor], commits
     labels = sorted({lb for m in present.values() for lb in m.nonfinite})
     nonfinite = {lb: reduce_count({k: m.nonfinite.get(lb, 0) for k, m in present.items()}, tp) for lb in labels}
     samples = reduce_count({k: m.num_samples for k, m in present.items()}, tp)
+    tokens = reduce_count({k: m.num_tokens for k, m in present.items()}, tp)
     tensors = tuple((label, g.offset, g.global_len) for label, g in placed.items())
-    return ModuleEntry(name, op_type, samples, MappingProxyType(nonfinite), tensors)
+    return ModuleEntry(name, op_type, samples, MappingProxyType(nonfinite), tensors, tokens)

@@ -71,6 +71,10 @@ class StatsStore(Protocol):
 
     def runs(self) -> list[dict[str, Any]]: ...
 
+    def record_selected(self, names: Sequence[str]) -> list[str]: ...
+
+    def selected_modules(self) -> list[str] | None: ...
+
 
 class CommittedStore:
     """The logic every implementation shares, over a few storage primitives (the ``_`` methods)."""
@@ -104,6 +108,13 @@ class CommittedStore:
 
     def _read_summary(self) -> dict[str, Any] | None:
         """The reducer's summary; None before the first reduce (or while one is writing)."""
+        raise NotImplementedError
+
+    def _read_selected(self) -> list[str] | None:
+        """The recorded selected-module inventory; None when none was ever recorded."""
+        raise NotImplementedError
+
+    def _write_selected(self, names: list[str]) -> None:
         raise NotImplementedError
 
     def runs(self) -> list[dict[str, Any]]:
@@ -151,6 +162,21 @@ class CommittedStore:
         """Modules any shard has committed, sorted."""
         return sorted({name for rec in self.commits().values() for name in rec.modules})
 
+    def record_selected(self, names: Sequence[str]) -> list[str]:
+        """Record the modules a run selected for measuring, whether or not data reaches them (a MoE
+        expert no token was routed to is never called, so it has no commit); the union with what
+        was recorded before, in first-recorded order, which is returned. Written by the driver."""
+        old = self._read_selected()
+        merged = list(dict.fromkeys([*(old or []), *names]))
+        if merged != old:
+            self._write_selected(merged)
+        return merged
+
+    def selected_modules(self) -> list[str] | None:
+        """The modules recorded by :meth:`record_selected`; None when the store has no inventory
+        (written before it was recorded, or imported from INC files)."""
+        return self._read_selected()
+
     def _verified_chunk(self, rec: CommitRecord | None) -> np.ndarray:
         """The chunk ``rec`` committed, checked against its checksums (the whole chunk, then per tensor)."""
         if rec is None or rec.size == 0:
@@ -188,7 +214,8 @@ class CommittedStore:
                 else:
                     tensors[label] = np.full(t.global_len, np.nan, dtype=np.float32)
                     tensors[label][t.slice.start : t.slice.stop] = stored
-            out.modules[name] = module_stats_from_tensors(name, mod.op_type, tensors, mod.num_samples, mod.nonfinite)
+            out.modules[name] = module_stats_from_tensors(name, mod.op_type, tensors, mod.num_samples, mod.nonfinite,
+                                                          mod.num_tokens)
         return out
 
     @without_gc_pauses
@@ -278,6 +305,7 @@ class MemoryStatsStore(CommittedStore):
         self._commits: dict[int, CommitRecord] = {}
         self._chunks: dict[tuple[int, int], np.ndarray] = {}
         self._reduced: tuple[Packed, dict[str, Any]] | None = None
+        self._selected: list[str] | None = None
 
     @property
     def meta(self) -> RunMeta:
@@ -306,6 +334,12 @@ class MemoryStatsStore(CommittedStore):
 
     def _read_summary(self) -> dict[str, Any] | None:
         return None if self._reduced is None else dict(self._reduced[1])
+
+    def _read_selected(self) -> list[str] | None:
+        return None if self._selected is None else list(self._selected)
+
+    def _write_selected(self, names: list[str]) -> None:
+        self._selected = list(names)
 
     def runs(self) -> list[dict[str, Any]]:
         return [{"run": 0, "config_hash": self._meta.config_hash, "device_kind": self._meta.device_kind}]

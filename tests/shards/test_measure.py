@@ -163,3 +163,29 @@ def test_save_observer_writes_tensors(tmp_path) -> None:
     assert "0.inputs.0.00000.safetensors" in names and "0.inputs.0.00001.safetensors" in names
     assert "0.params.safetensors" in names
     assert m.modules["0"].inputs[0].tolist() == [amax(batches)]
+
+
+def test_tokens_are_the_rows_fed_to_the_first_input_of_every_call() -> None:
+    """A toy routed MoE: each expert gets only the rows routed to it; an expert with none is never called."""
+
+    class ToyMoE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(x)
+            for e in route.unique().tolist():
+                rows = route == e
+                out[rows] = self.experts[e](x[rows])
+            return out
+
+    routes = [torch.tensor([0, 0, 1, 0, 1]), torch.tensor([1, 1, 1]), torch.tensor([0])]
+    batches = [(torch.randn(len(r), 4), r) for r in routes]
+    m = measure(ToyMoE(), make_plan(), batches)
+    assert m.modules["experts.0"].num_tokens == 3 + 0 + 1 and m.modules["experts.0"].num_samples == 2
+    assert m.modules["experts.1"].num_tokens == 2 + 3 and m.modules["experts.1"].num_samples == 2
+    assert "experts.2" not in m.modules  # never routed to: no measurement at all
+    # A 3-D input counts batch x sequence rows (x.numel() // x.shape[-1]).
+    seq = measure(tiny_sequential(), make_plan(), [torch.randn(2, 5, 32), torch.randn(3, 32)])
+    assert {n: s.num_tokens for n, s in seq.modules.items()} == {"0": 2 * 5 + 3, "2": 2 * 5 + 3, "4": 2 * 5 + 3}

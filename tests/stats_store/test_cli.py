@@ -126,6 +126,70 @@ def test_coverage_lists_unobserved_modules_and_experts(tmp_path: Path, capsys: p
     capsys.readouterr()
 
 
+def _expert_measurement(tokens: dict[str, dict[int, int]], projs: tuple[str, ...]) -> Measurement:
+    """Each listed expert of each layer measured with its token count on every projection."""
+    m = Measurement()
+    for layer, experts in tokens.items():
+        for e, n in experts.items():
+            for proj in projs:
+                name = f"{layer}.experts.{e}.{proj}"
+                m.modules[name] = ModuleStats(name, "linear", [np.array([float(n)], np.float32)], None,
+                                              {"weight": np.ones(1, np.float32)}, 2, num_tokens=n)
+    return m
+
+
+def test_coverage_lists_idle_experts_per_layer_with_every_experts_tokens(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    qwen, mixtral = "model.layers.3.mlp", "model.layers.5.block_sparse_moe"
+    m = _expert_measurement({qwen: {0: 120, 1: 4, 2: 340}}, ("gate_proj", "up_proj", "down_proj"))
+    m.modules.update(_expert_measurement({mixtral: {1: 9}}, ("w1", "w3", "w2")).modules)
+    shared = f"{qwen}.shared_experts.gate_proj"  # a shared expert is not routed: a plain module
+    m.modules["model.layers.3.self_attn.q_proj"] = ModuleStats("model.layers.3.self_attn.q_proj", "linear",
+                                                               [np.ones(1, np.float32)], None, {}, 2, num_tokens=64)
+    store = ZarrStatsStore.open_run(tmp_path / "moe", RunMeta("cfg", "fp"))
+    store.commit(store.write_shard(ShardSpec(0, 1), m, [0]))
+    store.reduce()
+    # Qwen layer: 6 experts selected, 3 and 5 never called; Mixtral layer: 3 experts, 0 and 2 idle.
+    selected = ["model.layers.3.self_attn.q_proj", shared, "lm_head"]
+    selected += [f"{qwen}.experts.{e}.{p}" for e in range(6) for p in ("gate_proj", "up_proj", "down_proj")]
+    selected += [f"{mixtral}.experts.{e}.{p}" for e in range(3) for p in ("w1", "w3", "w2")]
+    store.record_selected(selected)
+    d = run_json(capsys, "coverage", str(tmp_path / "moe"))
+    assert d["selected"] == len(selected) and d["inventory"] == "recorded" and d["tokens_recorded"]
+    assert d["unmeasured"] == [shared, "lm_head"]
+    assert d["experts"] == [
+        {"layer": qwen, "experts": 6, "idle": [3, 4, 5],
+         "tokens": {"0": 120, "1": 4, "2": 340, "3": 0, "4": 0, "5": 0},
+         "summary": "experts 3, 4, 5 (0 tokens); busiest 2 (340 tokens)"},
+        {"layer": mixtral, "experts": 3, "idle": [0, 2], "tokens": {"0": 0, "1": 9, "2": 0},
+         "summary": "experts 0, 2 (0 tokens); busiest 1 (9 tokens)"},
+    ]
+    assert d["uncovered"] == [
+        {"module": shared, "problem": "not measured"},
+        {"module": "lm_head", "problem": "not measured"},
+        {"module": qwen, "problem": "experts with no token: [3, 4, 5] (of 6)"},
+        {"module": mixtral, "problem": "experts with no token: [0, 2] (of 3)"},
+    ]
+    assert main(["coverage", str(tmp_path / "moe"), "--fail"]) == 1
+    out = capsys.readouterr().out
+    assert "experts 3, 4, 5 (0 tokens); busiest 2 (340 tokens)" in out and "5:0" in out
+
+
+def test_coverage_without_an_inventory_infers_the_experts_of_each_layer(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    layers = {f"model.layers.{i}.mlp": {0: 5, 1: 0, 3: 8} for i in (1, 2)}
+    layers["model.layers.1.mlp"][2] = 1
+    store = ZarrStatsStore.open_run(tmp_path / "inf", RunMeta("cfg", "fp"))
+    store.commit(store.write_shard(ShardSpec(0, 1), _expert_measurement(layers, ("gate_proj",)), [0]))
+    d = run_json(capsys, "coverage", str(tmp_path / "inf"))
+    assert d["selected"] is None and d["experts_inferred"]
+    # Expert 1 was called on empty inputs only (0 tokens): idle too. Layer 2 never called expert 2.
+    assert [(e["layer"], e["idle"], e["tokens"]) for e in d["experts"]] == [
+        ("model.layers.1.mlp", [1], {"0": 5, "1": 0, "2": 1, "3": 8}),
+        ("model.layers.2.mlp", [1, 2], {"0": 5, "1": 0, "2": 0, "3": 8}),
+    ]
+
+
 def test_reduce_makes_the_reduced_arrays_current(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = ZarrStatsStore.open_run(tmp_path / "r", RunMeta("cfg", "fp", dp=2))
     write_all(store, 2, BATCHES, 2, 1)
