@@ -5,6 +5,10 @@
 
 Without ``--address`` (and outside a Ray job) an in-process local cluster is started, with one
 simulated card per shard on CPU.
+
+Errors print as one line and exit with status 2. An exception raised inside a shard actor names
+its type, the rank and the actor method; its full traceback goes to a log file the line names,
+under ``$FP8_ORCHESTRATOR_LOG_DIR`` (default ``<tempdir>/fp8-orchestrator-logs``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ray.exceptions import RayActorError, RayTaskError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -23,6 +28,8 @@ from orchestrator.calibration import Calibration, RunReport
 from orchestrator.coverage import UncoveredPolicy
 from orchestrator.data import Batch, make_batches, read_texts, tokenize_texts
 from orchestrator.errors import Fp8OrchestratorError
+from orchestrator.measure_loop import OWN_ERRORS
+from shards.actor_errors import ShardActorError, actor_error
 from shards.checkpoint import read_config
 from shards.errors import ShardError
 from shards.numerics import ScaleDevice
@@ -123,9 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         report = run(args)
-    except (Fp8OrchestratorError, ShardError, StatsStoreError) as e:
+    except (ShardActorError, Fp8OrchestratorError, ShardError, StatsStoreError, RayTaskError, RayActorError) as e:
+        # An error from a shard actor names its exception type, rank and the log of its traceback
+        # (ShardActorError); a Ray error not converted on the way is converted here, never printed.
+        error = actor_error(e, own=OWN_ERRORS)
         # One line whatever the terminal width; the message is text, never rich markup ("[0, 1]").
-        message = " ".join(str(e).split())
+        message = " ".join(str(error).split())
         console.print(f"[bold red]fp8-calibrate {args.command}:[/] {escape(message)}", soft_wrap=True)
         return 2
     if args.json:

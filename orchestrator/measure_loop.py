@@ -14,6 +14,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from orchestrator.data import Batch
 from orchestrator.errors import CalibrationError, Fp8OrchestratorError
 from orchestrator.progress import BatchProgress
+from shards.actor_errors import actor_error
 from shards.errors import ShardError
 from shards.plan import RunPlan
 from stats_store.errors import StatsStoreError
@@ -70,17 +71,25 @@ def resume_queues(batches: Sequence[Batch], commits: dict[int, CommitRecord], tp
     return shared, own, sum(b.batch_id in done for b in batches)
 
 
-def _unwrapped(e: RayTaskError) -> BaseException:
-    """Our own error raised inside an actor, without Ray's remote traceback around its message."""
-    cause = e.cause
-    return cause if isinstance(cause, (Fp8OrchestratorError, ShardError, StatsStoreError)) else e
+#: our error classes: raised in an actor, they reach the caller as themselves (one-line messages)
+OWN_ERRORS: tuple[type[Exception], ...] = (Fp8OrchestratorError, ShardError, StatsStoreError)
+
+
+def _unwrapped(e: RayTaskError | RayActorError) -> BaseException:
+    """The one-line error to raise for an exception raised in (or the death of) a shard actor.
+
+    Our own errors come back as themselves; anything else becomes a ``ShardTaskError`` (or
+    ``ShardActorDiedError``) naming the exception type, the rank, the method and the log file
+    holding Ray's full traceback (see ``shards.actor_errors``). Chained to ``e``.
+    """
+    return actor_error(e, own=OWN_ERRORS)
 
 
 def _get(refs: Sequence[Any]) -> list[Any]:
-    """``ray.get`` that re-raises our errors from actors as themselves (one-line messages)."""
+    """``ray.get`` whose errors from actors are one line each (see :func:`_unwrapped`)."""
     try:
         return ray.get(list(refs))
-    except RayTaskError as e:
+    except (RayTaskError, RayActorError) as e:
         raise _unwrapped(e) from e
 
 

@@ -15,10 +15,11 @@ from typing import Any, Mapping
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from shards.actor_errors import ShardActorError, actor_error, forget_actor, register_actor
 from shards.dist import DeviceKind
 from shards.errors import ShardError
 from shards.runner import ShardRunner, Topology
@@ -89,6 +90,7 @@ class WorkerGroups:
         """Kill the actors and free their placement groups (idempotent)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+            forget_actor(actor)
         for pg in self.placement_groups:
             remove_placement_group(pg)
         self.groups, self.placement_groups = [], []
@@ -105,6 +107,7 @@ class WorkerGroups:
             raise WorkerStartError(f"dp group {dp_rank}: cannot restart it (started groups: {len(self.groups)})")
         for actor in self.groups[dp_rank]:
             ray.kill(actor, no_restart=True)  # also ends a survivor blocked in a collective with the dead rank
+            forget_actor(actor)
         sp = self._spawn
         group = _start_group(sp.worker_cls, sp.checkpoint, sp.dp, sp.tp, dp_rank, sp.kind, sp.res,
                              self.placement_groups[dp_rank], sp.runner_kwargs)
@@ -123,7 +126,9 @@ def _start_group(worker_cls: Any, checkpoint: Path, dp: int, tp: int, dp_rank: i
         if res.resources:
             opts["resources"] = dict(res.resources)
         topology = Topology(dp=dp, tp=tp, dp_rank=dp_rank, tp_rank=tp_rank)
-        actors.append(worker_cls.options(**opts).remote(checkpoint, topology, kind, **runner_kwargs))
+        actor = worker_cls.options(**opts).remote(checkpoint, topology, kind, **runner_kwargs)
+        register_actor(actor, dp_rank, tp_rank)  # so its errors name its rank (shards.actor_errors)
+        actors.append(actor)
     return actors
 
 
@@ -180,16 +185,30 @@ def _load_all(started: WorkerGroups, first_dp_rank: int = 0) -> None:
     """
     where: dict[Any, tuple[int, int]] = {}
     for dp_rank, group in enumerate(started.groups, first_dp_rank):
-        rendezvous = _get(group[0].pick_rendezvous.remote(), dp_rank, 0)
+        rendezvous = _get(group[0].pick_rendezvous.remote(), dp_rank, 0, "pick_rendezvous")
         where.update({a.load.remote(rendezvous): (dp_rank, tp_rank) for tp_rank, a in enumerate(group)})
     pending = list(where)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        _get(ready[0], *where[ready[0]])
+        _get(ready[0], *where[ready[0]], "load")
 
 
-def _get(ref: Any, dp_rank: int, tp_rank: int) -> Any:
+def _get(ref: Any, dp_rank: int, tp_rank: int, method: str | None = None) -> Any:
+    """``ray.get`` of one start-up call, its errors as one line (see ``shards.actor_errors``).
+
+    Raises:
+        WorkerStartError: the actor died (the message names its rank and a log of Ray's report).
+        ShardError: the actor raised one (as itself), or raised another exception
+            (``ShardTaskError``, naming the exception type, the rank and the log of its traceback).
+    """
     try:
         return ray.get(ref)
     except RayActorError as e:
-        raise WorkerStartError(f"shard actor dp_rank={dp_rank}, tp_rank={tp_rank} died while starting: {e}") from e
+        died = actor_error(e, rank=(dp_rank, tp_rank), method=method)
+        if not isinstance(died, ShardActorError):
+            raise died from e
+        call = f" ({died.method})" if died.method else ""
+        raise WorkerStartError(f"shard actor dp_rank={dp_rank}, tp_rank={tp_rank} died while starting{call}: "
+                               f"{died.exc_type}: {died.summary}; {died.log_text}") from e
+    except RayTaskError as e:
+        raise actor_error(e, rank=(dp_rank, tp_rank), method=method) from e
