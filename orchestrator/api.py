@@ -34,6 +34,7 @@ from orchestrator.fingerprint import measurement_config_hash
 from orchestrator.model_fingerprint import FINGERPRINT_SOURCE, fingerprint_of_module
 from shards.backends import Backend, backend_for_device, detect_gaudi
 from shards.convert import convert_model, scales_of as _scales_of
+from shards.families import install_family
 from shards.hf_attention import install_hf_attention
 from shards.measure import MeasureSession, run_batch
 from shards.measurement import Measurement, SentCounts
@@ -177,6 +178,9 @@ def prepare(model: nn.Module, config: ConfigLike, *, hpu_device: ScaleDevice | N
     plan = cfg.to_plan(Mode.MEASURE, hpu_device=hpu_device if hpu_device is not None else detect_gaudi())
     if not overwrite:
         _refuse_existing_store(store_path(plan.dump_stats_path))
+    # Fused MoE experts become per-expert Linears (views, no copy) before anything else, so the
+    # fingerprint, observers and convert all see the same module tree; an unsupported model stops here.
+    install_family(model)
     fingerprint = fingerprint_of_module(model)  # before any module is added to the model
     install_hf_attention(model)
     cal: _Calibration
@@ -219,6 +223,7 @@ def finalize_calibration(model: nn.Module, *, inc_files: bool = False) -> Measur
 
 def _read_store(path: Path, plan: RunPlan, model: nn.Module) -> Measurement:
     """The reduced statistics at ``path``, refused when measured on another model or observer."""
+    install_family(model)  # fingerprints are taken after unfusing the experts
     store = ZarrStatsStore.open(path)
     stored = store.meta.model_fingerprint
     if isinstance(stored, dict) and stored.get("source") == FINGERPRINT_SOURCE:
@@ -295,6 +300,7 @@ def convert(model: nn.Module, config: ConfigLike | None = None, *, backend: Back
         raise CalibrationStateError("convert: pass a config (this model was not prepared in this process)")
     cfg = Fp8Config.load(config) if config is not None else cal.config  # type: ignore[union-attr]
     plan = cfg.to_plan(Mode.QUANTIZE, hpu_device=hpu_device if hpu_device is not None else detect_gaudi())
+    install_family(model)
     if inc_scale_file:
         _refuse_existing_scale_file(plan)
     measurement: Measurement | None = None
@@ -305,7 +311,13 @@ def convert(model: nn.Module, config: ConfigLike | None = None, *, backend: Back
     elif plan.scale_plan.uses_stats and not plan.dynamic:
         measurement, source = _read_stats(plan, model)
     install_hf_attention(model)
-    convert_model(model, plan, measurement, backend or backend_for_device(_model_device(model)), source=source)
+    result = convert_model(model, plan, measurement, backend or backend_for_device(_model_device(model)),
+                           source=source)
+    if result.left_high_precision:
+        # Never silent: an idle MoE expert or an unreached module is named, with where we looked.
+        logger.warning("%d selected module(s) have no measurement in %s and stay in high precision "
+                       "(ignore_modules_wo_measures): %s", len(result.left_high_precision), source,
+                       ", ".join(result.left_high_precision))
     if inc_scale_file:
         write_scales(scales_of(model), plan.dump_stats_path, plan.observer, plan.scale_plan.name)
     return model

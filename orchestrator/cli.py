@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("quantize", "run"):
             s.add_argument("--uncovered", default=None, choices=[p.value for p in UncoveredPolicy],
                            help="selected modules that saw no data: fail (default; warn when the config sets "
-                                "ignore_modules_wo_measures), warn (leave them in high precision) or unit_scale")
+                                "ignore_modules_wo_measures), warn (leave them in high precision), unit_scale "
+                                "(scale 1.0, not calibrated) or expert_max (an idle MoE expert gets the max of "
+                                "its layer's experts that saw tokens)")
             s.add_argument("--export", default=None, help="write a compressed-tensors FP8 checkpoint here")
             s.add_argument("--inc-world", type=int, default=None, help="also export INC measurement/scale files for N ranks")
     return p
@@ -142,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"batches": report.batches, "skipped": report.skipped, "modules_measured": report.modules_measured,
                           "modules_quantized": report.quantized, "uncovered": report.uncovered,
                           "nonfinite": report.nonfinite, "restarts": report.restarts,
+                          "uncovered_policy": report.uncovered_policy, "filled": report.filled,
+                          "expert_tokens": {layer: {str(e): n for e, n in experts.items()}
+                                            for layer, experts in report.expert_tokens.items()},
                           "seconds": report.timer.seconds}))
     else:
         console.print(summary_table(report))

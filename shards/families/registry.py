@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from shards.errors import ShardError
+from shards.expert_coverage import EXPERT_RE
 from shards.tp_plan import RULE_SETS, Axis, ModelDims, ProjectionRule, check_shardable
 
 
@@ -39,8 +40,8 @@ class ExpertLayout:
         return (self.gate, self.up, self.down)
 
 
-# An expert projection: ``<layer>.experts.<index>.<projection>``.
-EXPERT_NAME = re.compile(r"^(?P<layer>.+)\.experts\.(?P<expert>\d+)\.(?P<proj>[^.]+)$")
+# An expert projection: ``<layer>.experts.<index>.<projection>`` (one pattern, shared with coverage).
+EXPERT_NAME = EXPERT_RE
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def test_run_tp2_writes_a_complete_store_an_fp8_checkpoint_and_inc_files(tmp_pat
     # The exported FP8 weights dequantize to within FP8 rounding of the original weights.
     with safe_open(str(out / "model.safetensors"), "pt") as f, safe_open(str(model_dir / "model.safetensors"), "pt") as src:
         names = [k[: -len(".weight_scale")] for k in f.keys() if k.endswith(".weight_scale")]
-        assert len(names) == 15
+        assert len(names) == 14  # 2 layers x 7 projections; the tied lm_head stays high precision
         for name in names:
             q = f.get_tensor(f"{name}.weight")
             assert q.dtype == torch.float8_e4m3fn

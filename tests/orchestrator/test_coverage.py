@@ -220,7 +220,7 @@ def test_summary_rows_list_idle_experts_per_layer_and_what_the_policy_did() -> N
 def test_the_expert_pattern_is_the_family_registrys() -> None:
     from shards.families.registry import EXPERT_NAME
 
-    assert EXPERT_RE.pattern == EXPERT_NAME.pattern
+    assert EXPERT_NAME is EXPERT_RE
 
 
 def _idle_expert_checkpoint(path: Path) -> Path:
