@@ -274,7 +274,7 @@ class Calibration:
         plan = self.config.to_plan(Mode.QUANTIZE, hpu_device=self.hpu_device)
         with self.report.timer.phase("export"):
             ckpt = gather_checkpoint(self.checkpoint, self.quantized_state_by_rank(), self.scales.weight_scales,
-                                     dynamic=plan.dynamic, scale_method=plan.scale_plan.name)
+                                     dynamic=plan.dynamic, scale_method=plan.scale_plan.name, nodes=self.scales.nodes)
             out = write_compressed_tensors(ckpt, out_dir)
             if inc_world:
                 self._export_inc(plan, Path(out_dir), inc_world)

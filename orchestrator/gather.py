@@ -2,8 +2,15 @@
 
 FP8 weights of column-parallel layers are concatenated along the output channels, row-parallel
 ones along the input features; replicated layers are taken from rank 0. Every other tensor (norms,
-embeddings, layers left in high precision) is read from the source checkpoint, which the shards
-never modified.
+embeddings, routers, layers left in high precision) is read from the source checkpoint, which the
+shards never modified.
+
+The shards name modules as transformers 5 does with per-expert Linears (``shards.checkpoint``), so
+quantized names are mapped to the checkpoint's on-disk names through the family of its
+``config.json`` (Mixtral's ``mlp`` → ``block_sparse_moe``); a source checkpoint that stores fused
+3-D expert tensors is written per expert. The ``ignore`` list and the attention layers come from the
+model built on the meta device (no weights), and the source's tokenizer, chat template and
+generation config travel with the export (``QuantizedCheckpoint.source_dir``).
 """
 
 from __future__ import annotations
@@ -14,8 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
-from orchestrator.export import QuantizedCheckpoint, QuantizedLinear
+from orchestrator.export import (QuantizedCheckpoint, QuantizedLinear, disk_namer, family_of_config,
+                                 high_precision_modules, kv_cache_scales, split_fused_experts, warn_dropped_ops)
+from shards.families import ModelFamily
 from shards.numerics import fp8_from_bytes
 from shards.tp_plan import Parallel, rule_for
 
@@ -42,35 +52,91 @@ def _linear(name: str, per_rank: Sequence[Mapping[str, Any]], global_weight_scal
     return QuantizedLinear(weight, global_weight_scale, inp, bias)
 
 
-def _source_tensors(checkpoint: Path, skip_prefixes: Sequence[str]) -> dict[str, torch.Tensor]:
+def _source_tensors(checkpoint: Path, skip_prefixes: Sequence[str], family: ModelFamily | None) -> dict[str, torch.Tensor]:
+    """The source checkpoint's tensors outside the quantized Linears (on-disk names), fused expert
+    tensors split per expert."""
+    disk = disk_namer(family)
+    skip = tuple(p + "." for p in skip_prefixes)
     out: dict[str, torch.Tensor] = {}
     for f in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             for key in h.keys():
-                if not any(key.startswith(p + ".") for p in skip_prefixes):
-                    out[key] = h.get_tensor(key)
+                if key.startswith(skip):
+                    continue
+                for part, t in split_fused_experts(key, h.get_tensor(key), family).items():
+                    name = disk(part)
+                    if not name.startswith(skip):
+                        out[name] = t.contiguous() if part != key else t
+    return out
+
+
+def _meta_model(checkpoint: Path, family: ModelFamily | None) -> nn.Module | None:
+    """The checkpoint's model on the meta device with per-expert Linears and our attention ops
+    attached (names only); None where transformers cannot build it from the config."""
+    from transformers import AutoModelForCausalLM
+
+    from shards.checkpoint import read_config
+    from shards.families import unfuse_experts
+    from shards.hf_attention import install_hf_attention
+
+    try:
+        config = read_config(checkpoint)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if family is not None:
+        unfuse_experts(model, family)
+    install_hf_attention(model)
+    return model
+
+
+def kv_cache_node_scales(nodes: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """The input scale of every ``*.k_cache`` / ``*.v_cache`` node of the coordinator's global
+    scale nodes (INC scale-file nodes: ``{"inputs": [s], ...}``)."""
+    out = {}
+    for name, node in nodes.items():
+        if name.endswith((".k_cache", ".v_cache")) and node.get("inputs"):
+            out[name] = torch.as_tensor(node["inputs"][0], dtype=torch.float32).reshape(())
     return out
 
 
 def gather_checkpoint(checkpoint: Path, per_rank: Sequence[Mapping[str, Mapping[str, Any]]],
                       weight_scales: Mapping[str, torch.Tensor], *, dynamic: bool, scale_method: str,
-                      ignored: Sequence[str] = ()) -> QuantizedCheckpoint:
+                      ignored: Sequence[str] | None = None,
+                      nodes: Mapping[str, Mapping[str, Any]] | None = None) -> QuantizedCheckpoint:
     """The whole quantized model from one tp group's shard states.
 
     Args:
-        checkpoint: the source HF checkpoint (unquantized tensors are read from it).
-        per_rank: each tp rank's ``quantized_state()``, in rank order.
+        checkpoint: the source HF checkpoint (unquantized tensors and serving files are read from it).
+        per_rank: each tp rank's ``quantized_state()``, in rank order (in-model names).
         weight_scales: the coordinator's global weight scales.
         dynamic: per-token activation scales (no static input scales).
         scale_method: provenance recorded in the checkpoint.
-        ignored: Linear modules left in high precision.
+        ignored: modules left in high precision (on-disk names); None derives them from the model
+            (every Linear not quantized, and the family's MoE routers).
+        nodes: the coordinator's global scale nodes (``GlobalScales.nodes``); its ``k_cache`` /
+            ``v_cache`` nodes become ``k_scale`` / ``v_scale`` when the KV cache is quantized.
     """
-    linears = {name: _linear(name, [r[name] for r in per_rank], weight_scales[name])
-               for name in per_rank[0] if name in weight_scales}
+    checkpoint = Path(checkpoint)
     hf_config = json.loads((checkpoint / "config.json").read_text())
     hf_config.pop("quantization_config", None)
-    other = _source_tensors(checkpoint, list(linears))
+    family = family_of_config(hf_config)
+    disk = disk_namer(family)
+    in_model = [name for name in per_rank[0] if name in weight_scales]
+    linears = {disk(name): _linear(name, [r[name] for r in per_rank], weight_scales[name]) for name in in_model}
+    other = _source_tensors(checkpoint, list(linears), family)
     if hf_config.get("tie_word_embeddings") and "lm_head" in linears:
-        # A quantized lm_head cannot share the embedding's storage; store the embedding alone.
+        # Discovery leaves a tied head in high precision; one quantized anyway cannot share the
+        # embedding's storage: store the embedding alone and untie the config.
         hf_config["tie_word_embeddings"] = False
-    return QuantizedCheckpoint(hf_config, linears, other, list(ignored), dynamic, scale_method)
+    meta = _meta_model(checkpoint, family) if ignored is None or nodes else None
+    if ignored is None:
+        ignored = high_precision_modules(meta, family, set(in_model), disk) if meta is not None else []
+    kv = kv_cache_node_scales(nodes or {})
+    warn_dropped_ops(n for n in (nodes or {}) if n not in weight_scales and n not in kv)
+    attention_layers = sorted({n.rpartition(".")[0] for n, _ in meta.named_modules() if n.endswith(".k_cache")}) \
+        if meta is not None else sorted({n.rpartition(".")[0] for n in kv})
+    return QuantizedCheckpoint(hf_config, linears, other, list(ignored), dynamic, scale_method,
+                               kv_cache=kv_cache_scales(kv, attention_layers, family, disk),
+                               source_dir=checkpoint)

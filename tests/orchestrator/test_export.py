@@ -74,6 +74,9 @@ def test_static_export_dequantizes_within_fp8_error(tmp_path: Path, case: str) -
     linears = [n for n, m in original.items() if isinstance(m, nn.Linear)]
     for name in linears:
         w = original[name].weight.detach()
+        if name == "lm_head":  # tied to the embeddings in tiny_llama: high precision, stored once (as the embedding)
+            assert "lm_head.weight" not in tensors and "lm_head.weight_scale" not in tensors
+            continue
         if any(name == b for b in BLOCKED):
             assert torch.equal(tensors[f"{name}.weight"], w) and f"{name}.weight_scale" not in tensors
             continue
@@ -86,34 +89,55 @@ def test_static_export_dequantizes_within_fp8_error(tmp_path: Path, case: str) -
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "float-quantized"
-    assert sorted(qc["ignore"]) == BLOCKED
+    assert sorted(qc["ignore"]) == sorted(BLOCKED + ["lm_head"])
     (group,) = qc["config_groups"].values()
     assert group["targets"] == ["Linear"] and group["weights"]["strategy"] == strategy
     assert group["input_activations"] == {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
                                           "strategy": "tensor", "dynamic": False}
 
 
-def test_other_tensors_are_the_original_high_precision_ones(tmp_path: Path) -> None:
-    out = write_compressed_tensors(checkpoint_from_model(quantized_llama(tmp_path, "maxabs_pow2")), tmp_path / "ct")
+def test_other_tensors_are_the_original_high_precision_ones(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model = quantized_llama(tmp_path, "maxabs_pow2")
+    with caplog.at_level("WARNING", logger="orchestrator.export"):
+        out = write_compressed_tensors(checkpoint_from_model(model), tmp_path / "ct")
+    # The default selection also quantizes attention matmuls and softmax, which the format cannot hold: said once.
+    (warning,) = [r.getMessage() for r in caplog.records if "no place" in r.getMessage()]
+    assert warning.startswith("export: 6 quantized op(s)") and "model.layers.0.self_attn.matmul_av" in warning
     tensors = read_all(out)
     reference = tiny_llama(SEED).state_dict()
     plain = [k for k in reference if "norm" in k or "embed_tokens" in k]
     assert plain and all(torch.equal(tensors[k], reference[k]) for k in plain)
-    # No internal scale buffers or attention-op scales leak into the checkpoint.
+    # No internal scale buffers or attention-op scales leak into the checkpoint; the default selection
+    # quantizes the KV cache, whose scales are the attention layers' k_scale / v_scale.
     suffixes = {k.rsplit(".", 1)[1] for k in tensors}
-    assert suffixes == {"weight", "weight_scale", "input_scale"}
+    assert suffixes == {"weight", "weight_scale", "input_scale", "k_scale", "v_scale"}
+    assert sorted(k for k in tensors if k.endswith(("k_scale", "v_scale"))) == [
+        f"model.layers.{i}.self_attn.{kv}_scale" for i in range(2) for kv in "kv"]
 
 
-def test_config_loads_with_autoconfig_and_quantized_lm_head_unties(tmp_path: Path) -> None:
+def test_config_loads_with_autoconfig_and_tied_lm_head_stays_tied(tmp_path: Path) -> None:
     from transformers import AutoConfig
 
     out = write_compressed_tensors(checkpoint_from_model(quantized_llama(tmp_path, "maxabs_pow2")), tmp_path / "ct")
     config = AutoConfig.from_pretrained(out)
     assert config.model_type == "llama" and config.architectures == ["LlamaForCausalLM"]
     assert config.quantization_config["quant_method"] == "compressed-tensors"
-    # lm_head (tied to the embeddings in tiny_llama) now has its own FP8 weight.
-    assert config.tie_word_embeddings is False
-    assert "lm_head.weight_scale" in read_all(out)
+    # lm_head is tied to the embeddings in tiny_llama: never selected, listed in ignore, config stays tied.
+    assert config.tie_word_embeddings is True and "lm_head" in config.quantization_config["ignore"]
+    assert not [k for k in read_all(out) if k.startswith("lm_head.")]
+
+
+def test_untied_lm_head_is_quantized_and_the_config_stays_untied(tmp_path: Path) -> None:
+    from tests.family_models import family_tokens, tiny_model
+
+    cfg = {"mode": "AUTO", "scale_method": "maxabs_pow2", "allowlist": {"types": ["Linear"]},
+           "dump_stats_path": str(tmp_path / "m")}
+    model = orchestrator.quantize(tiny_model("llama"), cfg, [family_tokens(1, 2, 16)])
+    out = write_compressed_tensors(checkpoint_from_model(model), tmp_path / "ct")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["quantization_config"]["ignore"] == []
+    tensors = read_all(out)
+    assert tensors["lm_head.weight"].dtype == torch.float8_e4m3fn and "lm_head.weight_scale" in tensors
 
 
 def test_blocked_tied_lm_head_stays_tied_and_is_stored_once(tmp_path: Path) -> None:
