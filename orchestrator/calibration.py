@@ -33,12 +33,12 @@ from orchestrator.fingerprint import measurement_config_hash, model_fingerprint
 from orchestrator.progress import PhaseTimer
 from orchestrator.shard_actor import CalibrationRunner
 from orchestrator.data import Batch
-from shards.checkpoint import read_config
+from shards.checkpoint import check_checkpoint, read_config
 from shards.dist import DeviceKind
 from shards.measurement import Measurement
 from shards.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
-from shards.tp_plan import ModelDims, rule_for
+from shards.tp_plan import rule_for
 from shards.runner import ShardRunner
 from shards.worker import WorkerGroups, WorkerResources, make_workers, worker_resources
 from stats_store.layout import ZarrStatsStore, store_path
@@ -122,7 +122,10 @@ class Calibration:
         self.overwrite = overwrite
         self.progress = progress
         self.report = RunReport()
-        self.dims = ModelDims.from_config(read_config(self.checkpoint))
+        # Before any actor starts: the family is supported, tp divides its heads and intermediate
+        # sizes, and every tensor the shards will read is in the checkpoint with the config's shape.
+        self.family = check_checkpoint(self.checkpoint, tp)
+        self.dims = self.family.dims(read_config(self.checkpoint))
         self.global_stats: Measurement | None = None
         self.scales: GlobalScales | None = None
         self.uncovered = uncovered
