@@ -7,7 +7,8 @@ absolute time. Modules written by other helpers may use other keys; :func:`norma
     .venv/bin/python -m bench.run_all [--quick] [--smollm2] [--only NAME ...] [--results PATH]
 
 ``--quick`` runs every bench at a small size (a smoke run: the figures are not meaningful) and
-writes no RESULTS.md unless ``--results`` is given.
+writes no RESULTS.md unless ``--results`` is given. ``--smollm2`` puts SmolLM2-135M into the accuracy
+and end-to-end rows (bench_e2e still uses the tiny demo Llama with ``--quick``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ MODULES: tuple[str, ...] = (
     "bench_qdq_forward",
     "bench_accuracy",
     "bench_inc_import",
+    "bench_moe",
+    "bench_e2e",
 )
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
