@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m orchestrator.demo
 
 bench: $(STAMP)
-	$(PY) -m bench.run_all
+	$(PY) -m bench.run_all --smollm2
 
 clean:
 	rm -rf $(VENV) .pytest_cache
