@@ -60,3 +60,18 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
 def family_tokens(seed: int, batch: int, length: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def idle_expert_mixtral(seed: int = 0) -> nn.Module:
+    """A tiny top-1 Mixtral whose router never picks experts 2 and 3.
+
+    Each layer's router rows are ``-10v, 10v, 5v, 0`` for a random ``v``: the top-1 of
+    ``(-10, 10, 5, 0)·(v·x)`` is expert 1 when ``v·x > 0`` and expert 0 otherwise.
+    """
+    model = tiny_model("mixtral", seed, num_experts_per_tok=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            v = torch.randn(w.shape[1])
+            w.copy_(torch.stack([-10 * v, 10 * v, 5 * v, 0 * v]))
+    return model

@@ -20,7 +20,7 @@ from orchestrator.data import Batch
 from shards.tp_plan import Parallel, rule_for
 from shards.worker import WorkerResources
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
-from tests.shards.tp_fixtures import make_tiny_llama, reference_model
+from tests.shards.tp_fixtures import concat_shards, make_tiny_llama, reference_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(300)]
 
@@ -49,14 +49,6 @@ def _run(ckpt: Path, tmp: Path, method: str, tp: int, dp: int = 1) -> dict[str, 
                 "local_nodes": cal.scales_by_rank(), "report": cal.report}
 
 
-def _concat(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    rule = rule_for(name)
-    if rule is None:
-        assert all(torch.equal(p, parts[0]) for p in parts), f"{name}: replicated module differs between ranks"
-        return parts[0]
-    return torch.cat(parts, dim=0 if rule.parallel is Parallel.COLUMN else 1)
-
-
 @pytest.mark.parametrize("method", ["maxabs_hw_opt_weight", "act_maxabs_pow2_weights_pcs_opt_pow2"])
 def test_tp2_gives_exactly_the_tp1_fp8_weights_and_scales(ckpt: Path, tmp_path: Path, method: str) -> None:
     one, two = _run(ckpt, tmp_path, method, tp=1), _run(ckpt, tmp_path, method, tp=2)
@@ -67,7 +59,7 @@ def test_tp2_gives_exactly_the_tp1_fp8_weights_and_scales(ckpt: Path, tmp_path: 
     (fp8_one,) = one["fp8"]
     assert len(fp8_one) == 15  # 2 layers x 7 projections + lm_head
     for name, state in fp8_one.items():
-        cat = _concat(name, [r[name]["codes"] for r in two["fp8"]])
+        cat = concat_shards(name, [r[name]["codes"] for r in two["fp8"]])
         assert torch.equal(cat, state["codes"]), f"{name}: FP8 weights differ between tp=1 and tp=2"
     # Each rank's own scales are its slice of the global ones (column-parallel PCS sliced by rows).
     for name, node in one["scales"].nodes.items():

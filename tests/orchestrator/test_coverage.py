@@ -224,18 +224,10 @@ def test_the_expert_pattern_is_the_family_registrys() -> None:
 
 
 def _idle_expert_checkpoint(path: Path) -> Path:
-    """A Mixtral whose router never picks experts 2 and 3 (top-1 of -10·v·x, 10·v·x, 5·v·x and 0)."""
-    import torch
+    """A Mixtral whose router never picks experts 2 and 3, saved."""
+    from tests.family_models import idle_expert_mixtral
 
-    from tests.family_models import tiny_model
-
-    model = tiny_model("mixtral", num_experts_per_tok=1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            w = layer.mlp.gate.weight
-            v = torch.randn(w.shape[1])
-            w.copy_(torch.stack([-10 * v, 10 * v, 5 * v, 0 * v]))
-    model.save_pretrained(path)
+    idle_expert_mixtral().save_pretrained(path)
     return path
 
 

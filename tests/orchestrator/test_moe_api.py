@@ -15,7 +15,7 @@ from shards.families import UnfusedExperts, family_for
 from shards.qmodules import QuantLinear
 from shards.scale_spec import PREDEFINED
 from shards.scales import ScaleContext, weight_scale
-from tests.family_models import MOE_FAMILIES, family_tokens, tiny_model
+from tests.family_models import MOE_FAMILIES, family_tokens, idle_expert_mixtral, tiny_model
 
 
 def cfg(tmp_path: Path, **extra: object) -> dict[str, object]:
@@ -119,24 +119,13 @@ def test_every_expert_weight_becomes_fp8_with_its_own_scale(tmp_path: Path, fam:
     assert all(n.endswith(("embed_tokens.weight", "gate.weight", "lm_head.weight")) or ".experts." in n for n in high), high
 
 
-def _idle_expert_mixtral() -> nn.Module:
-    """A Mixtral whose router never picks experts 2 and 3 (top-1 of +-10·v·x, 5·v·x and 0)."""
-    model = tiny_model("mixtral", num_experts_per_tok=1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            w = layer.mlp.gate.weight
-            v = torch.randn(w.shape[1])
-            w.copy_(torch.stack([-10 * v, 10 * v, 5 * v, 0 * v]))
-    return model
-
-
 def test_idle_expert_fails_by_name_or_stays_high_precision_announced(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     batches = [family_tokens(s, 2, 16) for s in range(2)]
     with pytest.raises(MissingMeasurementError, match=r"model\.layers\.0\.mlp\.experts\.2\.w1"):
-        orchestrator.quantize(_idle_expert_mixtral(), cfg(tmp_path), batches)
+        orchestrator.quantize(idle_expert_mixtral(), cfg(tmp_path), batches)
     with caplog.at_level(logging.WARNING):
-        model = orchestrator.quantize(_idle_expert_mixtral(), cfg(tmp_path / "b", ignore_modules_wo_measures=True),
+        model = orchestrator.quantize(idle_expert_mixtral(), cfg(tmp_path / "b", ignore_modules_wo_measures=True),
                                       batches)
     idle = model.get_submodule("model.layers.0.mlp.experts.3.w2")
     assert not isinstance(idle, QuantLinear) and not torch.isnan(idle.weight).any()

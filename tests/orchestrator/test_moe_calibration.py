@@ -13,9 +13,9 @@ from orchestrator import quantize, scales_of
 from orchestrator.calibration import Calibration
 from orchestrator.data import Batch
 from shards.families.registry import EXPERT_NAME
-from shards.tp_plan import Parallel, rule_for
 from shards.worker import WorkerResources
 from tests.family_models import VOCAB, tiny_model
+from tests.shards.tp_fixtures import concat_shards
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(400)]
@@ -45,14 +45,6 @@ def _run(ckpt: Path, tmp: Path, method: str, tp: int) -> dict[str, Any]:
         return {"stats": stats, "scales": scales, "fp8": cal.quantized_state_by_rank()}
 
 
-def _concat(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    rule = rule_for(name)
-    if rule is None:
-        assert all(torch.equal(p, parts[0]) for p in parts), f"{name}: replicated module differs between ranks"
-        return parts[0]
-    return torch.cat(parts, dim=0 if rule.parallel is Parallel.COLUMN else 1)
-
-
 @pytest.mark.parametrize("fam, method", [("mixtral", "maxabs_pow2"), ("deepseek_v3", "maxabs_hw"),
                                          ("qwen3_moe", "act_maxabs_pow2_weights_pcs_opt_pow2")])
 def test_moe_tp2_gives_exactly_the_tp1_fp8_weights_and_scales(tmp_path_factory: pytest.TempPathFactory,
@@ -73,7 +65,7 @@ def test_moe_tp2_gives_exactly_the_tp1_fp8_weights_and_scales(tmp_path_factory: 
     (fp8_one,) = one["fp8"]
     assert [n for n in fp8_one if EXPERT_NAME.match(n)] == experts
     for name, state in fp8_one.items():
-        cat = _concat(name, [r[name]["codes"] for r in two["fp8"]])
+        cat = concat_shards(name, [r[name]["codes"] for r in two["fp8"]])
         assert torch.equal(cat, state["codes"]), f"{name}: FP8 weights differ between tp=1 and tp=2"
 
 

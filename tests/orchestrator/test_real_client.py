@@ -41,18 +41,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 import orchestrator
 import shards.qmodules as qmodules
 from orchestrator.export import ExportError, checkpoint_from_model
-from orchestrator.export_ct import INDEX_FILE, SINGLE_FILE, copy_serving_files, serving_files, write_compressed_tensors
+from orchestrator.export_ct import copy_serving_files, serving_files, write_compressed_tensors
 from shards.convert import quantized_modules
 from shards.families import family_for
 from shards.families.registry import EXPERT_NAME
 from shards.hf_attention import KVCache
 from shards.qmodules import QuantKVCache, QuantLinear
+from tests.orchestrator.test_export import read_all
 from tests.family_models import FAMILY_NAMES, MOE_FAMILIES, VOCAB, family_tokens, tiny_model
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
 
@@ -78,16 +78,6 @@ def quantized_family(fam: str, tmp: Path, *, method: str = "maxabs_pow2", types:
            "dump_stats_path": str(tmp / "stats" / fam), "dynamic_quantization": dynamic, **extra}
     model = model if model is not None else tiny_model(fam)
     return orchestrator.quantize(model, cfg, None if dynamic else (calib or CALIB))
-
-
-def read_all(out: Path) -> dict[str, torch.Tensor]:
-    index = out / INDEX_FILE
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [SINGLE_FILE]
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(out / f), framework="pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return tensors
 
 
 def saved_names(model: nn.Module, tmp: Path) -> set[str]:

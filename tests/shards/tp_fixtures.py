@@ -115,3 +115,15 @@ def run_ranks(world: int, fn: Callable[[int], T]) -> list[T]:
     if errors:
         raise errors[0]
     return results
+
+
+def concat_shards(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The global tensor of module ``name`` from its tp ranks' pieces (weights ``[out, in]``):
+    column-parallel along the outputs, row-parallel along the inputs, replicated ones equal."""
+    from shards.tp_plan import Parallel, rule_for
+
+    rule = rule_for(name)
+    if rule is None:
+        assert all(torch.equal(p, parts[0]) for p in parts), f"{name}: replicated module differs between ranks"
+        return parts[0]
+    return torch.cat(parts, dim=0 if rule.parallel is Parallel.COLUMN else 1)
