@@ -121,3 +121,35 @@ def test_demo_metrics() -> None:
     assert perplexity(sure, ids) == pytest.approx(1.0)
     assert top1_agreement(sure, sure) == 1.0
     assert top1_agreement(sure, uniform) == pytest.approx(0.25)  # argmax of uniform rows is token 0
+
+
+def test_fp8_export_loads_in_the_real_client_and_computes_what_we_computed(checkpoint: Path, tmp_path: Path) -> None:
+    """SmolLM2 through the real client: transformers + compressed-tensors load our export with no
+    missing / unexpected / mismatched key, and give the logits of our in-memory quantized model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import orchestrator
+    from orchestrator.export import checkpoint_from_model
+    from orchestrator.export_ct import write_compressed_tensors
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
+    calib = torch.tensor([tok(SENTENCE * 3)["input_ids"][:32]])
+    probe = torch.tensor([tok("The keeper climbed the stairs and lit the lamp at dusk.")["input_ids"][:12]])
+    cfg = {"mode": "AUTO", "scale_method": "maxabs_pow2", "hp_dtype": "FP32", "allowlist": {"types": ["Linear"]},
+           "dump_stats_path": str(tmp_path / "stats" / "smollm2")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ours = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        orchestrator.quantize(ours, cfg, [{"input_ids": calib, "use_cache": False}])
+        out = write_compressed_tensors(checkpoint_from_model(ours, source_dir=checkpoint), tmp_path / "fp8")
+        client, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+        with torch.no_grad():
+            want = ours(input_ids=probe, use_cache=False).logits
+            got = client.eval()(input_ids=probe, use_cache=False).logits
+    finally:
+        torch.set_num_threads(threads)
+    assert {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v} == {}
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    # Same FP8 codes, scales and input QDQ on both sides: only fp32 summation order differs.
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
