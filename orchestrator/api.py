@@ -34,7 +34,8 @@ from orchestrator.fingerprint import measurement_config_hash
 from orchestrator.model_fingerprint import FINGERPRINT_SOURCE, fingerprint_of_module
 from shards.backends import Backend, backend_for_device, detect_gaudi
 from shards.convert import convert_model, scales_of as _scales_of
-from shards.families import install_family
+from shards.families import family_of_model, install_family
+from shards.families.inc_names import family_view
 from shards.hf_attention import install_hf_attention
 from shards.measure import MeasureSession, run_batch
 from shards.measurement import Measurement, SentCounts
@@ -255,14 +256,21 @@ def _read_inc(plan: RunPlan) -> tuple[Measurement | None, str]:
 
 
 def _read_stats(plan: RunPlan, model: nn.Module) -> tuple[Measurement | None, str]:
-    """The measurement for ``plan``: from the stats store, else from INC files; and where it came from."""
+    """The measurement for ``plan``: from the stats store, else from INC files; and where it came from.
+
+    Either may hold vLLM-Gaudi's names for a MoE layer (a fused ``moe_op`` and per-expert lists,
+    e.g. imported with ``stats-store import-inc``): our per-expert Linears read them through the
+    model's family (``shards.families.inc_names``).
+    """
     path = store_path(plan.dump_stats_path)
     if path.exists():
-        return _read_store(path, plan, model), f"the stats store '{path}'"
-    measurement, source = _read_inc(plan)
-    if measurement is None:
-        return None, f"the stats store '{path}' (none there) or {source}"
-    return measurement, source
+        measurement, source = _read_store(path, plan, model), f"the stats store '{path}'"
+    else:
+        measurement, source = _read_inc(plan)
+        if measurement is None:
+            return None, f"the stats store '{path}' (none there) or {source}"
+    family = family_of_model(model)
+    return (family_view(measurement, family) if family is not None else measurement), source
 
 
 def _scale_file_paths(plan: RunPlan) -> list[Path]:

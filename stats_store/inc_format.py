@@ -29,6 +29,7 @@ import numpy as np
 from shards.measurement import Measurement, ModuleStats, as_maxabs
 
 from stats_store.errors import IncFileExistsError, IncFileNotFoundError, IncFormatError
+from stats_store.inc_experts import globalize_rank_set, has_expert_lists, localize_experts
 from stats_store.inc_names import (
     MOD_LIST_SUFFIX,
     IncFileName,
@@ -487,9 +488,21 @@ def unify_measurements(parts: Sequence[Measurement], sources: Sequence[str] | No
 
 
 def read_measurement_set(paths: Sequence[str | Path]) -> Measurement:
-    """Import per-rank INC measurement files and unify them by elementwise max."""
+    """Import per-rank INC measurement files and unify them by elementwise max.
+
+    In a set of several ranks, vLLM-Gaudi's expert-parallel MoE nodes (``…w13_list.<k>``, local
+    expert ``k``) are first renamed to their global expert index (``stats_store.inc_experts``), so
+    that different experts are never merged into one.
+    """
     files = [read_inc_measurement(p) for p in paths]
-    return unify_measurements([f.measurement for f in files], [str(f.path) for f in files])
+    parts, sources = [f.measurement for f in files], [str(f.path) for f in files]
+    ranks = [parse_rank_suffix(f.path) for f in files]
+    if len(files) > 1 and any(has_expert_lists(m) for m in parts):
+        if any(r is None for r in ranks):
+            raise IncFormatError(f"expert-parallel MoE nodes in {sources}: every file needs its _<rank>_<world> "
+                                 "suffix to place its experts; rename the files as INC wrote them")
+        parts = globalize_rank_set(parts, [r[0] for r in ranks if r is not None], sources)
+    return unify_measurements(parts, sources)
 
 
 def read_measurement(path_or_prefix: str | Path) -> Measurement:
@@ -684,7 +697,9 @@ def measurement_for_rank(m: Measurement, rank: int, world: int, slicer: ChannelS
         )
         for name, st in m.modules.items()
     }
-    return Measurement(observer=m.observer, modules=modules, num_samples=m.num_samples)
+    out = Measurement(observer=m.observer, modules=modules, num_samples=m.num_samples)
+    # Expert-parallel MoE nodes: each rank writes its own experts under local indices.
+    return localize_experts(out, rank, world) if world > 1 and has_expert_lists(out) else out
 
 
 def export_measurement(

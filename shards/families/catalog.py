@@ -57,6 +57,7 @@ _ENTRIES = (
         high_precision=("MixtralTopKRouter",),
         # transformers 5 calls the MoE block ``mlp``; checkpoints (and vLLM) call it block_sparse_moe.
         disk_renames=((r"^(model\.layers\.\d+)\.mlp\.", r"\1.block_sparse_moe."),),
+        inc_renames=((r"^(model\.layers\.\d+)\.block_sparse_moe\.", r"\1.mlp."),),
         extra_axes=_mixtral_axes,
     ),
     ModelFamily(
@@ -75,6 +76,7 @@ _ENTRIES = (
                              intermediate_attr="moe_intermediate_size"),
         high_precision=("DeepseekV3TopkRouter",),
         extra_axes=_deepseek_axes,
+        inc_renames=((r"\.self_attn\.mla_attn\.impl\.kv_b_proj$", ".self_attn.kv_b_proj"),),
         keeps_head_dim=False,  # MLA head sizes are their own config keys
     ),
 )

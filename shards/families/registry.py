@@ -61,6 +61,8 @@ class ModelFamily:
         disk_renames: (in-model regex, on-disk replacement) pairs applied to state-dict names, in
             order (transformers 5 renames Mixtral's ``block_sparse_moe`` to ``mlp`` on load).
         extra_axes: the family's axes beyond the dense Llama ones, read from a config.
+        keeps_head_dim: ``head_dim`` is a plain config key tp must keep (not MLA's own head sizes).
+        inc_renames: (regex, replacement) pairs from INC / vLLM-Gaudi measurement names to ours.
     """
 
     name: str
@@ -73,6 +75,7 @@ class ModelFamily:
     disk_renames: tuple[tuple[str, str], ...] = ()
     extra_axes: Callable[[Any], Mapping[str, Axis]] = field(default=lambda config: {})
     keeps_head_dim: bool = True
+    inc_renames: tuple[tuple[str, str], ...] = ()
 
     @property
     def rules(self) -> tuple[ProjectionRule, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -144,3 +145,33 @@ def test_quantized_moe_forward_stays_close(tmp_path: Path, fam: str) -> None:
         got = model(ids, use_cache=False).logits
     rel = float((got - ref).norm() / ref.norm())
     assert torch.isfinite(got).all() and rel < 0.1, rel
+
+
+def test_vllm_gaudi_inc_files_quantize_every_expert(tmp_path: Path) -> None:
+    """A user with vLLM-Gaudi's INC measurement of a Mixtral (fused ``moe_op`` + per-expert
+    ``w13_list``/``w2_list``) converts our per-expert model from it: every expert is quantized, gate
+    and up from the layer's hidden-state max-abs, down from the expert's own intermediate max-abs."""
+    from shards.measurement import Measurement, ModuleStats
+    from shards.scales import activation_scale
+    from stats_store.inc_format import write_measurement
+
+    modules = {"lm_head": ModuleStats("lm_head", "linear", inputs=[np.array([2.0], np.float32)], num_samples=2)}
+    for layer in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            name = f"model.layers.{layer}.self_attn.{proj}"
+            modules[name] = ModuleStats(name, "linear", inputs=[np.array([1.5], np.float32)], num_samples=2)
+        op = f"model.layers.{layer}.block_sparse_moe.experts.moe_op"
+        modules[op] = ModuleStats(op, "dynamic_moe", inputs=[np.array([7.0], np.float32)],
+                                  outputs=[np.array([1.0], np.float32)] + [np.array([3.0 + e], np.float32) for e in range(4)],
+                                  num_samples=2)
+    config = cfg(tmp_path)
+    write_measurement(Measurement(modules=modules), str(config["dump_stats_path"]))
+    model = orchestrator.convert(tiny_model("mixtral"), config)
+    nodes = orchestrator.scales_of(model)
+    spec, ctx = PREDEFINED["MAXABS_POW2"], ScaleContext()
+    for layer in range(2):
+        for e in range(4):
+            prefix = f"model.layers.{layer}.mlp.experts.{e}"
+            for proj, amax in (("w1", 7.0), ("w3", 7.0), ("w2", 3.0 + e)):
+                assert isinstance(model.get_submodule(f"{prefix}.{proj}"), QuantLinear)
+                assert nodes[f"{prefix}.{proj}"]["inputs"] == [float(activation_scale(amax, spec.activation, ctx))]
