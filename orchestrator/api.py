@@ -36,7 +36,7 @@ from shards.backends import Backend, backend_for_device, detect_gaudi
 from shards.convert import convert_model, scales_of as _scales_of
 from shards.families import family_of_model, install_family
 from shards.families.inc_names import family_view
-from shards.hf_attention import install_hf_attention
+from shards.hf_attention import install_hf_attention_if_asked
 from shards.measure import MeasureSession, run_batch
 from shards.measurement import Measurement, SentCounts
 from shards.numerics import ScaleDevice
@@ -183,7 +183,7 @@ def prepare(model: nn.Module, config: ConfigLike, *, hpu_device: ScaleDevice | N
     # fingerprint, observers and convert all see the same module tree; an unsupported model stops here.
     install_family(model)
     fingerprint = fingerprint_of_module(model)  # before any module is added to the model
-    install_hf_attention(model)
+    install_hf_attention_if_asked(model, plan.selection)
     cal: _Calibration
 
     def dump(_session: MeasureSession) -> None:
@@ -318,7 +318,7 @@ def convert(model: nn.Module, config: ConfigLike | None = None, *, backend: Back
         source = f"the measurement just collected (written to the stats store '{store_path(cal.plan.dump_stats_path)}')"
     elif plan.scale_plan.uses_stats and not plan.dynamic:
         measurement, source = _read_stats(plan, model)
-    install_hf_attention(model)
+    install_hf_attention_if_asked(model, plan.selection)
     result = convert_model(model, plan, measurement, backend or backend_for_device(_model_device(model)),
                            source=source)
     if result.left_high_precision:

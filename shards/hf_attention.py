@@ -13,15 +13,20 @@ each op done by a child module we attach to the attention layer:
 
 These are the names optimum-habana uses, so INC measurement files of Llama-family models line up.
 Measuring and quantizing then work on these modules like on any other (op types matmul, kv_cache,
-softmax of ``shards.op_types``).
+softmax of ``shards.op_types``). They are attached only when a run's allowlist ``types`` name
+them (``install_hf_attention_if_asked``): by default a HF model gets the module set INC selects
+there, its Linear layers (decisions §6).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from shards.selection import SelectionRules
 
 ATTENTION_NAME = "fp8_orchestrator"
 _PREVIOUS_IMPL = "_fp8_previous_attn_implementation"
@@ -117,6 +122,22 @@ def supports_hf_attention(model: nn.Module) -> bool:
     """True for HF models that pick their attention function through ``AttentionInterface``."""
     can_set = getattr(model, "_can_set_attn_implementation", None)
     return callable(can_set) and bool(can_set()) and any(_is_attention_layer(m) for m in model.modules())
+
+
+# The attention ops we attach, by class name: selected only when the allowlist types name them.
+ATTENTION_CLASSES = ("Matmul", "KVCache", "Softmax")
+
+
+def wants_hf_attention(rules: "SelectionRules") -> bool:
+    """Whether a run asks for HF attention ops: its allowlist ``types`` name one of
+    :data:`ATTENTION_CLASSES` (decisions §6: by default we select what INC selects on a HF model,
+    whose attention is functions, not modules)."""
+    return any(t in rules.allow.types for t in ATTENTION_CLASSES)
+
+
+def install_hf_attention_if_asked(model: nn.Module, rules: "SelectionRules") -> list[str]:
+    """:func:`install_hf_attention` when the run's selection asks for attention ops, else nothing."""
+    return install_hf_attention(model) if wants_hf_attention(rules) else []
 
 
 def install_hf_attention(model: nn.Module) -> list[str]:

@@ -22,7 +22,7 @@ from torch import nn
 from shards.backends import Backend
 from shards.convert import ConvertResult, convert_model, quantized_modules, scale_context
 from shards.discovery import discover
-from shards.hf_attention import install_hf_attention
+from shards.hf_attention import install_hf_attention_if_asked
 from shards.measure import MeasureSession
 from shards.measurement import Measurement, SentCounts
 from shards.numerics import fp8_to_bytes
@@ -90,7 +90,7 @@ class ShardCalibration:
     # ---- MEASURE --------------------------------------------------------------------------------
     def start(self, plan: RunPlan) -> list[str]:
         """Attach observers; returns the measured module names."""
-        install_hf_attention(self.model)
+        install_hf_attention_if_asked(self.model, plan.selection)
         self._session = MeasureSession(self.model, plan)
         self._sent = SentCounts()
         return list(self._session.modules)
@@ -122,7 +122,7 @@ class ShardCalibration:
 
     def inventory(self, plan: RunPlan) -> dict[str, ModuleInfo]:
         """Every module ``plan`` selects on this shard, with its weight's per-channel max-abs."""
-        install_hf_attention(self.model)
+        install_hf_attention_if_asked(self.model, plan.selection)
         out: dict[str, ModuleInfo] = {}
         for f in discover(self.model, plan.selection):
             w = getattr(f.module, "weight", None) if f.op.params else None
@@ -157,7 +157,7 @@ class ShardCalibration:
                  backend: Backend) -> ConvertResult:
         """Convert in place with this shard's slice of the coordinator's weight scales."""
         self.stop()
-        install_hf_attention(self.model)
+        install_hf_attention_if_asked(self.model, plan.selection)
         local = {name: s[self._out_slice(name)] if s.ndim == 1 else s for name, s in global_weight_scales.items()}
         return convert_model(self.model, plan, local_stats, backend, source="the run's stats store",
                              weight_scales=local)

@@ -183,7 +183,7 @@ def test_finalize_without_prepare() -> None:
 def test_llama_maxabs_pow2_keeps_top1_agreement(tmp_path: Path) -> None:
     reference, model = tiny_llama(0), tiny_llama(0)
     calib = [llama_tokens(i, 2, 32) for i in range(4)]
-    orchestrator.quantize(model, cfg(tmp_path), calib)
+    orchestrator.quantize(model, cfg(tmp_path, allowlist={"types": ["Linear", "Matmul", "Softmax", "KVCache"]}), calib)
     nodes = orchestrator.scales_of(model)
     # every Linear, both attention matmuls, softmax, KV caches; not the lm_head tied to the embedding
     assert len(nodes) == 2 * (7 + 5) and "lm_head" not in nodes
@@ -312,3 +312,18 @@ def test_hf_model_two_step_flow_reads_the_store_back(tmp_path: Path) -> None:
     tokens = llama_tokens(50, 2, 16)
     with torch.no_grad():
         assert torch.equal(fresh(tokens).logits, one_step(tokens).logits)
+
+
+def test_default_selection_on_a_hf_model_is_incs(tmp_path: Path) -> None:
+    """Decisions §6: with an empty allowlist a plain HF model gets what INC selects there, its Linear
+    layers (attention is functions in HF, not modules); the attention ops only when asked for. The one
+    documented difference: an lm_head tied to the embedding stays high precision."""
+    model = tiny_llama(0)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    orchestrator.quantize(model, cfg(tmp_path), [llama_tokens(1, 2, 16)])
+    assert set(orchestrator.scales_of(model)) == linears
+    assert not any(n.endswith(("matmul_qk", "k_cache", "softmax")) for n, _ in model.named_modules())
+    asked = orchestrator.quantize(tiny_llama(0), cfg(tmp_path / "kv", allowlist={"types": ["KVCache"]}),
+                                  [llama_tokens(1, 2, 16)])
+    assert set(orchestrator.scales_of(asked)) == {f"model.layers.{i}.self_attn.{c}" for i in range(2)
+                                                  for c in ("k_cache", "v_cache")}
