@@ -224,7 +224,6 @@ def finalize_calibration(model: nn.Module, *, inc_files: bool = False) -> Measur
 
 def _read_store(path: Path, plan: RunPlan, model: nn.Module) -> Measurement:
     """The reduced statistics at ``path``, refused when measured on another model or observer."""
-    install_family(model)  # fingerprints are taken after unfusing the experts
     store = ZarrStatsStore.open(path)
     stored = store.meta.model_fingerprint
     if isinstance(stored, dict) and stored.get("source") == FINGERPRINT_SOURCE:
@@ -308,7 +307,7 @@ def convert(model: nn.Module, config: ConfigLike | None = None, *, backend: Back
         raise CalibrationStateError("convert: pass a config (this model was not prepared in this process)")
     cfg = Fp8Config.load(config) if config is not None else cal.config  # type: ignore[union-attr]
     plan = cfg.to_plan(Mode.QUANTIZE, hpu_device=hpu_device if hpu_device is not None else detect_gaudi())
-    install_family(model)
+    install_family(model)  # before the fingerprint check: prepare fingerprinted the model with its experts unfused
     if inc_scale_file:
         _refuse_existing_scale_file(plan)
     measurement: Measurement | None = None

@@ -187,6 +187,14 @@ class Resolution:
     filled: list[str] = field(default_factory=list)
 
 
+def _without(stats: Measurement, names: Iterable[str]) -> Measurement:
+    """``stats`` less the modules ``names`` (an idle expert measured on empty inputs never reaches
+    the scale code)."""
+    drop = set(names)
+    return Measurement(observer=stats.observer, num_samples=stats.num_samples,
+                       modules={n: s for n, s in stats.modules.items() if n not in drop})
+
+
 def fill_expert_max(stats: Measurement, names: Iterable[str]) -> tuple[Measurement, list[str], dict[str, str]]:
     """Statistics for idle routed expert projections from the same layer's experts that saw tokens.
 
@@ -202,14 +210,12 @@ def fill_expert_max(stats: Measurement, names: Iterable[str]) -> tuple[Measureme
     """
     names = list(names)
     recorded = tokens_recorded(stats)
-    drop = set(names)
+    out = _without(stats, names)
     siblings: dict[tuple[str, str], list[ModuleStats]] = {}
-    for name, s in stats.modules.items():
+    for name, s in out.modules.items():
         e = parse_expert(name)
-        if e is not None and name not in drop and expert_saw_tokens(name, stats, recorded):
+        if e is not None and expert_saw_tokens(name, stats, recorded):
             siblings.setdefault((e.layer, e.proj), []).append(s)
-    out = Measurement(observer=stats.observer, num_samples=stats.num_samples,
-                      modules={n: s for n, s in stats.modules.items() if n not in drop})
     filled: list[str] = []
     failed: dict[str, str] = {}
     for name in names:
@@ -264,13 +270,8 @@ def resolve_uncovered(plan: RunPlan, uncovered: Iterable[str], policy: Uncovered
     names = list(uncovered)
     if not names:
         return Resolution(plan, stats)
-    kept = stats
-    if stats is not None:
-        drop = set(names)
-        kept = Measurement(observer=stats.observer, num_samples=stats.num_samples,
-                           modules={n: s for n, s in stats.modules.items() if n not in drop})
     if policy is not UncoveredPolicy.EXPERT_MAX:
-        return Resolution(apply_policy(plan, names, policy, source), kept)
+        return Resolution(apply_policy(plan, names, policy, source), None if stats is None else _without(stats, names))
     filled_stats, filled, failed = fill_expert_max(stats if stats is not None else Measurement(), names)
     if failed:
         experts = [n for n in failed if parse_expert(n) is not None]

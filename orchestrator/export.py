@@ -27,7 +27,7 @@ from torch import nn
 
 from orchestrator.errors import Fp8OrchestratorError
 from shards.discovery import clean_name
-from shards.families import ModelFamily, UnsupportedModelError, family_for
+from shards.families import ModelFamily, family_or_none
 from shards.qmodules import QuantKVCache, QuantLinear, QuantModule
 
 logger = logging.getLogger(__name__)
@@ -139,15 +139,6 @@ class QuantizedCheckpoint:
 
 
 Namer = Callable[[str], str]
-
-
-def family_of_config(config: Any) -> ModelFamily | None:
-    """The family of a HF config (object or ``config.json`` dict); None outside the family table
-    (a HF model we quantize without a family, e.g. an encoder made of Linears, keeps its names)."""
-    try:
-        return family_for(config)
-    except UnsupportedModelError:
-        return None
 
 
 def disk_namer(family: ModelFamily | None) -> Namer:
@@ -302,7 +293,8 @@ def _generation_config(model: nn.Module) -> dict[str, Any] | None:
     return dict(to_diff()) if callable(to_diff) else None
 
 
-def _attention_layers(model: nn.Module) -> list[str]:
+def attention_layers(model: nn.Module) -> list[str]:
+    """The attention layers of ``model`` that carry a KV cache module (quantized or not)."""
     from shards.hf_attention import KVCache
 
     return sorted({clean_name(n).rpartition(".")[0] for n, m in model.named_modules()
@@ -338,7 +330,7 @@ def checkpoint_from_model(model: nn.Module, *, scale_method: str = "unspecified"
         raise ExportError(f"quantized module(s) {weighted} hold FP8 weights but are not Linear layers; the "
                           "compressed-tensors layout only has FP8 Linears: add them to blocklist.names")
     hf_config = _hf_config(model, quantized)
-    family = family_of_config(model.config)
+    family = family_or_none(model.config)
     disk = disk_namer(family)
     linears = {disk(n): _linear_from_module(n, m) for n, m in quantized.items() if isinstance(m, QuantLinear)}
     dynamic = {m.qctx.dynamic for m in quantized.values() if isinstance(m, QuantLinear)}
@@ -351,7 +343,7 @@ def checkpoint_from_model(model: nn.Module, *, scale_method: str = "unspecified"
         ignored=high_precision_modules(model, family, quantized, disk),
         dynamic=dynamic == {True},
         scale_method=scale_method,
-        kv_cache=kv_cache_scales(kv, _attention_layers(model), family, disk),  # type: ignore[arg-type]
+        kv_cache=kv_cache_scales(kv, attention_layers(model), family, disk),  # type: ignore[arg-type]
         source_dir=None if source_dir is None else Path(source_dir),
         generation_config=_generation_config(model),
     )
@@ -359,5 +351,6 @@ def checkpoint_from_model(model: nn.Module, *, scale_method: str = "unspecified"
     return ckpt
 
 
-__all__ = ["FP8_DTYPE", "ExportError", "QuantizedLinear", "QuantizedCheckpoint", "checkpoint_from_model", "disk_namer",
-           "family_of_config", "high_precision_modules", "kv_cache_scales", "split_fused_experts", "warn_dropped_ops"]
+__all__ = ["FP8_DTYPE", "ExportError", "QuantizedLinear", "QuantizedCheckpoint", "attention_layers",
+           "checkpoint_from_model", "disk_namer",
+           "high_precision_modules", "kv_cache_scales", "split_fused_experts", "warn_dropped_ops"]

@@ -23,9 +23,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from orchestrator.export import (QuantizedCheckpoint, QuantizedLinear, disk_namer, family_of_config,
+from orchestrator.export import (QuantizedCheckpoint, QuantizedLinear, attention_layers, disk_namer,
                                  high_precision_modules, kv_cache_scales, split_fused_experts, warn_dropped_ops)
-from shards.families import ModelFamily
+from shards.families import ModelFamily, family_or_none
 from shards.numerics import fp8_from_bytes
 from shards.tp_plan import Parallel, rule_for
 
@@ -71,22 +71,14 @@ def _source_tensors(checkpoint: Path, skip_prefixes: Sequence[str], family: Mode
 
 
 def _meta_model(checkpoint: Path, family: ModelFamily | None) -> nn.Module | None:
-    """The checkpoint's model on the meta device with per-expert Linears and our attention ops
-    attached (names only); None where transformers cannot build it from the config."""
-    from transformers import AutoModelForCausalLM
-
-    from shards.checkpoint import read_config
-    from shards.families import unfuse_experts
+    """The checkpoint's model on the meta device as the shards build it, with our attention ops
+    attached (names only); None for a checkpoint outside the family table."""
+    from shards.checkpoint import meta_model, read_config
     from shards.hf_attention import install_hf_attention
 
-    try:
-        config = read_config(checkpoint)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError):
+    if family is None:
         return None
-    if family is not None:
-        unfuse_experts(model, family)
+    model = meta_model(read_config(checkpoint))
     install_hf_attention(model)
     return model
 
@@ -121,7 +113,7 @@ def gather_checkpoint(checkpoint: Path, per_rank: Sequence[Mapping[str, Mapping[
     checkpoint = Path(checkpoint)
     hf_config = json.loads((checkpoint / "config.json").read_text())
     hf_config.pop("quantization_config", None)
-    family = family_of_config(hf_config)
+    family = family_or_none(hf_config)
     disk = disk_namer(family)
     in_model = [name for name in per_rank[0] if name in weight_scales]
     linears = {disk(name): _linear(name, [r[name] for r in per_rank], weight_scales[name]) for name in in_model}
@@ -135,8 +127,7 @@ def gather_checkpoint(checkpoint: Path, per_rank: Sequence[Mapping[str, Mapping[
         ignored = high_precision_modules(meta, family, set(in_model), disk) if meta is not None else []
     kv = kv_cache_node_scales(nodes or {})
     warn_dropped_ops(n for n in (nodes or {}) if n not in weight_scales and n not in kv)
-    attention_layers = sorted({n.rpartition(".")[0] for n, _ in meta.named_modules() if n.endswith(".k_cache")}) \
-        if meta is not None else sorted({n.rpartition(".")[0] for n in kv})
+    layers = attention_layers(meta) if meta is not None else sorted({n.rpartition(".")[0] for n in kv})
     return QuantizedCheckpoint(hf_config, linears, other, list(ignored), dynamic, scale_method,
-                               kv_cache=kv_cache_scales(kv, attention_layers, family, disk),
+                               kv_cache=kv_cache_scales(kv, layers, family, disk),
                                source_dir=checkpoint)

@@ -259,6 +259,12 @@ def _meta_shard(config: PretrainedConfig, rank: int, world: int,
     return family, dims, model
 
 
+def meta_model(config: PretrainedConfig) -> nn.Module:
+    """The unsharded model of ``config`` on the meta device, as a tp=1 shard holds it (per-expert
+    Linears, parallel projections): module names and shapes without weights."""
+    return _meta_shard(config, 0, 1, None)[2]
+
+
 def check_checkpoint(ckpt_dir: str | Path, world: int) -> ModelFamily:
     """Everything a tp=``world`` run will read, checked from the file headers alone (no weights read).
 

@@ -215,9 +215,21 @@ TP_RULES: Mapping[str, ProjectionRule] = _union(RULE_SETS.values())
 """Every row, keyed by its path (the rows are the same in every family that uses them)."""
 
 
+def _by_leaf(table: Mapping[str, ProjectionRule]) -> Mapping[str, tuple[ProjectionRule, ...]]:
+    by: dict[str, list[ProjectionRule]] = {}
+    for r in table.values():
+        by.setdefault(r.name, []).append(r)
+    return MappingProxyType({leaf: tuple(rules) for leaf, rules in by.items()})
+
+
+# Rows by projection name: a lookup tries only the rows of its own leaf (MoE models have tens of
+# thousands of expert projections, and every scale, slice and export step looks them up).
+_RULES_BY_LEAF = _by_leaf(TP_RULES)
+
+
 def rule_for(module_name: str) -> ProjectionRule | None:
     """The rule of a qualified module name (``model.layers.3.mlp.up_proj``), None if replicated."""
-    for rule in TP_RULES.values():
+    for rule in _RULES_BY_LEAF.get(module_name.rpartition(".")[2], ()):
         if rule.matches(module_name):
             return rule
     return None

@@ -11,10 +11,10 @@ expert is measured on its own routed tokens and quantized with its own scales by
 any Linear.
 """
 
-from shards.families.catalog import FAMILIES, family_for, family_of_model, supported_model_types
+from shards.families.catalog import FAMILIES, family_for, family_of_model, family_or_none, supported_model_types
 from shards.families.experts import UnfusedExperts, unfuse_experts
 from shards.families.install import install_family
 from shards.families.registry import ExpertLayout, ModelFamily, UnsupportedModelError
 
 __all__ = ["FAMILIES", "ExpertLayout", "ModelFamily", "UnfusedExperts", "UnsupportedModelError", "family_for",
-           "family_of_model", "install_family", "supported_model_types", "unfuse_experts"]
+           "family_of_model", "family_or_none", "install_family", "supported_model_types", "unfuse_experts"]

@@ -113,6 +113,15 @@ def family_for(config: Any) -> ModelFamily:
     return fam
 
 
+def family_or_none(config: Any) -> ModelFamily | None:
+    """The family of a HF config (object or ``config.json`` dict); None outside the table, for the
+    callers that handle a model without a family (an encoder made of Linears keeps its names)."""
+    try:
+        return family_for(config)
+    except UnsupportedModelError:
+        return None
+
+
 def family_of_model(model: nn.Module) -> ModelFamily | None:
     """The family of a HF model, None for a model without a HF config (``nn.Sequential``...).
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from shards.discovery import op_type_of
-from shards.families.catalog import family_of_model, supported_model_types
+from shards.families.catalog import family_or_none, supported_model_types
 from shards.families.experts import unfuse_experts
 from shards.families.registry import ModelFamily, UnsupportedModelError
 
@@ -38,10 +38,7 @@ def install_family(model: nn.Module) -> ModelFamily | None:
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    try:
-        family = family_of_model(model)
-    except UnsupportedModelError:
-        family = None
+    family = family_or_none(config) if model_type is not None else None
     if family is not None:
         unfuse_experts(model, family)
     orphans = _orphan_weights(model, family)
