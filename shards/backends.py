@@ -69,14 +69,22 @@ class EmulatedBackend:
     ``reuses_dequantized_weights``: the emulated gemm multiplies dequantized weights, so a layer may
     keep its dequantized weight between forwards (the same values; an hp copy of the weight in
     memory, ~2x faster CPU forwards). Pass ``reuse_weights=False`` to keep only the FP8 codes.
+
+    ``inc_layout``: the weight operand of a Linear is the dequantized weight made contiguous as
+    [in, out], the layout INC's QDQ multiplies with, instead of a transposed view of [out, in] (the
+    layout of ``F.linear``). Same values, but the CPU gemm kernel, and so the summation order and
+    the last bit of some hp outputs, follows the operand layout: with it, a quantized model's
+    outputs equal INC's bit for bit (measured on SmolLM2-135M, README "Where we differ from INC").
+    Off by default: on CPUs without bf16 units that bf16 gemm is ~7x slower.
     """
 
     name = "cpu"
     # gemm is matmul(dequantize(qa), dequantize(qb)): callers may pass fake_quant values instead.
     emulated_gemm = True
 
-    def __init__(self, reuse_weights: bool = True) -> None:
+    def __init__(self, reuse_weights: bool = True, inc_layout: bool = False) -> None:
         self.reuses_dequantized_weights = reuse_weights
+        self.inc_layout = inc_layout
 
     def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
         return numerics.quantize(x, _as_scale(scale, x), fmt)
@@ -89,8 +97,16 @@ class EmulatedBackend:
         # The fp32 product rounded once to out_dtype: what torch computes for q.to(hp) * s too.
         return numerics.dequantize(q, _as_scale(scale, q), out_dtype)
 
+    def dequantize_weight_t(self, w: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """The [in, out] operand of a Linear's gemm from its [out, in] FP8 weight (per-channel
+        scales laid out as [1, out]), in the layout ``inc_layout`` asks for."""
+        return self._operand_layout(self.dequantize(w.t(), scale, out_dtype))
+
+    def _operand_layout(self, b: torch.Tensor) -> torch.Tensor:
+        return b.contiguous() if self.inc_layout else b
+
     def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
-        return torch.matmul(self.dequantize(qa, s_a, out_dtype), self.dequantize(qb, s_b, out_dtype))
+        return torch.matmul(self.dequantize(qa, s_a, out_dtype), self._operand_layout(self.dequantize(qb, s_b, out_dtype)))
 
 
 class CudaBackend(EmulatedBackend):

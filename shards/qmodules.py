@@ -215,7 +215,7 @@ class QuantLinear(QuantModule):
         key = (w.data_ptr(), w._version, w.device, s_key, torch.is_inference_mode_enabled())
         cached = self.__dict__.get("_weight_hp")
         if cached is None or cached[0] != key:
-            cached = (key, self.qctx.backend.dequantize(w.t(), s_w, self.qctx.hp))
+            cached = (key, self.qctx.backend.dequantize_weight_t(w, s_w, self.qctx.hp))
             self.__dict__["_weight_hp"] = cached  # a plain attribute: never in state_dict
         return cached[1]
 
@@ -224,7 +224,7 @@ class QuantLinear(QuantModule):
 
 
 class QuantConv2d(QuantModule):
-    """Conv2d on the QDQ'd input and the dequantized FP8 weight, in hp; bias added afterwards."""
+    """Conv2d on the QDQ'd input and the dequantized FP8 weight, in hp, the bias inside the convolution."""
 
     def __init__(self, source: nn.Conv2d, scales: ModuleScales, qctx: QuantContext) -> None:
         super().__init__(qctx, scales)
@@ -239,9 +239,13 @@ class QuantConv2d(QuantModule):
         s_w = self._scale("scale_weight")
         s_w = s_w.reshape(-1, 1, 1, 1) if isinstance(s_w, torch.Tensor) and s_w.numel() > 1 else s_w
         w = self.qctx.backend.dequantize(self.weight, s_w, self.qctx.hp)
-        y = F.conv2d(self._qdq(x, self._scale("scale_input_0")), w, None, self.stride, self.padding,
-                     self.dilation, self.groups)
-        if self.bias is not None:
+        # An hp bias goes into the convolution (conv + bias rounded to hp once), as INC's QDQ
+        # Conv2d does; adding it afterwards rounds twice and differs from INC by an hp ulp. A bias
+        # of another dtype (an fp32 model with hp bf16, where INC's conv raises) is added after.
+        inside = self.bias is not None and self.bias.dtype == w.dtype
+        y = F.conv2d(self._qdq(x, self._scale("scale_input_0")), w, self.bias if inside else None, self.stride,
+                     self.padding, self.dilation, self.groups)
+        if self.bias is not None and not inside:
             y = y + self.bias.reshape(1, -1, 1, 1)
         return y.to(x.dtype)
 
