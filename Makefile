@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m external_cluster
 
 demo: $(STAMP)
-	$(PY) -m orchestrator.demo
+	$(PY) -m orchestrator.entry.demo
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --smollm2

@@ -22,8 +22,8 @@ import torch
 import orchestrator
 from bench.models import demo_model, smollm2_dir
 from bench.timing import Row, row, single_thread
-from orchestrator.data import make_batches, read_texts, tokenize_texts
-from shards.scale_spec import USER_METHODS
+from orchestrator.driver.data import make_batches, read_texts, tokenize_texts
+from shards.fp8.methods import USER_METHODS
 
 TEXT = Path(__file__).resolve().parent.parent / "examples" / "calibration.txt"
 # size name -> (demo model size, calibration batches, batch, sequence length)

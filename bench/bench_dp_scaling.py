@@ -25,13 +25,13 @@ NAME = "data-parallel calibration throughput dp=2 / dp=1"
 
 
 def _batches(model: torch.nn.Module, n: int, batch: int, length: int) -> list:
-    from orchestrator.data import Batch
+    from orchestrator.driver.data import Batch
 
     return [Batch(i, tuple(tuple(r) for r in tokens(model, i, batch, length).tolist())) for i in range(n)]
 
 
 def _measure_seconds(ckpt: Path, dump: Path, dp: int, batches: list) -> float:
-    from orchestrator.calibration import Calibration
+    from orchestrator.driver.calibration import Calibration
 
     cfg = {"mode": "MEASURE", "observer": "maxabs", "scale_method": "maxabs_pow2", "dump_stats_path": str(dump)}
     with Calibration(cfg, model=ckpt, tp=1, dp=dp, num_cpus=2, progress=False, overwrite=True) as cal:
@@ -42,9 +42,9 @@ def _measure_seconds(ckpt: Path, dump: Path, dp: int, batches: list) -> float:
 def run(size: str = "full", repeats: int = 2) -> list[Row]:
     """One row: dp=1 measure time / dp=2 measure time of the same batches."""
     try:
-        import orchestrator.calibration  # noqa: F401
+        import orchestrator.driver.calibration  # noqa: F401
     except ImportError as exc:
-        return [skipped(NAME, ">= 1.8", f"orchestrator.calibration not importable ({exc})")]
+        return [skipped(NAME, ">= 1.8", f"orchestrator.driver.calibration not importable ({exc})")]
     single_thread()
     model_size, n, batch, length = SIZES[size]
     model = bench_llama(model_size, dtype=torch.bfloat16)

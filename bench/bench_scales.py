@@ -1,9 +1,9 @@
 """Issue 7.3: weight-scale computation for every user-facing scale method, in ms per GB of weights.
 
 The weights are the seven linears of ~1B-Llama-shaped layers (bf16, :func:`bench.models.layer_stack`).
-For the three OPT methods the fast search (``shards.opt_search``) over all weights of the stack is
+For the three OPT methods the fast search (``shards.fp8.opt_search``) over all weights of the stack is
 timed against a straightforward per-candidate loop over the same weights (quantize-dequantize each
-tensor once per candidate with ``shards.numerics.quant_dequant``, sum the squared error, keep INC's
+tensor once per candidate with ``shards.fp8.numerics.quant_dequant``, sum the squared error, keep INC's
 tie rule), in the same run; goal >= 10x. The loop takes tens of seconds, so it runs once (the fast
 search: min of the repetitions). Both must pick the same scales for every tensor (checked). The note
 gives the ratio of the tensor where the search gains least (the smallest: it stays in cache for the
@@ -22,10 +22,10 @@ import torch
 
 from bench.models import layer_stack
 from bench.timing import Row, Timing, row, single_thread, time_it
-from shards import opt_search
-from shards.numerics import ScaleDevice, quant_dequant
-from shards.scale_spec import PCS_OPT_MULTIPLIERS, PREDEFINED, USER_METHODS, Granularity, SectionSpec, ValueType
-from shards.scales import ScaleContext, opt_candidates, per_channel_maxabs, round_scale, weight_scale
+from shards.fp8 import opt_search
+from shards.fp8.numerics import ScaleDevice, quant_dequant
+from shards.fp8.methods import PCS_OPT_MULTIPLIERS, PREDEFINED, USER_METHODS, Granularity, SectionSpec, ValueType
+from shards.fp8.scale_math import ScaleContext, opt_candidates, per_channel_maxabs, round_scale, weight_scale
 
 # (layers, shrink of every dimension)
 SIZES = {"toy": (1, 32), "quick": (1, 8), "full": (1, 1)}

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from shards.measurement import Measurement, ModuleStats
-from stats_store.layout import ZarrStatsStore
+from stats_store.records import Measurement, ModuleStats
+from stats_store.zarr_store import ZarrStatsStore
 from stats_store.metadata import RunMeta
 from stats_store.shard_map import ShardSpec, channel_slice
 

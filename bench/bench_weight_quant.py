@@ -2,7 +2,7 @@
 
 The tensors are the bf16 linears of ~1B-Llama-shaped layers (:func:`bench.models.layer_stack`),
 quantized to E4M3 with their scales computed beforehand, per tensor and per channel, with the cast
-every backend shares (``shards.numerics.quantize``). Both sides allocate fresh outputs.
+every backend shares (``shards.fp8.numerics.quantize``). Both sides allocate fresh outputs.
 
 Run alone: ``.venv/bin/python -m bench.bench_weight_quant [--quick]``.
 """
@@ -15,9 +15,9 @@ import torch
 
 from bench.models import layer_stack
 from bench.timing import Row, row, single_thread, time_pair
-from shards.numerics import quantize
-from shards.scale_spec import PREDEFINED
-from shards.scales import ScaleContext, weight_scale
+from shards.fp8.numerics import quantize
+from shards.fp8.methods import PREDEFINED
+from shards.fp8.scale_math import ScaleContext, weight_scale
 
 SIZES = {"toy": (1, 32), "quick": (1, 8), "full": (1, 1)}  # (layers, shrink)
 METHODS = {"per tensor": "MAXABS_POW2", "per channel": "ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2"}

@@ -47,29 +47,29 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 WHY_NOT_MET: dict[str, str] = {
     "deepseek-r1-4502 scales": (
         "Profiled: 75 % of the time is per-module torch scalar work in the scale formulas "
-        "(`shards/scales.py` round_scale/_check_finite/_maxabs_vector, ~0.2 ms per tensor for 10,799 "
+        "(`shards/fp8/scale_math.py` round_scale/_check_finite/_maxabs_vector, ~0.2 ms per tensor for 10,799 "
         "scalars), unchanged code. This AVX2 machine is ~2.2x slower than the one that measured 1.16 s "
         "(json.load baseline 0.018 s vs 0.008 s); the ratio to json.load improved (144 -> 123). Batching "
         "the per-tensor scalars into one vectorised pass is the fix (issue 18, speed)."),
     "observers:": (
         "On CPU the max-abs observers take one aminmax pass per tensor (the NaN/Inf-skipping path runs only "
         "when that result is not finite); the rest is forward-hook dispatch per observed module. The figure "
-        "drifts by a few per cent with the machine's load: rerun on an idle box (`shards/observers.py`)."),
+        "drifts by a few per cent with the machine's load: rerun on an idle box (`shards/measuring/observers.py`)."),
     "data-parallel": (
         "Both actors, the Ray driver and raylet/GCS share the 2 cores; at load 3-4 the same bench measured "
         "1.05-1.3. Each batch costs the driver a Ray round trip, which small batches amortise less. Rerun "
-        "on an idle machine (`orchestrator/calibration.py`, `shards/runner.py`)."),
+        "on an idle machine (`orchestrator/driver/calibration.py`, `shards/card/runner.py`)."),
     "scales ": (
         "The OPT search histograms the bf16 codes of each tensor once and scores every candidate from exact "
         "lookup sums; small tensors that stay in cache make the per-candidate loop cheap, so their ratio is "
-        "lowest (named in the row's note). See `shards/opt_search.py`."),
+        "lowest (named in the row's note). See `shards/fp8/opt_search.py`."),
     "weight quantization": (
-        "`shards.numerics.quantize` works in cache-sized row blocks (bf16->fp32, divide, clamp, cast) against "
+        "`shards.fp8.numerics.quantize` works in cache-sized row blocks (bf16->fp32, divide, clamp, cast) against "
         "one memcpy for clone; both are memory-bound, so a busy machine moves the ratio."),
     "QDQ forward": (
         "The emulated forward rounds every activation onto the FP8 grid in fp32 (about ten elementwise passes "
         "per tensor; attention matmuls quantize both operands) around the same bf16 matmuls as the plain "
-        "model. A fused kernel would remove most of those passes (`shards/numerics.py`, `fake_quant`)."),
+        "model. A fused kernel would remove most of those passes (`shards/fp8/numerics.py`, `fake_quant`)."),
 }
 # Hand-written analysis appended to RESULTS.md after the generated part (kept across runs).
 ANALYSIS = Path(__file__).resolve().parent / "analysis.md"

@@ -8,7 +8,7 @@ Arguments are those of `fp8-calibrate`; `--address auto` is added so the job joi
 
 import sys
 
-from orchestrator.cli import main
+from orchestrator.entry.fp8_calibrate import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -2,7 +2,7 @@
 
 The Python API mirrors INC's: ``prepare`` → run data → ``finalize_calibration``, ``convert``,
 ``quantize`` in one call, and ``scales_of`` to compare a converted model's scales with INC's.
-The distributed driver is ``orchestrator.calibration.Calibration`` (imported on demand: it loads Ray).
+The distributed driver is ``orchestrator.driver.calibration.Calibration`` (imported on demand: it loads Ray).
 """
 
 from orchestrator.api import (
@@ -15,7 +15,7 @@ from orchestrator.api import (
     quantize,
     scales_of,
 )
-from orchestrator.config import Fp8Config
+from orchestrator.configuration.fp8_config import Fp8Config
 from orchestrator.errors import ConfigError, Fp8OrchestratorError
 
 __all__ = [

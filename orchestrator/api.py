@@ -28,18 +28,18 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from orchestrator.config import Fp8Config
+from orchestrator.configuration.fp8_config import Fp8Config
 from orchestrator.errors import Fp8OrchestratorError
-from orchestrator.fingerprint import measurement_config_hash
-from orchestrator.model_fingerprint import FINGERPRINT_SOURCE, fingerprint_of_module
-from shards.backends import Backend, backend_for_device, detect_gaudi
-from shards.convert import convert_model, scales_of as _scales_of
+from orchestrator.driver.run_identity import measurement_config_hash
+from orchestrator.driver.module_fingerprint import FINGERPRINT_SOURCE, fingerprint_of_module
+from shards.quantized.backends import Backend, backend_for_device, detect_gaudi
+from shards.quantized.swap import convert_model, scales_of as _scales_of
 from shards.families import family_of_model, install_family
 from shards.families.inc_names import family_view
-from shards.hf_attention import install_hf_attention_if_asked
-from shards.measure import MeasureSession, run_batch
-from shards.measurement import Measurement, SentCounts
-from shards.numerics import ScaleDevice
+from shards.model.hf_attention import install_hf_attention_if_asked
+from shards.measuring.session import MeasureSession, run_batch
+from stats_store.records import Measurement, SentCounts
+from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
 from stats_store.errors import IncFileExistsError, IncFileNotFoundError
 from stats_store.inc_format import (
@@ -49,7 +49,7 @@ from stats_store.inc_format import (
     write_measurement,
     write_scales,
 )
-from stats_store.layout import ZarrStatsStore, store_path
+from stats_store.zarr_store import ZarrStatsStore, store_path
 from stats_store.metadata import RunMeta
 from stats_store.shard_map import ShardSpec
 

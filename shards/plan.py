@@ -1,4 +1,4 @@
-"""The frozen run plan that ``orchestrator.config.Fp8Config`` emits for the shards.
+"""The frozen run plan that ``orchestrator.configuration.fp8_config.Fp8Config`` emits for the shards.
 
 Shards and the coordinator read only this; they never see raw JSON.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from shards.numerics import Fp8Format, HpDtype, LpDtype, ScaleDevice, fp8_format
-from shards.scale_spec import ScalePlan
-from shards.selection import SelectionRules
+from shards.fp8.numerics import Fp8Format, HpDtype, LpDtype, ScaleDevice, fp8_format
+from shards.fp8.methods import ScalePlan
+from shards.model.selection import SelectionRules
 
 
 class Mode(str, enum.Enum):

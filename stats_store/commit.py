@@ -19,11 +19,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from shards.measurement import Measurement, ModuleStats
+from stats_store.records import Measurement, ModuleStats
 from stats_store.metadata import CommitRecord, ModuleCommit, TensorCommit, row_checksum
 from stats_store.reduce import VALUE_MERGE, get_merge
 from stats_store.shard_map import ChannelSlice, ShardSpec
-from stats_store.store_errors import DuplicateBatchError, ShardSpecError
+from stats_store.errors import DuplicateBatchError, ShardSpecError
 
 ChunkReader = Callable[[], np.ndarray]  # the previous generation's packed chunk, verified
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import replace
 from typing import Sequence
 
-from shards.measurement import Measurement, ModuleStats
+from stats_store.records import Measurement, ModuleStats
 from stats_store.errors import IncFormatError
 
 # ``<op>.w13_list.<k>`` / ``<op>.w2_list.<k>``: one local expert's fused gate/up or down matmul.

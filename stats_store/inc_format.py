@@ -26,7 +26,7 @@ from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from shards.measurement import Measurement, ModuleStats, as_maxabs
+from stats_store.records import Measurement, ModuleStats, as_maxabs
 
 from stats_store.errors import IncFileExistsError, IncFileNotFoundError, IncFormatError
 from stats_store.inc_experts import globalize_rank_set, has_expert_lists, localize_experts

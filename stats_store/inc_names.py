@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.scale_spec import PREDEFINED
 
 from stats_store.errors import IncFormatError
 
@@ -28,8 +27,17 @@ _NAME = re.compile(
     r"(?P<mod_list>_mod_list)?\.(?P<ext>json|npz)$"
 )
 _RANK_SUFFIX = re.compile(r"_(?P<rank>-?\d+)_(?P<world>\d+)(?:_mod_list)?(?:\.json|\.npz)?$")
+# INC's 13 predefined scale methods (reference §2.4), as its scale file names spell them. The
+# scale math (``shards.fp8.methods``) is keyed by exactly these names.
+INC_SCALE_METHODS: tuple[str, ...] = (
+    "UNIT_SCALE", "HW_ALIGNED_SINGLE_SCALE", "MAXABS_HW", "MAXABS_POW2", "MAXABS_ARBITRARY",
+    "MAXABS_HW_OPT_WEIGHT", "MAXABS_POW2_OPT_WEIGHT", "ACT_MAXABS_HW_WEIGHTS_PCS_MAXABS_POW2",
+    "ACT_MAXABS_HW_WEIGHTS_PCS_OPT_POW2", "ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2",
+    "ACT_MAXABS_POW2_WEIGHTS_PCS_OPT_POW2", "ACT_MAXABS_PCS_POW2_WEIGHT_MAXABS_PTS_POW2_HW",
+    "MAXABS_PCS_POW2",
+)
 # Longest first, so MAXABS_HW_OPT_WEIGHT is not mistaken for a method ending in ..._WEIGHT.
-_METHODS_LONGEST_FIRST = sorted(PREDEFINED, key=len, reverse=True)
+_METHODS_LONGEST_FIRST = sorted(INC_SCALE_METHODS, key=len, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -95,9 +103,9 @@ def method_name_of(method_name: str) -> str:
         IncFormatError: the name is not one of INC's predefined methods.
     """
     key = method_name.upper()
-    if key not in PREDEFINED:
+    if key not in INC_SCALE_METHODS:
         raise IncFormatError(
-            f"INC scale file name: unknown scale method {method_name!r}; use one of {', '.join(PREDEFINED)}"
+            f"INC scale file name: unknown scale method {method_name!r}; use one of {', '.join(INC_SCALE_METHODS)}"
         )
     return key
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from stats_store.shard_map import ChannelSlice
-from stats_store.store_errors import StoreFormatError
+from stats_store.errors import StoreFormatError
 
 # 1: one zarr group per module, one array per tensor label. 2: one packed chunk per shard flush.
 FORMAT_VERSION = 2

@@ -3,7 +3,7 @@
 A packed set holds every tensor of every module back to back in ``values``; its index lists the
 modules in order, each with its op type, counts and, per tensor label, the ``(offset, length)`` of
 its values. Writing or reading a whole run is then one array write or read plus the index, instead
-of one zarr array per tensor (see ``stats_store.layout`` for the measured difference). Per-module
+of one zarr array per tensor (see ``stats_store.zarr_store`` for the measured difference). Per-module
 views are numpy slices of ``values``: no copy.
 """
 
@@ -15,8 +15,8 @@ from typing import Mapping
 
 import numpy as np
 
-from shards.measurement import Measurement, ModuleStats
-from stats_store.store_errors import ShardSpecError
+from stats_store.records import Measurement, ModuleStats
+from stats_store.errors import ShardSpecError
 
 
 def module_stats_from_tensors(
@@ -56,7 +56,7 @@ class ModuleEntry:
 
     Attributes:
         name: qualified module name.
-        op_type: op type name (``shards.op_types``).
+        op_type: op type name (``shards.model.op_types``).
         num_samples: forward calls observed.
         nonfinite: tensor label → NaN/Inf count.
         tensors: ``(label, offset, length)`` of each tensor, in label order of ``ModuleStats.tensors``.

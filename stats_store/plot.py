@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # before pyplot: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shards.measurement import Measurement  # noqa: E402
+from stats_store.records import Measurement  # noqa: E402
 
 
 def _finite_max(value: np.ndarray) -> float:

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from stats_store.store_errors import UnknownMergeError
+from stats_store.errors import UnknownMergeError
 
 Binary = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from shards.measurement import Measurement
+from stats_store.records import Measurement
 from stats_store.metadata import CommitRecord
 from stats_store.shard_map import ChannelSlice, ShardSpec, TensorKey, channel_slice
 from stats_store.packing import module_stats_from_tensors

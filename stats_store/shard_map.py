@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from stats_store.store_errors import ReshardError, ShardSpecError
+from stats_store.errors import ReshardError, ShardSpecError
 
 TensorKey = tuple[str, str]  # (module name, tensor label such as "inputs.0")
 

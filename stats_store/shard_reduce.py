@@ -20,7 +20,7 @@ import numpy as np
 from stats_store.metadata import CommitRecord, TensorCommit
 from stats_store.packing import ModuleEntry, Packed
 from stats_store.reduce import get_merge, is_nan_max, reduce_count, reduce_over_shards
-from stats_store.store_errors import ShardSpecError
+from stats_store.errors import ShardSpecError
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The stats store: a small protocol, the commit/reduce logic shared by every implementation, and
-the in-memory implementation. The zarr implementation is in ``stats_store.layout``.
+the in-memory implementation. The zarr implementation is in ``stats_store.zarr_store``.
 
 Life of a run: the coordinator opens the store for the run (``ZarrStatsStore.open_run``), every
 shard writes its chunk (``write_shard``) and publishes it (``commit``), possibly many times while
@@ -18,7 +18,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from shards.measurement import Measurement
+from stats_store.records import Measurement
 from stats_store.commit import PendingCommit, build_flush
 from stats_store.gc_pause import without_gc_pauses
 from stats_store.metadata import CommitRecord, RunMeta, canonical_json, row_checksum
@@ -26,7 +26,7 @@ from stats_store.packing import Packed, module_stats_from_tensors
 from stats_store.reduce import reduce_count
 from stats_store.shard_map import ShardSpec
 from stats_store.shard_reduce import reduce_shards
-from stats_store.store_errors import ShardSpecError, StaleReducedError, TornWriteError
+from stats_store.errors import ShardSpecError, StaleReducedError, TornWriteError
 
 __all__ = ["CommittedStore", "MemoryStatsStore", "StatsStore", "StoreCapabilities", "module_stats_from_tensors"]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.run_store import inc_export_prefix
-from shards.measurement import Measurement, ModuleStats
+from orchestrator.driver.run_store import inc_export_prefix
+from stats_store.records import Measurement, ModuleStats
 from stats_store.inc_format import export_measurement, write_scales
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Model families: which HF architectures we shard, measure and quantize, and how.
 
 One registry (``catalog.FAMILIES``) maps a config's ``model_type`` to a :class:`ModelFamily`: the
-tensor-parallel rule sets of ``shards.tp_plan`` its layers use, the Linears it keeps whole on every
+tensor-parallel rule sets of ``shards.tp.rules`` its layers use, the Linears it keeps whole on every
 rank, the config sizes tp divides, how its MoE experts are laid out (fused 3-D parameters in
 transformers 5, per-expert tensors on disk) and how in-model names map to on-disk names. A family
 outside the table is refused before any work starts, naming its ``model_type``.

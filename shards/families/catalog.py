@@ -1,6 +1,6 @@
 """The family table: every architecture we support, one entry each.
 
-Adding a family is one entry here (reusing or adding a rule set in ``shards.tp_plan.RULE_SETS``)
+Adding a family is one entry here (reusing or adding a rule set in ``shards.tp.rules.RULE_SETS``)
 plus its row in the family tests (tests/shards/test_families.py builds a tiny random model of
 every entry and checks that every Linear is covered, every weight is read, and tp=k equals tp=1).
 """
@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from shards.families.registry import ExpertLayout, ModelFamily, UnsupportedModelError
-from shards.tp_plan import Axis
+from shards.tp.rules import Axis
 
 
 def _moe_axes(config: Any) -> Mapping[str, Axis]:

@@ -20,7 +20,7 @@ import re
 from dataclasses import replace
 
 from shards.families.registry import ModelFamily
-from shards.measurement import Measurement, ModuleStats
+from stats_store.records import Measurement, ModuleStats
 
 _MOE_OP = re.compile(r"^(?P<layer>.+)\.experts\.moe_op$")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from shards.discovery import op_type_of
+from shards.model.discovery import op_type_of
 from shards.families.catalog import family_or_none, supported_model_types
 from shards.families.experts import unfuse_experts
 from shards.families.registry import ModelFamily, UnsupportedModelError

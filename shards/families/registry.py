@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from shards.errors import ShardError
-from shards.expert_coverage import EXPERT_RE
-from shards.tp_plan import RULE_SETS, Axis, ModelDims, ProjectionRule, check_shardable
+from shards.measuring.expert_coverage import EXPERT_RE
+from shards.tp.rules import RULE_SETS, Axis, ModelDims, ProjectionRule, check_shardable
 
 
 class UnsupportedModelError(ShardError, ValueError):
@@ -51,7 +51,7 @@ class ModelFamily:
     Attributes:
         name: the family's name (README and messages).
         model_types: the HF ``config.model_type`` values it covers.
-        rule_sets: names of ``shards.tp_plan.RULE_SETS`` its layers use.
+        rule_sets: names of ``shards.tp.rules.RULE_SETS`` its layers use.
         replicated: Linear path tails kept whole on every tp rank (``lm_head``, MLA's low-rank down
             projections).
         divided: config attributes tp divides (heads and intermediate sizes).

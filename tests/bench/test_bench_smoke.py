@@ -55,13 +55,13 @@ def test_moe_bench_measures_every_expert() -> None:
 
 def test_e2e_bench_rows_with_the_run_stubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import bench_e2e
-    from orchestrator.cli import _parser
+    from orchestrator.entry.fp8_calibrate import _parser
 
     commands: list[list[str]] = []
 
     def fake_run(command: list[str]) -> "bench_e2e.RunResult":
         args = _parser().parse_args(command[3:])  # a command line the CLI accepts
-        assert command[1:3] == ["-m", "orchestrator.cli"] and args.command == "run" and args.json and args.export
+        assert command[1:3] == ["-m", "orchestrator.entry.fp8_calibrate"] and args.command == "run" and args.json and args.export
         cfg = json.loads(Path(args.config).read_text())
         assert Path(cfg["dump_stats_path"]).is_relative_to(Path(args.export).parent)  # never into demo_output/
         commands.append(command)

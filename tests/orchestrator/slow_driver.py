@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from orchestrator.calibration import Calibration
-from orchestrator.cli import calibration_batches
-from orchestrator.shard_actor import CalibrationRunner
+from orchestrator.driver.calibration import Calibration
+from orchestrator.entry.fp8_calibrate import calibration_batches
+from shards.card.actor import CalibrationRunner
 
 
 class SlowRunner(CalibrationRunner):

@@ -2,9 +2,9 @@
 
 Ray's own message for such an error is the remote traceback (many lines, ANSI colour codes,
 ``ray::CalibrationRunner.load() (pid=…, actor_id=…)``). The runners below raise in ``load`` or in
-``measure_batch`` on a real local Ray cluster; the first tests check ``shards.actor_errors`` on
+``measure_batch`` on a real local Ray cluster; the first tests check ``shards.card.actor_errors`` on
 hand-made Ray errors, without actors. Starting actors costs seconds, so few tests do; the command
-line tests check the start-up path (``shards.worker._get``) and the log file's contents.
+line tests check the start-up path (``orchestrator.driver.grid._get``) and the log file's contents.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ import numpy as np
 import pytest
 from ray.exceptions import RayActorError, RayTaskError
 
-from orchestrator import cli
-from orchestrator.calibration import Calibration
-from orchestrator.data import Batch
-from orchestrator.demo_model import build_demo_checkpoint
-from orchestrator.measure_loop import _unwrapped
-from orchestrator.shard_actor import CalibrationRunner
-from shards.actor_errors import (LOG_DIR_ENV, ShardActorDiedError, ShardActorError, ShardTaskError, actor_error,
+from orchestrator.entry import fp8_calibrate as cli
+from orchestrator.driver.calibration import Calibration
+from orchestrator.driver.data import Batch
+from orchestrator.entry.demo_model import build_demo_checkpoint
+from orchestrator.driver.measure_loop import _unwrapped
+from shards.card.actor import CalibrationRunner
+from shards.card.actor_errors import (LOG_DIR_ENV, ShardActorDiedError, ShardActorError, ShardTaskError, actor_error,
                                  forget_actor, register_actor)
-from shards.runner import ShardStateError
-from shards.worker import WorkerResources, WorkerStartError
+from shards.card.runner import ShardStateError
+from orchestrator.driver.grid import WorkerResources, WorkerStartError
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,14 +15,14 @@ from torch import nn
 import orchestrator
 from orchestrator import api
 from orchestrator.errors import ConfigError
-from shards.convert import MissingMeasurementError
-from shards.numerics import ScaleDevice
-from shards.qmodules import QuantLinear
-from shards.scale_spec import PREDEFINED
-from shards.scales import ScaleContext, activation_scale, weight_scale
+from shards.quantized.swap import MissingMeasurementError
+from shards.fp8.numerics import ScaleDevice
+from shards.quantized.modules import QuantLinear
+from shards.fp8.methods import PREDEFINED
+from shards.fp8.scale_math import ScaleContext, activation_scale, weight_scale
 from stats_store.errors import IncFileExistsError
-from stats_store.layout import ZarrStatsStore
-from stats_store.store_errors import RunMismatchError
+from stats_store.zarr_store import ZarrStatsStore
+from stats_store.errors import RunMismatchError
 from tests.models import llama_tokens, sequential_batches, tiny_llama, tiny_sequential
 
 INC_FILES = ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz", "measure_hooks_maxabs_mod_list.json"]

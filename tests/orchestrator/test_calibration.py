@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from orchestrator import quantize, scales_of
-from orchestrator.calibration import Calibration
-from orchestrator.data import Batch
-from shards.tp_plan import Parallel, rule_for
-from shards.worker import WorkerResources
+from orchestrator.driver.calibration import Calibration
+from orchestrator.driver.data import Batch
+from shards.tp.rules import Parallel, rule_for
+from orchestrator.driver.grid import WorkerResources
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
 from tests.shards.tp_fixtures import concat_shards, make_tiny_llama, reference_model
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from orchestrator.cli import main
-from orchestrator.demo_model import build_demo_checkpoint
-from stats_store.layout import ZarrStatsStore
+from orchestrator.entry.fp8_calibrate import main
+from orchestrator.entry.demo_model import build_demo_checkpoint
+from stats_store.zarr_store import ZarrStatsStore
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.demo_model import build_demo_checkpoint
-from stats_store.layout import ZarrStatsStore
+from orchestrator.entry.demo_model import build_demo_checkpoint
+from stats_store.zarr_store import ZarrStatsStore
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "cluster_configs"

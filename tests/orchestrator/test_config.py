@@ -18,13 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.config import FOREIGN_KEYS, Fp8Config
+from orchestrator.configuration.fp8_config import FOREIGN_KEYS, Fp8Config
 from orchestrator.errors import ConfigError, ConfigFileNotFoundError, Fp8OrchestratorError
-from shards.numerics import HpDtype, LpDtype, ScaleDevice
+from shards.fp8.numerics import HpDtype, LpDtype, ScaleDevice
 from shards.plan import MeasureExclude, Mode, ScaleFormat
-from shards.scale_spec import Granularity, Rounding, ValueType
+from shards.fp8.methods import Granularity, Rounding, ValueType
 
-LOGGER = "orchestrator.config"
+LOGGER = "orchestrator.configuration.fp8_config"
 
 # project-decisions §1 defaults, as INC JSON. A hand-written literal: to_dict() must equal it.
 DEFAULT_DICT: dict[str, Any] = {

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import Fp8Config
-from shards.numerics import ScaleDevice
+from orchestrator.configuration.fp8_config import Fp8Config
+from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode
 from tests.conftest import ORACLE_DIR
 
@@ -51,7 +51,7 @@ def test_corpus_config(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="orchestrator.config")  # foreign-key warnings are expected here
+    caplog.set_level(logging.ERROR, logger="orchestrator.configuration.fp8_config")  # foreign-key warnings are expected here
     monkeypatch.chdir(tmp_path)  # relative dump_stats_path values would land here if anything were created
     path = oracle_dir / "configs" / name
     expected = expectations.get(name, {"expect": "accept", "keys": []})

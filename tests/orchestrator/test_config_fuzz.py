@@ -18,9 +18,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.config import Fp8Config
+from orchestrator.configuration.fp8_config import Fp8Config
 from orchestrator.errors import ConfigError
-from shards.numerics import ScaleDevice
+from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode
 
 GOOD: dict[str, list[Any]] = {
@@ -73,7 +73,7 @@ def _check(cfg: dict[str, Any], exc: ConfigError, keys: set[str] | None = None) 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=CONFIGS)
 def test_malformed_configs_raise_only_config_errors_naming_a_key(cfg: dict[str, Any]) -> None:
-    logging.getLogger("orchestrator.config").disabled = True  # foreign-key warnings are not under test
+    logging.getLogger("orchestrator.configuration.fp8_config").disabled = True  # foreign-key warnings are not under test
     try:
         try:
             parsed = Fp8Config.from_dict(cfg)
@@ -88,7 +88,7 @@ def test_malformed_configs_raise_only_config_errors_naming_a_key(cfg: dict[str, 
                     # A mode override can contradict the config's own keys or its defaults ('mode').
                     _check(cfg, exc, set(cfg) | {"mode", "scale_method", "device_for_scales"})
     finally:
-        logging.getLogger("orchestrator.config").disabled = False
+        logging.getLogger("orchestrator.configuration.fp8_config").disabled = False
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -96,11 +96,11 @@ def test_malformed_configs_raise_only_config_errors_naming_a_key(cfg: dict[str, 
 def test_malformed_config_files_raise_only_config_errors(tmp_path: Path, cfg: dict[str, Any]) -> None:
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg, allow_nan=True))
-    logging.getLogger("orchestrator.config").disabled = True
+    logging.getLogger("orchestrator.configuration.fp8_config").disabled = True
     try:
         Fp8Config.from_json(path)
     except ConfigError as exc:
         assert str(path) in str(exc) or "key" in str(exc)
         assert "\n" not in str(exc)
     finally:
-        logging.getLogger("orchestrator.config").disabled = False
+        logging.getLogger("orchestrator.configuration.fp8_config").disabled = False

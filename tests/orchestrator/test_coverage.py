@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.cli import _parser, summary_table
-from orchestrator.calibration import RunReport
-from orchestrator.config import Fp8Config
-from orchestrator.coordinator import global_nodes, weight_scales
-from orchestrator.coverage import (
+from orchestrator.entry.fp8_calibrate import _parser, summary_table
+from orchestrator.driver.calibration import RunReport
+from orchestrator.configuration.fp8_config import Fp8Config
+from orchestrator.driver.global_scales import global_nodes, weight_scales
+from orchestrator.driver.coverage import (
     UncoveredModulesError,
     UncoveredPolicy,
     expert_token_counts,
@@ -27,11 +27,11 @@ from orchestrator.coverage import (
     uncovered_modules,
     with_expert_siblings,
 )
-from shards.expert_coverage import EXPERT_RE
-from shards.measurement import Measurement, ModuleStats
+from shards.measuring.expert_coverage import EXPERT_RE
+from stats_store.records import Measurement, ModuleStats
 from shards.plan import Mode, RunPlan
-from shards.shard_calibration import ModuleInfo
-from stats_store.layout import ZarrStatsStore, store_path
+from shards.card.calibration import ModuleInfo
+from stats_store.zarr_store import ZarrStatsStore, store_path
 from stats_store.reshard import SplitRule
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
 
@@ -81,7 +81,7 @@ def test_policies_are_cli_choices_and_fail_stays_the_default(tmp_path) -> None:
     run = next(a for a in _parser()._actions if a.dest == "command").choices["run"]  # type: ignore[union-attr]
     uncovered = next(a for a in run._actions if a.dest == "uncovered")
     assert set(uncovered.choices) == {"fail", "warn", "unit_scale", "expert_max"}
-    from orchestrator.coverage import parse_policy
+    from orchestrator.driver.coverage import parse_policy
 
     assert parse_policy(None, _plan(tmp_path)) is UncoveredPolicy.FAIL
 
@@ -100,7 +100,7 @@ def test_expert_max_fills_with_the_elementwise_max_over_the_layers_other_experts
     stats = _stats(tokens, width)
     plan = _plan(tmp_path)
     uncovered = uncovered_modules(plan, _inventory(range(6)), stats)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.coverage"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.driver.coverage"):
         res = resolve_uncovered(plan, uncovered, UncoveredPolicy.EXPERT_MAX, SOURCE, stats)
     idle = [_name(e, p) for e in (1, 3, 5) for p in PROJS]
     assert res.filled == idle and res.plan is plan
@@ -175,7 +175,7 @@ def test_other_policies_drop_zero_token_experts_from_the_statistics(tmp_path, po
     stats = _stats({0: 12, 1: 0})
     plan = _plan(tmp_path)
     uncovered = uncovered_modules(plan, _inventory(range(2)), stats)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.coverage"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.driver.coverage"):
         res = resolve_uncovered(plan, uncovered, policy, SOURCE, stats)
     assert res.filled == [] and not set(uncovered) & set(res.stats.modules)  # type: ignore[union-attr]
     assert _name(0, "up_proj") in res.stats.modules  # type: ignore[union-attr]
@@ -235,9 +235,9 @@ def _idle_expert_checkpoint(path: Path) -> Path:
 @pytest.mark.timeout(400)
 @pytest.mark.usefixtures("ray_cluster")
 def test_driver_records_the_inventory_counts_tokens_and_fills_idle_experts_with_expert_max(tmp_path: Path) -> None:
-    from orchestrator.calibration import Calibration
-    from orchestrator.data import Batch
-    from shards.worker import WorkerResources
+    from orchestrator.driver.calibration import Calibration
+    from orchestrator.driver.data import Batch
+    from orchestrator.driver.grid import WorkerResources
     from tests.family_models import VOCAB
 
     ckpt = _idle_expert_checkpoint(tmp_path / "ckpt")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.data import byte_tokenize, make_batches, read_texts, tokenize_texts
+from orchestrator.driver.data import byte_tokenize, make_batches, read_texts, tokenize_texts
 from orchestrator.errors import CalibrationDataError
 
 

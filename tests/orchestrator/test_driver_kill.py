@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.demo_model import build_demo_checkpoint
-from stats_store.layout import ZarrStatsStore
+from orchestrator.entry.demo_model import build_demo_checkpoint
+from stats_store.zarr_store import ZarrStatsStore
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "examples" / "calibration.txt"
@@ -33,7 +33,7 @@ def _env() -> dict[str, str]:
 
 
 def _measure(config: Path, model: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "measure", "--config", str(config), "--model",
+    return subprocess.run([sys.executable, "-m", "orchestrator.entry.fp8_calibrate", "measure", "--config", str(config), "--model",
                            str(model), "--data", str(DATA), "--tp", "2", "--seq-len", "32", "--batch-size", "2",
                            "--flush-every", "2", "--no-progress", "--json"],
                           env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from torch import nn
 
 import orchestrator
-from orchestrator.export import ExportError, QuantizedCheckpoint, QuantizedLinear, checkpoint_from_model
-from orchestrator.export_ct import INDEX_FILE, SINGLE_FILE, quantization_config, write_compressed_tensors
+from orchestrator.export.writer import ExportError, QuantizedCheckpoint, QuantizedLinear, checkpoint_from_model
+from orchestrator.export.compressed_tensors import INDEX_FILE, SINGLE_FILE, quantization_config, write_compressed_tensors
 from tests.models import llama_tokens, tiny_llama
 
 SEED = 0
@@ -99,7 +99,7 @@ def test_static_export_dequantizes_within_fp8_error(tmp_path: Path, case: str) -
 def test_other_tensors_are_the_original_high_precision_ones(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = quantized_llama(tmp_path, "maxabs_pow2",
                             allowlist={"types": ["Linear", "Matmul", "Softmax", "KVCache"]})
-    with caplog.at_level("WARNING", logger="orchestrator.export"):
+    with caplog.at_level("WARNING", logger="orchestrator.export.writer"):
         out = write_compressed_tensors(checkpoint_from_model(model), tmp_path / "ct")
     # Attention matmuls and softmax, asked for here, have no place in the format: said once.
     (warning,) = [r.getMessage() for r in caplog.records if "no place" in r.getMessage()]

@@ -24,17 +24,17 @@ import ray
 import torch
 from ray.exceptions import RayTaskError
 
-from orchestrator.calibration import Calibration
+from orchestrator.driver.calibration import Calibration
 from orchestrator.errors import IncompleteStoreError
-from orchestrator.cli import main
-from orchestrator.coverage import UncoveredModulesError
-from orchestrator.data import Batch
-from orchestrator.shard_actor import CalibrationRunner
-from shards.measurement import Measurement
+from orchestrator.entry.fp8_calibrate import main
+from orchestrator.driver.coverage import UncoveredModulesError
+from orchestrator.driver.data import Batch
+from shards.card.actor import CalibrationRunner
+from stats_store.records import Measurement
 from shards.plan import RunPlan
-from shards.worker import WorkerResources
-from stats_store.store_errors import RunMismatchError, StoreFormatError, TornWriteError
-from stats_store.layout import ZarrStatsStore
+from orchestrator.driver.grid import WorkerResources
+from stats_store.errors import RunMismatchError, StoreFormatError, TornWriteError
+from stats_store.zarr_store import ZarrStatsStore
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
 from tests.shards.tp_fixtures import make_tiny_llama
 

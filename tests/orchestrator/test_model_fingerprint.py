@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.model_fingerprint import BLOCK_ELEMENTS, BLOCKS, fingerprint_of_module
+from orchestrator.driver.module_fingerprint import BLOCK_ELEMENTS, BLOCKS, fingerprint_of_module
 from tests.models import tiny_llama, tiny_sequential
 
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import orchestrator
-from shards.convert import MissingMeasurementError
+from shards.quantized.swap import MissingMeasurementError
 from shards.families import UnfusedExperts, family_for
-from shards.qmodules import QuantLinear
-from shards.scale_spec import PREDEFINED
-from shards.scales import ScaleContext, weight_scale
+from shards.quantized.modules import QuantLinear
+from shards.fp8.methods import PREDEFINED
+from shards.fp8.scale_math import ScaleContext, weight_scale
 from tests.family_models import MOE_FAMILIES, family_tokens, idle_expert_mixtral, tiny_model
 
 
@@ -151,8 +151,8 @@ def test_vllm_gaudi_inc_files_quantize_every_expert(tmp_path: Path) -> None:
     """A user with vLLM-Gaudi's INC measurement of a Mixtral (fused ``moe_op`` + per-expert
     ``w13_list``/``w2_list``) converts our per-expert model from it: every expert is quantized, gate
     and up from the layer's hidden-state max-abs, down from the expert's own intermediate max-abs."""
-    from shards.measurement import Measurement, ModuleStats
-    from shards.scales import activation_scale
+    from stats_store.records import Measurement, ModuleStats
+    from shards.fp8.scale_math import activation_scale
     from stats_store.inc_format import write_measurement
 
     modules = {"lm_head": ModuleStats("lm_head", "linear", inputs=[np.array([2.0], np.float32)], num_samples=2)}

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from orchestrator import quantize, scales_of
-from orchestrator.calibration import Calibration
-from orchestrator.data import Batch
+from orchestrator.driver.calibration import Calibration
+from orchestrator.driver.data import Batch
 from shards.families.registry import EXPERT_NAME
-from shards.worker import WorkerResources
+from orchestrator.driver.grid import WorkerResources
 from tests.family_models import VOCAB, tiny_model
 from tests.shards.tp_fixtures import concat_shards
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)

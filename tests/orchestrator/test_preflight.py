@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from orchestrator import calibration, cli
-from orchestrator.calibration import Calibration
-from shards.checkpoint import CheckpointError
+from orchestrator.driver import calibration
+
+from orchestrator.entry import fp8_calibrate as cli
+from orchestrator.driver.calibration import Calibration
+from shards.tp.checkpoint import CheckpointError
 from shards.families import UnsupportedModelError
-from shards.tp_plan import TensorParallelError
+from shards.tp.rules import TensorParallelError
 from tests.family_models import tiny_model
 
 CFG = {"scale_method": "maxabs_pow2"}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.demo_model import build_demo_checkpoint
-from stats_store.layout import ZarrStatsStore
+from orchestrator.entry.demo_model import build_demo_checkpoint
+from stats_store.zarr_store import ZarrStatsStore
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -46,7 +46,7 @@ def test_ray_job_submit_runs_a_complete_calibration(tmp_path: Path) -> None:
     try:
         assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
         job = _sh([str(BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8331", "--working-dir", str(ROOT),
-                   "--", "python", "-m", "orchestrator.cli", "run", "--config", str(cfg), "--model", str(model),
+                   "--", "python", "-m", "orchestrator.entry.fp8_calibrate", "run", "--config", str(cfg), "--model", str(model),
                    "--data", str(ROOT / "examples" / "calibration.txt"), "--tp", "2", "--seq-len", "32",
                    "--batch-size", "2", "--max-batches", "4", "--no-progress", "--json"], env)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]

@@ -44,14 +44,14 @@ import torch
 from torch import nn
 
 import orchestrator
-import shards.qmodules as qmodules
-from orchestrator.export import ExportError, checkpoint_from_model
-from orchestrator.export_ct import copy_serving_files, serving_files, write_compressed_tensors
-from shards.convert import quantized_modules
+import shards.quantized.modules as qmodules
+from orchestrator.export.writer import ExportError, checkpoint_from_model
+from orchestrator.export.compressed_tensors import copy_serving_files, serving_files, write_compressed_tensors
+from shards.quantized.swap import quantized_modules
 from shards.families import family_for
 from shards.families.registry import EXPERT_NAME
-from shards.hf_attention import KVCache
-from shards.qmodules import QuantKVCache, QuantLinear
+from shards.model.hf_attention import KVCache
+from shards.quantized.modules import QuantKVCache, QuantLinear
 from tests.orchestrator.test_export import read_all
 from tests.family_models import FAMILY_NAMES, MOE_FAMILIES, VOCAB, family_tokens, tiny_model
 from tests.ray_fixtures import ray_cluster  # noqa: F401  (session fixture)
@@ -370,7 +370,7 @@ def test_single_card_export_carries_tokenizer_chat_template_and_generation_confi
 # --- sharded runs on Ray (tp=1, tp=2) ------------------------------------------------------------------
 
 def _ray_batches(n: int = 4) -> list[Any]:
-    from orchestrator.data import Batch
+    from orchestrator.driver.data import Batch
 
     rng = np.random.default_rng(0)
     return [Batch(i, tuple(tuple(int(t) for t in row) for row in rng.integers(0, VOCAB, (2, 16)))) for i in range(n)]
@@ -391,8 +391,8 @@ def test_sharded_exports_load_in_transformers(tmp_path_factory: pytest.TempPathF
     model's logits."""
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.calibration import Calibration
-    from shards.worker import WorkerResources
+    from orchestrator.driver.calibration import Calibration
+    from orchestrator.driver.grid import WorkerResources
 
     tmp = tmp_path_factory.mktemp(f"sharded_{fam}")
     src = source_checkpoint(fam, tmp / "src")

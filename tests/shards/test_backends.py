@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from shards import numerics
-from shards.backends import (
+from shards.fp8 import numerics
+from shards.quantized.backends import (
     BackendUnavailableError,
     CudaBackend,
     EmulatedBackend,
@@ -21,8 +21,8 @@ from shards.backends import (
     get_backend,
     register_backend,
 )
-from shards.discovery import DuplicateRegistrationError
-from shards.numerics import E4M3, E4M3_GAUDI2, E5M2, ScaleDevice
+from shards.model.discovery import DuplicateRegistrationError
+from shards.fp8.numerics import E4M3, E4M3_GAUDI2, E5M2, ScaleDevice
 
 F8 = torch.float8_e4m3fn
 

@@ -1,4 +1,4 @@
-"""Building tp shards of a HF Llama from a safetensors checkpoint (shards/checkpoint.py)."""
+"""Building tp shards of a HF Llama from a safetensors checkpoint (shards/tp/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shards import checkpoint as ckpt
-from shards.checkpoint import CheckpointError, CheckpointNotFoundError, build_tp_shard, local_config, read_config
+from shards.tp import checkpoint as ckpt
+from shards.tp.checkpoint import CheckpointError, CheckpointNotFoundError, build_tp_shard, local_config, read_config
 from shards.errors import ShardError
-from shards.op_types import op_type_of_class
-from shards.tp_plan import TensorParallelError
+from shards.model.op_types import op_type_of_class
+from shards.tp.rules import TensorParallelError
 from tests.shards.tp_fixtures import (
     ThreadSumAllReduce,
     make_tiny_llama,

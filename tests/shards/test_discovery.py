@@ -9,7 +9,7 @@ import re
 import pytest
 from torch import nn
 
-from shards.discovery import (
+from shards.model.discovery import (
     DuplicateRegistrationError,
     clean_name,
     discover,
@@ -18,9 +18,9 @@ from shards.discovery import (
     set_submodule,
     supported_modules,
 )
-from shards.hf_attention import KVCache, Matmul, Softmax, install_hf_attention
-from shards.selection import ModuleFilter, SelectionRules
-from shards.tp_layers import ColumnParallelLinear
+from shards.model.hf_attention import KVCache, Matmul, Softmax, install_hf_attention
+from shards.model.selection import ModuleFilter, SelectionRules
+from shards.tp.layers import ColumnParallelLinear
 from tests.models import tiny_llama, tiny_sequential
 
 
@@ -120,8 +120,8 @@ def test_set_submodule_replaces_in_parent() -> None:
 
 def test_tensor_parallel_layers_count_as_linear_for_allow_and_block_lists() -> None:
     """A config written for the unsharded model (types ["Linear"]) selects the same layers when sharded."""
-    from shards.scale_spec import PREDEFINED, ScalePlan
-    from shards.tp_layers import RowParallelLinear
+    from shards.fp8.methods import PREDEFINED, ScalePlan
+    from shards.tp.layers import RowParallelLinear
 
     model = nn.Sequential(ColumnParallelLinear(8, 8, tp_rank=0, tp_world=1, bias=False),
                           RowParallelLinear(8, 8, tp_rank=0, tp_world=1, all_reduce=None, bias=False))

@@ -1,4 +1,4 @@
-"""Process-group setup (shards/dist.py). The real gloo group among actors is tested in test_runner_ray.py."""
+"""Process-group setup (shards/tp/dist.py). The real gloo group among actors is tested in test_runner_ray.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from shards.dist import LOOPBACK, DeviceKind, DistSetupError, Rendezvous, TpGroup, free_port
+from shards.tp.dist import LOOPBACK, DeviceKind, DistSetupError, Rendezvous, TpGroup, free_port
 from shards.errors import ShardError
 
 

@@ -10,11 +10,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from shards.checkpoint import CheckpointError, build_tp_shard
+from shards.tp.checkpoint import CheckpointError, build_tp_shard
 from shards.families import FAMILIES, UnfusedExperts, UnsupportedModelError, family_for, install_family
 from shards.families.registry import EXPERT_NAME
-from shards.tp_layers import ColumnParallelLinear, RowParallelLinear
-from shards.tp_plan import TensorParallelError, rule_for
+from shards.tp.layers import ColumnParallelLinear, RowParallelLinear
+from shards.tp.rules import TensorParallelError, rule_for
 from tests.family_models import FAMILY_NAMES, MOE_FAMILIES, family_tokens, tiny_config, tiny_model
 from tests.shards.tp_fixtures import ThreadSumAllReduce, run_ranks
 

@@ -10,7 +10,7 @@ import pytest
 
 from shards.families import family_for
 from shards.families.inc_names import family_view
-from shards.measurement import Measurement, ModuleStats
+from stats_store.records import Measurement, ModuleStats
 from stats_store.inc_format import discover_measurement_files, read_measurement_set
 from tests.family_models import tiny_config
 

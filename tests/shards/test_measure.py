@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from shards.hf_attention import install_hf_attention
-from shards.measure import MEASURE_BEHAVIOURS, MeasureBehaviour, MeasureSession, UnmeasurableModuleError, measure
-from shards.numerics import HpDtype, LpDtype
-from shards.op_types import OP_TYPES
+from shards.model.hf_attention import install_hf_attention
+from shards.measuring.session import MEASURE_BEHAVIOURS, MeasureBehaviour, MeasureSession, UnmeasurableModuleError, measure
+from shards.fp8.numerics import HpDtype, LpDtype
+from shards.model.op_types import OP_TYPES
 from shards.plan import MeasureExclude, Mode, RunPlan
-from shards.scale_spec import predefined_plan
-from shards.selection import ModuleFilter, SelectionRules
+from shards.fp8.methods import predefined_plan
+from shards.model.selection import ModuleFilter, SelectionRules
 from tests.models import llama_tokens, sequential_batches, tiny_llama, tiny_sequential
 
 

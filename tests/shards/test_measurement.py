@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.measurement import Measurement, ModuleStats, SentCounts
+from stats_store.records import Measurement, ModuleStats, SentCounts
 
 
 def _m(calls: int, nan: int, value: float, samples: int | None = None) -> Measurement:

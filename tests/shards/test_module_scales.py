@@ -2,7 +2,7 @@
 
 Each of INC's 13 methods is pinned by ``test_predefined_method[<METHOD>-...]``: the expected scale
 of every tensor is written below with Python floats (bf16 rounding via ``test_scales.bf16``, OPT via
-the per-candidate loops of ``test_opt_search``), never with ``shards.scales``.
+the per-candidate loops of ``test_opt_search``), never with ``shards.fp8.scale_math``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from shards.errors import DeviceForScalesError, MissingStatsError, NonFiniteStatsError
-from shards.measurement import ModuleStats
-from shards.module_scales import module_scales
-from shards.numerics import HW_TRAITS, ScaleDevice
-from shards.op_types import get_op_type
-from shards.scale_spec import PCS_OPT_MULTIPLIERS, POW2_OPT_CANDIDATES, PREDEFINED
-from shards.scales import ScaleContext
+from stats_store.records import ModuleStats
+from shards.fp8.module_scales import module_scales
+from shards.fp8.numerics import HW_TRAITS, ScaleDevice
+from shards.model.op_types import get_op_type
+from shards.fp8.methods import PCS_OPT_MULTIPLIERS, POW2_OPT_CANDIDATES, PREDEFINED
+from shards.fp8.scale_math import ScaleContext
 from tests.shards.test_opt_search import loop_pick_pcs, loop_pick_pts
 from tests.shards.test_scales import bf16, f32, pow2
 
@@ -277,3 +277,11 @@ def test_non_finite_stats_name_module_and_tensor() -> None:
     stats = ModuleStats("attn.matmul_qk", "matmul", [np.array([1.0], np.float32), np.array([np.inf], np.float32)])
     with pytest.raises(NonFiniteStatsError, match=r"attn\.matmul_qk.*inputs\.1"):
         module_scales(get_op_type("matmul"), POW2, CTX, stats)
+
+
+def test_scale_methods_are_inc_file_naming_vocabulary() -> None:
+    """One vocabulary: the scale math is keyed by exactly the method names INC files use."""
+    from shards.fp8.methods import PREDEFINED
+    from stats_store.inc_names import INC_SCALE_METHODS
+
+    assert tuple(PREDEFINED) == INC_SCALE_METHODS

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shards.numerics import (
+from shards.fp8.numerics import (
     E4M3,
     E4M3_GAUDI2,
     E5M2,
@@ -241,7 +241,7 @@ def test_quant_dequant_is_idempotent(fmt: Fp8Format, xs: list[float], scale: flo
 @pytest.mark.parametrize("axis", [None, 0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocked_quantize_of_a_large_tensor_equals_the_elementwise_formula(axis: int | None, dtype: torch.dtype) -> None:
-    from shards.numerics import E4M3, QUANT_BLOCK, quantize
+    from shards.fp8.numerics import E4M3, QUANT_BLOCK, quantize
 
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(300, 1000, generator=g) * 50).to(dtype)
@@ -257,7 +257,7 @@ def test_blocked_quantize_of_a_large_tensor_equals_the_elementwise_formula(axis:
 
 def test_blocked_quantize_keeps_broadcasting_of_a_lower_rank_scale() -> None:
     """A [T, 1] scale against a [B, T, H] tensor broadcasts over the last axes, never row-blocks."""
-    from shards.numerics import E4M3, QUANT_BLOCK, quantize
+    from shards.fp8.numerics import E4M3, QUANT_BLOCK, quantize
 
     g = torch.Generator().manual_seed(9)
     x = torch.randn(4, 4, QUANT_BLOCK // 8, generator=g) * 40

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shards.discovery import DuplicateRegistrationError
-from shards.observers import (
+from shards.model.discovery import DuplicateRegistrationError
+from shards.measuring.observers import (
     MERGES,
     MaxAbsObserver,
     MaxAbsPerChannelObserver,
@@ -135,7 +135,7 @@ def test_save_needs_a_directory() -> None:
 @pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
 def test_cpu_fast_maxabs_equals_the_max_of_abs(dtype: torch.dtype, channel_dim: int | None, sign: float) -> None:
     """The aminmax shortcut gives torch.abs(x).amax exactly, also for all-negative / all-positive tensors."""
-    from shards.observers import _fast_cpu_maxabs
+    from shards.measuring.observers import _fast_cpu_maxabs
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(6, 5, 7, generator=g) * 30

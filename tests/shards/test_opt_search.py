@@ -2,7 +2,7 @@
 
 The loop here quantizes with the pure-Python FP8 reference of ``test_numerics`` (nearest grid
 value, ties to even, saturating), sums squared errors exactly with ``math.fsum`` and applies INC's
-tie rules, so it shares no code with ``shards.opt_search``.
+tie rules, so it shares no code with ``shards.fp8.opt_search``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from shards import opt_search, opt_tables
+from shards.fp8 import opt_search
+
+from shards.fp8 import opt_tables
 from shards.errors import DeviceForScalesError
-from shards.numerics import HW_TRAITS, ScaleDevice
-from shards.scale_spec import PCS_OPT_MULTIPLIERS, POW2_OPT_CANDIDATES, PREDEFINED
-from shards.scales import ScaleContext, weight_scale
+from shards.fp8.numerics import HW_TRAITS, ScaleDevice
+from shards.fp8.methods import PCS_OPT_MULTIPLIERS, POW2_OPT_CANDIDATES, PREDEFINED
+from shards.fp8.scale_math import ScaleContext, weight_scale
 from tests.shards.test_numerics import decode, nearest_code
 
 G2, G3 = ScaleDevice.GAUDI2, ScaleDevice.GAUDI3

@@ -1,4 +1,4 @@
-"""The fast power-of-two scoring (``shards.opt_tables``) against the brute force of ``shards.opt_search``.
+"""The fast power-of-two scoring (``shards.fp8.opt_tables``) against the brute force of ``shards.fp8.opt_search``.
 
 ``pts_errors_bruteforce`` / ``pcs_errors_bruteforce`` quantize the whole tensor once per candidate;
 the fast path builds per-exponent tables. Picks must be identical (ties included) and errors equal
@@ -15,10 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shards import opt_search, opt_tables
-from shards.numerics import HW_TRAITS, HpDtype, LpDtype, ScaleDevice
-from shards.scale_spec import PCS_OPT_MULTIPLIERS, POW2_OPT_CANDIDATES
-from shards.scales import ScaleContext
+from shards.fp8 import opt_search
+
+from shards.fp8 import opt_tables
+from shards.fp8.numerics import HW_TRAITS, HpDtype, LpDtype, ScaleDevice
+from shards.fp8.methods import PCS_OPT_MULTIPLIERS, POW2_OPT_CANDIDATES
+from shards.fp8.scale_math import ScaleContext
 from tests.shards.test_opt_search import _weight
 
 G2, G3 = ScaleDevice.GAUDI2, ScaleDevice.GAUDI3

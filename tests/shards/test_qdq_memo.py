@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from shards.backends import EmulatedBackend
-from shards.module_scales import ModuleScales
-from shards.numerics import HpDtype, LpDtype
+from shards.quantized.backends import EmulatedBackend
+from shards.fp8.module_scales import ModuleScales
+from shards.fp8.numerics import HpDtype, LpDtype
 from shards.plan import ScaleFormat
-from shards.qdq_memo import SharedInputMemo
-from shards.qmodules import QuantContext, QuantLinear
-from shards.scales import ScaleContext
+from shards.quantized.qdq_memo import SharedInputMemo
+from shards.quantized.modules import QuantContext, QuantLinear
+from shards.fp8.scale_math import ScaleContext
 
 
 def _siblings(scale_format: ScaleFormat, scales: tuple[float, ...] = (2.0**-4, 2.0**-4, 2.0**-4)) -> list[QuantLinear]:

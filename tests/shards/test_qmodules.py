@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.backends import EmulatedBackend
-from shards.hf_attention import KVCache, Matmul, Softmax
-from shards.module_scales import ModuleScales
-from shards.numerics import HpDtype, LpDtype, ScaleDevice
-from shards.op_types import OP_TYPES
+from shards.quantized.backends import EmulatedBackend
+from shards.model.hf_attention import KVCache, Matmul, Softmax
+from shards.fp8.module_scales import ModuleScales
+from shards.fp8.numerics import HpDtype, LpDtype, ScaleDevice
+from shards.model.op_types import OP_TYPES
 from shards.plan import ScaleFormat
-from shards.qmodules import (
+from shards.quantized.modules import (
     QUANT_OPS,
     QuantContext,
     QuantConv2d,
@@ -22,7 +22,7 @@ from shards.qmodules import (
     QuantMatmul,
     QuantSoftmax,
 )
-from shards.scales import ScaleContext
+from shards.fp8.scale_math import ScaleContext
 
 HP = {HpDtype.BF16: torch.bfloat16, HpDtype.FP32: torch.float32}
 

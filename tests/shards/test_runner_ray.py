@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from shards.dist import DeviceKind, Rendezvous
-from shards.runner import ShardRunner, ShardStateError, Topology
-from shards.worker import WorkerResources, WorkerStartError, make_workers, worker_resources
+from shards.tp.dist import DeviceKind, Rendezvous
+from shards.card.runner import ShardRunner, ShardStateError, Topology
+from orchestrator.driver.grid import WorkerResources, WorkerStartError, make_workers, worker_resources
 from tests.ray_fixtures import ray_cluster
 from tests.shards.tp_fixtures import reference_model, sample_ids, tiny_llama_dir
 

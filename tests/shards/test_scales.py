@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shards.errors import DeviceForScalesError, NonFiniteStatsError, ShardError
-from shards.numerics import HW_TRAITS, HpDtype, LpDtype, ScaleDevice
-from shards.scale_spec import PREDEFINED, Granularity, Rounding, SectionSpec, ValueType
-from shards.scales import (
+from shards.fp8.numerics import HW_TRAITS, HpDtype, LpDtype, ScaleDevice
+from shards.fp8.methods import PREDEFINED, Granularity, Rounding, SectionSpec, ValueType
+from shards.fp8.scale_math import (
     ScaleContext,
     activation_scale,
     dynamic_activation_scale,

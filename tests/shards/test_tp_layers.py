@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from shards.op_types import op_type_of_class
-from shards.tp_layers import ColumnParallelLinear, RowParallelLinear
-from shards.tp_plan import TensorParallelError
+from shards.model.op_types import op_type_of_class
+from shards.tp.layers import ColumnParallelLinear, RowParallelLinear
+from shards.tp.rules import TensorParallelError
 from tests.shards.tp_fixtures import ThreadSumAllReduce, run_ranks
 
 IN, OUT = 24, 40

@@ -1,4 +1,4 @@
-"""The sharding table and the shard map of statistics (shards/tp_plan.py)."""
+"""The sharding table and the shard map of statistics (shards/tp/rules.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shards.tp_plan import (
+from shards.tp.rules import (
     RULE_SETS,
     TP_RULES,
     Merge,

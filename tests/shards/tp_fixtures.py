@@ -120,7 +120,7 @@ def run_ranks(world: int, fn: Callable[[int], T]) -> list[T]:
 def concat_shards(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     """The global tensor of module ``name`` from its tp ranks' pieces (weights ``[out, in]``):
     column-parallel along the outputs, row-parallel along the inputs, replicated ones equal."""
-    from shards.tp_plan import Parallel, rule_for
+    from shards.tp.rules import Parallel, rule_for
 
     rule = rule_for(name)
     if rule is None:

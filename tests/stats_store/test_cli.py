@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.measurement import Measurement, ModuleStats
-from stats_store.cli import build_parser, main
+from stats_store.records import Measurement, ModuleStats
+from orchestrator.entry.stats_store_cli import build_parser, main
 from stats_store.inc_format import discover_measurement_files, read_measurement_set
-from stats_store.layout import ZarrStatsStore
+from stats_store.zarr_store import ZarrStatsStore
 from stats_store.metadata import RunMeta
 from stats_store.shard_map import ShardSpec
 from tests.stats_store.test_store import LINEARS, MATMUL, PROJECT_ROOT, assert_same_stats, reference, write_all

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stats_store.cli import main
+from orchestrator.entry.stats_store_cli import main
 
 ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle"
 GOLD = "inc_gold/deepseek-r1-distill-llama-70b-g2"

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.measurement import Measurement, ModuleStats
-from shards.op_types import OP_TYPES
+from stats_store.records import Measurement, ModuleStats
+from shards.model.op_types import OP_TYPES
 from stats_store.errors import IncFileExistsError, IncFileNotFoundError, IncFormatError, StatsStoreError
 from stats_store.inc_format import (
     UNKNOWN_OP,
@@ -432,7 +432,7 @@ def test_write_scales_rejects_malformed_nodes(tmp_path: Path, node: dict, match:
 
 def test_write_scales_accepts_module_scales_nodes(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from shards.module_scales import ModuleScales
+    from shards.fp8.module_scales import ModuleScales
 
     ms = ModuleScales(inputs=(torch.tensor(0.5, dtype=torch.bfloat16),), outputs=(torch.tensor([0.25, 0.5]),),
                       weight=torch.tensor([0.5, 1.0]), weight_in_channel=torch.ones(3))

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from shards.module_scales import module_scales
-from shards.numerics import ScaleDevice
-from shards.op_types import get_op_type
-from shards.scale_spec import PREDEFINED
-from shards.scales import ScaleContext
+from shards.fp8.module_scales import module_scales
+from shards.fp8.numerics import ScaleDevice
+from shards.model.op_types import get_op_type
+from shards.fp8.methods import PREDEFINED
+from shards.fp8.scale_math import ScaleContext
 from stats_store.inc_format import read_measurement_json
 from stats_store.inc_names import inc_file_name
 

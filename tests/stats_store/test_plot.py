@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 
-from shards.measurement import Measurement, ModuleStats
+from stats_store.records import Measurement, ModuleStats
 from stats_store.plot import plot_channel_profile, plot_layer_maxabs
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stats_store.reduce import MERGES, get_merge, reduce_count, reduce_over_shards
-from stats_store.store_errors import UnknownMergeError
+from stats_store.errors import UnknownMergeError
 
 values = st.lists(
     st.one_of(st.just(float("nan")), st.floats(0, 1e6, allow_nan=False, width=32)), min_size=3, max_size=3
@@ -68,7 +68,7 @@ def test_unknown_merge_lists_the_known_ones() -> None:
 def _packed_run(seed: int, dp: int, tp: int, merge: str):  # type: ignore[no-untyped-def]
     """Commits and chunks of a dp x tp run (random values, NaNs, a split and a replicated tensor,
     a module only some shards hold) and, per (module, label), each shard's global row."""
-    from shards.measurement import Measurement, ModuleStats
+    from stats_store.records import Measurement, ModuleStats
     from stats_store.commit import build_flush
     from stats_store.shard_map import ShardSpec, channel_slice
 

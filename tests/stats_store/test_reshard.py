@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.measurement import Measurement, ModuleStats
-from stats_store.layout import ZarrStatsStore
+from stats_store.records import Measurement, ModuleStats
+from stats_store.zarr_store import ZarrStatsStore
 from stats_store.metadata import RunMeta
 from stats_store.reshard import SplitRule, reshard, split_rules_from_commits
 from stats_store.shard_map import ChannelSlice, channel_slice
 from stats_store.store import MemoryStatsStore
-from stats_store.store_errors import ReshardError
+from stats_store.errors import ReshardError
 from tests.stats_store.test_store import LINEARS, assert_same_stats, reference, write_all
 
 BATCHES = list(range(5))

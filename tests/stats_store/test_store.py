@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import zarr
 
-from shards.measurement import Measurement, ModuleStats
-from stats_store.layout import ZarrStatsStore, store_path
+from stats_store.records import Measurement, ModuleStats
+from stats_store.zarr_store import ZarrStatsStore, store_path
 from stats_store.metadata import FORMAT_VERSION, RunMeta
 from stats_store.shard_map import ShardSpec, channel_slice
 from stats_store.store import CommittedStore, MemoryStatsStore
-from stats_store.store_errors import (
+from stats_store.errors import (
     DuplicateBatchError,
     RunMismatchError,
     ShardSpecError,
@@ -379,7 +379,7 @@ def test_any_module_name_round_trips(tmp_path: Path, name: str) -> None:
 # ---- zarr only: other OS processes ------------------------------------------------------------------
 WRITER = """
 import os, sys
-from stats_store.layout import ZarrStatsStore
+from stats_store.zarr_store import ZarrStatsStore
 from tests.stats_store.test_store import shard_stats
 path, index, dp, tp, die = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 batches = list(range(8))

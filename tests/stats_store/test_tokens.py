@@ -11,9 +11,9 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from shards.measurement import Measurement, ModuleStats
-from stats_store.cli import main
-from stats_store.layout import ZarrStatsStore
+from stats_store.records import Measurement, ModuleStats
+from orchestrator.entry.stats_store_cli import main
+from stats_store.zarr_store import ZarrStatsStore
 from stats_store.metadata import RunMeta
 from stats_store.reshard import reshard
 from stats_store.shard_map import ShardSpec

@@ -1,0 +1,122 @@
+"""The calibration shard: ``ShardRunner`` plus measuring, store I/O and in-place quantization.
+
+It lives in ``orchestrator`` because it joins ``shards`` (the model work) with ``stats_store``
+(each shard writes its own chunk of the run's store and commits it). The Ray actor is this class
+wrapped by ``ray.remote`` (see ``orchestrator.driver.grid.make_workers(runner_cls=...)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from shards.quantized.backends import backend_for_device
+from stats_store.records import Measurement
+from shards.plan import RunPlan
+from shards.card.runner import ShardRunner, ShardStateError
+from shards.card.calibration import ModuleInfo, OptRequest, ShardCalibration
+from shards.tp.rules import split_channel_slices
+from stats_store.zarr_store import ZarrStatsStore
+from stats_store.shard_map import ChannelSlice, ShardSpec
+
+
+class CalibrationRunner(ShardRunner):
+    """One shard of a distributed calibration (every tp rank of a group is called together)."""
+
+    _calib: ShardCalibration | None = None
+    _store: ZarrStatsStore | None = None
+    _pending_batches: list[int]
+    _committed: frozenset[int] = frozenset()
+
+    def _calibration(self) -> ShardCalibration:
+        if self._calib is None:
+            shard = self._shard
+            if shard is None:
+                raise ShardStateError(f"shard {self.topology.index}: call load() first")
+            self._calib = ShardCalibration(shard.model, shard.dims, self.topology.tp_rank, self.topology.tp)
+        return self._calib
+
+    # ---- MEASURE --------------------------------------------------------------------------------
+    def start_measure(self, plan: RunPlan, store_path: str) -> list[str]:
+        """Attach observers and open the run's store (created by the driver).
+
+        The batches this shard's commit record already holds are remembered: after a fault its tp
+        peers may have to redo one of them, and this shard then runs it without counting it again.
+        """
+        self._store = ZarrStatsStore.open(store_path)
+        self._pending_batches = []
+        record = self._store.commits().get(self.topology.index)
+        self._committed = frozenset(record.batch_ids) if record is not None else frozenset()
+        return self._calibration().start(plan)
+
+    def measure_batch(self, batch_id: int, tokens: np.ndarray) -> int:
+        """Run one calibration batch; returns the number of tokens seen."""
+        ids = torch.tensor(np.asarray(tokens), dtype=torch.long, device=next(self.model.parameters()).device)
+        if int(batch_id) in self._committed:
+            self._calibration().run_uncounted(ids)  # collectives need every rank; the store has its counts
+        else:
+            self._calibration().run(ids)
+            self._pending_batches.append(int(batch_id))
+        return int(ids.numel())
+
+    def flush(self) -> list[int]:
+        """Write this shard's statistics of the batches since the last flush and commit them."""
+        if not self._pending_batches:
+            return []
+        if self._store is None:
+            raise ShardStateError(f"shard {self.topology.index}: start_measure() first")
+        m = self._calibration().increment()
+        spec = self._shard_spec(m)
+        self._store.commit(self._store.write_shard(spec, m, self._pending_batches))
+        done, self._pending_batches = self._pending_batches, []
+        return done
+
+    def finish_measure(self) -> list[int]:
+        """Flush what is left and detach the observers."""
+        done = self.flush()
+        self._calibration().stop()
+        return done
+
+    def _shard_spec(self, m: Measurement) -> ShardSpec:
+        t = self.topology
+        keys = [(name, label) for name, stats in m.modules.items() for label in stats.tensors()]
+        shard = self._shard
+        assert shard is not None
+        slices = split_channel_slices(keys, shard.dims, t.tp_rank, t.tp)
+        # Only per-channel tensors have a channel axis to place; per-tensor values are global maxima.
+        sized = {k: ChannelSlice(*v) for k, v in slices.items() if m.modules[k[0]].tensors()[k[1]].size > 1}
+        return ShardSpec(t.index, t.dp * t.tp, t.tp, sized)
+
+    # ---- coordinator requests -------------------------------------------------------------------
+    def inventory(self, plan: RunPlan) -> dict[str, ModuleInfo]:
+        return self._calibration().inventory(plan)
+
+    def opt_partials(self, plan: RunPlan, requests: Mapping[str, OptRequest]) -> dict[str, np.ndarray]:
+        return self._calibration().opt_partials(plan, requests)
+
+    # ---- QUANTIZE -------------------------------------------------------------------------------
+    def quantize(self, plan: RunPlan, local_stats: Measurement | None,
+                 weight_scales: Mapping[str, torch.Tensor]) -> list[str]:
+        """Quantize this shard in place with the coordinator's scales; returns the quantized names."""
+        backend = backend_for_device(next(self.model.parameters()).device)
+        result = self._calibration().quantize(plan, local_stats, weight_scales, backend)
+        return list(result.quantized)
+
+    def quantized_state(self) -> dict[str, dict[str, Any]]:
+        return self._calibration().quantized_state()
+
+    def scales_of(self) -> dict[str, dict[str, Any]]:
+        from shards.quantized.swap import scales_of
+
+        return scales_of(self.model)
+
+    def state_dict_of(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Unquantized tensors by state-dict name (embeddings, norms...), copied to CPU."""
+        sd = self.model.state_dict()
+        return {n: sd[n].detach().cpu().clone() for n in names if n in sd}
+
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoint

@@ -1,0 +1,209 @@
+"""What a tensor-parallel shard does in a distributed calibration, without any I/O.
+
+- MEASURE: observers on the shard's model; each flush yields the statistics of the batches since
+  the previous flush (values are running maxima, so re-sending them is harmless; call and NaN
+  counts are sent as increments so the store can add them). A batch the store already holds for
+  this shard (its tp peer must redo it after a fault) runs uncounted: its counts are marked sent.
+- OPT search: error partials of the shard's weight slice, which the coordinator adds up (row
+  shards) or concatenates (column shards) before picking, so the choice equals one card's.
+- QUANTIZE: the coordinator's global weight scales are sliced to this shard, input scales come
+  from the global statistics resliced to this shard, and the model is converted in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from shards.quantized.backends import Backend
+from shards.quantized.swap import ConvertResult, convert_model, quantized_modules, scale_context
+from shards.model.discovery import discover
+from shards.model.hf_attention import install_hf_attention_if_asked
+from shards.measuring.session import MeasureSession
+from stats_store.records import Measurement, SentCounts
+from shards.fp8.numerics import fp8_to_bytes
+from shards.fp8.opt_search import pcs_errors, pts_errors
+from shards.plan import RunPlan
+from shards.fp8.methods import Granularity, ValueType
+from shards.fp8.scale_math import opt_candidates
+from shards.tp.rules import ModelDims, Parallel, axis_slice, rule_for
+
+
+@dataclass(frozen=True)
+class OptRequest:
+    """One module's OPT search, as the coordinator asks every shard of a tp group for it.
+
+    Attributes:
+        granularity: PTS (absolute candidates) or PCS (multipliers of ``reference``).
+        candidates: PTS candidate scales or PCS multipliers.
+        reference: PCS only: the global per-output-channel reference scales (fp32 values).
+        reference_dtype: the dtype the reference is held in (the weight's), by name.
+    """
+
+    granularity: Granularity
+    candidates: tuple[float, ...]
+    reference: np.ndarray | None = None
+    reference_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What the coordinator needs to know of one selected module of a shard.
+
+    Attributes:
+        class_name: the module's class and its bases (``layer_types`` overrides key on them).
+        op_type: its op-type name.
+        weight_dtype: the weight's dtype name, None for ops without weight.
+        weight_maxabs: per-output-channel max-abs of this shard's weight slice (fp32 values).
+        in_features: the weight's input features on this shard.
+    """
+
+    class_name: tuple[str, ...]
+    op_type: str
+    weight_dtype: str | None = None
+    weight_maxabs: np.ndarray | None = None
+    in_features: int | None = None
+
+
+class ShardCalibration:
+    """Measurement, OPT partials and in-place quantization of one shard's model.
+
+    Args:
+        model: the shard's model (module names equal the unsharded model's).
+        dims: global model sizes (for slicing global scales).
+        tp_rank: this shard's tp rank.
+        tp_world: tp size.
+    """
+
+    def __init__(self, model: nn.Module, dims: ModelDims, tp_rank: int, tp_world: int) -> None:
+        self.model = model
+        self.dims = dims
+        self.tp_rank = tp_rank
+        self.tp_world = tp_world
+        self._session: MeasureSession | None = None
+        self._sent = SentCounts()
+
+    # ---- MEASURE --------------------------------------------------------------------------------
+    def start(self, plan: RunPlan) -> list[str]:
+        """Attach observers; returns the measured module names."""
+        install_hf_attention_if_asked(self.model, plan.selection)
+        self._session = MeasureSession(self.model, plan)
+        self._sent = SentCounts()
+        return list(self._session.modules)
+
+    def run(self, input_ids: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.model(input_ids=input_ids, use_cache=False)
+
+    def run_uncounted(self, input_ids: torch.Tensor) -> None:
+        """Run a batch whose counts the store already holds: values still merge (max is idempotent),
+        but its call, sample and NaN counts are marked as sent so no later flush adds them again."""
+        before = self._session_or_raise().collect()
+        self.run(input_ids)
+        self._sent.mark_sent(before, self._session_or_raise().collect())
+
+    def _session_or_raise(self) -> MeasureSession:
+        if self._session is None:
+            raise RuntimeError("start() the measurement first")
+        return self._session
+
+    def increment(self) -> Measurement:
+        """Statistics since the last call: running maxima, counts as increments."""
+        return self._sent.increment(self._session_or_raise().collect())
+
+    def stop(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def inventory(self, plan: RunPlan) -> dict[str, ModuleInfo]:
+        """Every module ``plan`` selects on this shard, with its weight's per-channel max-abs."""
+        install_hf_attention_if_asked(self.model, plan.selection)
+        out: dict[str, ModuleInfo] = {}
+        for f in discover(self.model, plan.selection):
+            w = getattr(f.module, "weight", None) if f.op.params else None
+            if not isinstance(w, torch.Tensor):
+                out[f.name] = ModuleInfo(f.type_names, f.op.name)
+                continue
+            amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).float().cpu().numpy()
+            in_features = int(w[0].numel())
+            out[f.name] = ModuleInfo(f.type_names, f.op.name, str(w.dtype).removeprefix("torch."), amax, in_features)
+        return out
+
+    # ---- OPT partials ---------------------------------------------------------------------------
+    def opt_partials(self, plan: RunPlan, requests: Mapping[str, OptRequest]) -> dict[str, np.ndarray]:
+        """Float64 error partials of this shard's weight slice for each requested module."""
+        ctx = scale_context(plan)
+        weights = {f.name: f.module.weight.detach() for f in discover(self.model, plan.selection)
+                   if f.name in requests}
+        out: dict[str, np.ndarray] = {}
+        for name, req in requests.items():
+            w = weights[name]
+            if req.granularity is Granularity.PTS:
+                out[name] = pts_errors(w, req.candidates, ctx).numpy()
+                continue
+            assert req.reference is not None
+            ref = torch.from_numpy(np.asarray(req.reference, dtype=np.float32)).to(getattr(torch, req.reference_dtype))
+            ref = ref[self._out_slice(name)]
+            out[name] = pcs_errors(w, ref, req.candidates, ctx).numpy()
+        return out
+
+    # ---- QUANTIZE -------------------------------------------------------------------------------
+    def quantize(self, plan: RunPlan, local_stats: Measurement | None, global_weight_scales: Mapping[str, torch.Tensor],
+                 backend: Backend) -> ConvertResult:
+        """Convert in place with this shard's slice of the coordinator's weight scales."""
+        self.stop()
+        install_hf_attention_if_asked(self.model, plan.selection)
+        local = {name: s[self._out_slice(name)] if s.ndim == 1 else s for name, s in global_weight_scales.items()}
+        return convert_model(self.model, plan, local_stats, backend, source="the run's stats store",
+                             weight_scales=local)
+
+    def _out_slice(self, name: str) -> slice:
+        """This shard's slice of a module's output channels (all of them unless column-parallel)."""
+        rule = rule_for(name)
+        if rule is None or rule.parallel is not Parallel.COLUMN:
+            return slice(None)
+        return axis_slice(rule, self.dims, self.tp_rank, self.tp_world)
+
+    def quantized_state(self) -> dict[str, dict[str, object]]:
+        """Per quantized module: FP8 codes (uint8, picklable), dtype name, scales, bias (CPU)."""
+        out: dict[str, dict[str, object]] = {}
+        for name, m in quantized_modules(self.model).items():
+            w = getattr(m, "weight", None)
+            if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point or w.element_size() != 1:
+                continue
+            codes, dtype_name = fp8_to_bytes(w.detach().cpu().contiguous())
+            scales = m.module_scales()
+            bias = getattr(m, "bias", None)
+            out[name] = {
+                "codes": codes.clone(),
+                "dtype": dtype_name,
+                "weight_scale": scales.weight.detach().cpu() if scales.weight is not None else None,
+                "input_scale": scales.inputs[0].detach().cpu() if scales.inputs else None,
+                "bias": None if bias is None else bias.detach().cpu().clone(),
+            }
+        return out
+
+
+def opt_request(plan: RunPlan, name: str, class_name: tuple[str, ...], weight_maxabs: np.ndarray | None,
+                weight_dtype: torch.dtype) -> OptRequest | None:
+    """The OPT search a module needs under ``plan``, or None (its weight section is not OPT)."""
+    from shards.fp8.opt_search import pcs_reference
+    from shards.fp8.methods import PCS_OPT_MULTIPLIERS
+
+    section = plan.scale_plan.for_module(name, class_name).weight
+    if section.value_type is not ValueType.OPT:
+        return None
+    ctx = scale_context(plan)
+    if section.granularity is Granularity.PTS:
+        return OptRequest(Granularity.PTS, tuple(opt_candidates(section, ctx)))
+    if weight_maxabs is None:
+        raise ValueError(f"module {name!r}: a per-channel OPT search needs the weight's per-channel max-abs")
+    ref = pcs_reference(torch.from_numpy(np.asarray(weight_maxabs, np.float32)), ctx, weight_dtype, backoff=section.backoff)
+    mults = section.candidates if section.candidates is not None else PCS_OPT_MULTIPLIERS
+    return OptRequest(Granularity.PCS, tuple(mults), ref.float().numpy(), str(weight_dtype).removeprefix("torch."))
+

@@ -1,0 +1,276 @@
+"""Scales from max-abs statistics or weights: INC's arithmetic, quirks included.
+
+A scale ``s`` maps a value to the FP8 grid by ``q = cast(x / s)``. Every function here is pure:
+(max-abs or weight, section spec, context) -> scale tensor. The arithmetic is done with torch ops
+in the dtype INC uses, so the results are bit-identical to INC's for the same max-abs
+(reference ``inc-fp8-semantics.md`` §2.2, §2.3, §2.9.1-2; ``project-decisions.md`` §2):
+
+- activations: the max-abs is cast to ``hp_dtype`` and divided there by the Python float
+  ``fullscale * backoff`` (so the divisor is rounded to fp32 first, as torch does);
+- per-tensor weights: max-abs taken in the weight's dtype, then cast to ``hp_dtype``;
+- per-channel weights: everything stays in the weight's own dtype;
+- POW2 is ``exp2(ceil(log2(s)))`` in the tensor's dtype: in bf16 the log2 is rounded before the
+  ceil, so a raw scale just above a power of two can round *down*. That is INC's behaviour and we
+  keep it on purpose.
+
+Zero max-abs: INC would produce a zero scale (and NaN on division). We replace a zero raw scale
+by the smallest positive normal of its dtype (2**-126 for bf16/fp32). This only changes tensors
+that are entirely zero, whose quantized value is zero for any scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shards.errors import DeviceForScalesError, NonFiniteStatsError, ScaleMethodError
+from stats_store.records import as_maxabs
+from shards.fp8.numerics import HW_TRAITS, Fp8Format, HpDtype, HwScaleTraits, LpDtype, ScaleDevice, fp8_format
+from shards.fp8.methods import (
+    DYNAMIC_ACTIVATION_BACKOFF,
+    POW2_OPT_CANDIDATES,
+    Granularity,
+    Rounding,
+    SectionSpec,
+    ValueType,
+)
+
+# INC floors per-channel weight max-abs at the smallest positive bf16 normal (reference §2.5).
+BF16_TINY: float = torch.finfo(torch.bfloat16).tiny
+
+MaxAbsLike = np.ndarray | torch.Tensor | float | list[float]
+
+
+@dataclass(frozen=True)
+class ScaleContext:
+    """What the scale arithmetic depends on besides the statistics.
+
+    Attributes:
+        lp: FP8 encoding (``fp8_config``).
+        hp: dtype of the scale arithmetic (``hp_dtype``).
+        device: ``device_for_scales``; None off Gaudi (full scale 448, no HW-aligned set).
+    """
+
+    lp: LpDtype = LpDtype.E4M3
+    hp: HpDtype = HpDtype.BF16
+    device: ScaleDevice | None = None
+
+    @property
+    def fmt(self) -> Fp8Format:
+        return fp8_format(self.lp, self.device)
+
+    @property
+    def fullscale(self) -> float:
+        return self.fmt.fullscale
+
+    @property
+    def hp_dtype(self) -> torch.dtype:
+        return self.hp.torch_dtype
+
+    def hw_traits(self, what: str) -> HwScaleTraits:
+        """The HW-aligned scale set of ``device``; ``what`` names the feature that needs it."""
+        if self.device is None:
+            raise DeviceForScalesError(what)
+        return HW_TRAITS[self.device]
+
+
+def _floor_zero(s: torch.Tensor) -> torch.Tensor:
+    """Replace zero scales (all-zero tensors) by the dtype's smallest normal; see module docstring."""
+    return torch.where(s > 0, s, torch.full_like(s, torch.finfo(s.dtype).tiny))
+
+
+def raw_scale(maxabs: torch.Tensor, backoff: float, ctx: ScaleContext) -> torch.Tensor:
+    """``maxabs / (fullscale * backoff)`` in ``maxabs``'s dtype, the divisor a Python float as in INC."""
+    return _floor_zero(maxabs / (ctx.fullscale * backoff))
+
+
+def round_scale(s_raw: torch.Tensor, rounding: Rounding, ctx: ScaleContext) -> torch.Tensor:
+    """Apply a rounding method of reference §2.3, in ``s_raw``'s own dtype."""
+    if rounding is Rounding.IDENTITY:
+        return s_raw
+    if rounding is Rounding.POW2:
+        return torch.exp2(torch.ceil(torch.log2(s_raw)))
+    if rounding is Rounding.HW_ALIGNED:
+        traits = ctx.hw_traits("rounding HW_ALIGNED")
+        pow2 = torch.exp2(torch.ceil(torch.log2(s_raw)))
+        k = traits.step_exp
+        snapped = torch.exp2(torch.ceil(torch.log2(pow2) / k) * k)
+        lo = torch.tensor(traits.min_scale, dtype=s_raw.dtype, device=s_raw.device)
+        hi = torch.tensor(traits.max_scale, dtype=s_raw.dtype, device=s_raw.device)
+        return torch.minimum(torch.maximum(snapped, lo), hi)
+    if rounding is Rounding.HW_ALIGNED_FIXED:
+        return torch.full_like(s_raw, ctx.hw_traits("rounding HW_ALIGNED_FIXED").scales[0])
+    if rounding is Rounding.SCALE_UNIT:
+        return torch.ones_like(s_raw)
+    raise ScaleMethodError(f"rounding: unknown method {rounding!r}; allowed: {[r.value for r in Rounding]}")
+
+
+def fixed_scale(section: SectionSpec, ctx: ScaleContext) -> torch.Tensor:
+    """The 0-d ``hp_dtype`` scale of a FIXED_VALUE (or DUMMY_SCALES) section: 1.0 or the first HW scale."""
+    if section.value_type is ValueType.DUMMY_SCALES or section.rounding is Rounding.SCALE_UNIT:
+        return torch.tensor(1.0, dtype=ctx.hp_dtype)
+    if section.rounding is Rounding.HW_ALIGNED_FIXED:
+        return torch.tensor(ctx.hw_traits("rounding HW_ALIGNED_FIXED").scales[0], dtype=ctx.hp_dtype)
+    raise ScaleMethodError(
+        f"scale_method: value type FIXED_VALUE needs rounding SCALE_UNIT or HW_ALIGNED_FIXED, got {section.rounding.value}"
+    )
+
+
+def _is_fixed(section: SectionSpec) -> bool:
+    return section.value_type in (ValueType.FIXED_VALUE, ValueType.DUMMY_SCALES)
+
+
+def _check_finite(t: torch.Tensor, where: str, shown: object) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteStatsError(where, shown)
+
+
+def _maxabs_vector(maxabs: MaxAbsLike, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """A 1-D tensor of max-abs values in ``dtype``; non-finite values (also after the cast) raise."""
+    if isinstance(maxabs, torch.Tensor):
+        src = maxabs.detach().reshape(-1)
+    else:
+        src = torch.from_numpy(as_maxabs(maxabs).copy())  # Ray hands over read-only arrays
+    if src.numel() == 0:
+        raise ScaleMethodError(f"{where}: empty max-abs array; re-measure the module")
+    _check_finite(src, where, float(src.float().abs().max()))
+    out = src.to(dtype)
+    # A finite fp32 value can overflow a narrower hp dtype (fp16 max is 65504).
+    _check_finite(out, f"{where} (in {dtype})", float(src.float().max()))
+    return out
+
+
+def activation_scale(
+    maxabs: MaxAbsLike, section: SectionSpec, ctx: ScaleContext, *, where: str = "activation"
+) -> torch.Tensor:
+    """The 0-d ``hp_dtype`` scale of an activation from its measured max-abs.
+
+    A per-channel measurement is reduced with max() first, as INC does (reference §2.2).
+    ``where`` names the module and tensor in error messages.
+    """
+    if _is_fixed(section):
+        return fixed_scale(section, ctx)
+    if section.value_type is not ValueType.MAXABS:
+        raise ScaleMethodError(f"{where}: activations support MAXABS or FIXED_VALUE, got {section.value_type.value}")
+    m = _maxabs_vector(maxabs, ctx.hp_dtype, where).max()
+    return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
+
+
+def magnitude_codes(w: torch.Tensor) -> torch.Tensor:
+    """The sign-cleared bit patterns of a 16-bit float tensor, as int16: they order like the
+    magnitudes (inf above every finite value, NaNs above inf), and 16-bit integer reductions are
+    several times faster than float ones on CPU."""
+    return w.detach().contiguous().view(torch.int16) & 0x7FFF
+
+
+def magnitude_max(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``amax(|w|)`` over ``dim`` (None: every element) in ``w``'s dtype; NaN if any element is NaN.
+
+    16-bit floats on CPU take the max of :func:`magnitude_codes` instead of abs + amax.
+    """
+    w = w.detach()
+    if w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu" and w.numel() > 0:
+        bits = magnitude_codes(w)
+        return (bits.amax() if dim is None else bits.amax(dim=dim)).view(w.dtype)
+    a = w.abs()
+    return a.amax() if dim is None else a.amax(dim=dim)
+
+
+def per_channel_maxabs(weight: torch.Tensor) -> torch.Tensor:
+    """``amax(|w|)`` over every axis but the first (output channels), in the weight's dtype."""
+    return magnitude_max(weight.reshape(weight.shape[0], -1), dim=1)
+
+
+def pcs_scale_from_amax(
+    amax: torch.Tensor, backoff: float, rounding: Rounding, ctx: ScaleContext
+) -> torch.Tensor:
+    """Per-channel weight scales from per-channel max-abs, in ``amax``'s dtype (the weight's)."""
+    floored = amax.clamp_min(BF16_TINY)
+    return round_scale(raw_scale(floored, backoff, ctx), rounding, ctx)
+
+
+def opt_candidates(section: SectionSpec, ctx: ScaleContext) -> tuple[float, ...]:
+    """Absolute PTS candidates: the section's list, else the device's HW set or 2**-10..2**9."""
+    if section.candidates is not None:
+        return section.candidates
+    if section.rounding in (Rounding.HW_ALIGNED, Rounding.HW_ALIGNED_FIXED):
+        return ctx.hw_traits("the OPT candidate list of maxabs_hw_opt_weight").scales
+    return POW2_OPT_CANDIDATES
+
+
+def _opt_weight_scale(
+    weight: torch.Tensor, section: SectionSpec, ctx: ScaleContext, channel_maxabs: torch.Tensor | None
+) -> torch.Tensor:
+    # Deferred import: opt_search builds on this module's rounding helpers.
+    from shards.fp8 import opt_search
+    from shards.fp8.methods import PCS_OPT_MULTIPLIERS
+
+    if section.granularity is Granularity.PTS:
+        cands = opt_candidates(section, ctx)
+        best = opt_search.pick_pts(opt_search.pts_errors(weight, cands, ctx), cands)
+        return round_scale(torch.tensor(best, dtype=ctx.hp_dtype), section.rounding, ctx)
+    mults = section.candidates if section.candidates is not None else PCS_OPT_MULTIPLIERS
+    amax = per_channel_maxabs(weight) if channel_maxabs is None else channel_maxabs
+    ref = opt_search.pcs_reference(amax, ctx, weight.dtype, backoff=section.backoff)
+    errors = opt_search.pcs_errors(weight, ref, mults, ctx)
+    return opt_search.pick_pcs(errors, ref, mults, ctx, rounding=section.rounding)
+
+
+def weight_scale(
+    weight: torch.Tensor, section: SectionSpec, ctx: ScaleContext, *, where: str = "weight"
+) -> torch.Tensor:
+    """The weight scale: 0-d ``hp_dtype`` (PTS) or ``[out_channels]`` in the weight's dtype (PCS).
+
+    Handles MAXABS, FIXED_VALUE and OPT (MSE search, reference §2.6).
+    """
+    if _is_fixed(section):
+        return fixed_scale(section, ctx)
+    # One pass: the max-abs is NaN or inf exactly when some element is (amax propagates NaN).
+    per_channel = per_channel_maxabs(weight) if section.granularity is Granularity.PCS else None
+    amax = magnitude_max(weight) if per_channel is None else per_channel.max()
+    _check_finite(amax, where, "non-finite weight element")
+    if section.value_type is ValueType.OPT:
+        return _opt_weight_scale(weight, section, ctx, per_channel)
+    if per_channel is not None:
+        return pcs_scale_from_amax(per_channel, section.backoff, section.rounding, ctx)
+    m = amax.to(ctx.hp_dtype)
+    _check_finite(m, f"{where} (in {ctx.hp_dtype})", float(amax))
+    return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
+
+
+def weight_scale_from_maxabs(
+    maxabs: MaxAbsLike,
+    section: SectionSpec,
+    ctx: ScaleContext,
+    weight_dtype: torch.dtype = torch.float32,
+    *,
+    where: str = "weight",
+) -> torch.Tensor:
+    """The weight scale from stored max-abs (no weights at hand, e.g. the stats-store CLI).
+
+    ``maxabs`` is one value (PTS) or one per output channel (PCS; a per-tensor value cannot give
+    per-channel scales). Gives the same result as :func:`weight_scale` on the weight itself.
+    """
+    if _is_fixed(section):
+        return fixed_scale(section, ctx)
+    if section.value_type is ValueType.OPT:
+        raise ScaleMethodError(f"{where}: OPT weight scales need the weight tensor itself, not its max-abs")
+    amax = _maxabs_vector(maxabs, weight_dtype, where)
+    if section.granularity is Granularity.PCS:
+        return pcs_scale_from_amax(amax, section.backoff, section.rounding, ctx)
+    return round_scale(raw_scale(amax.max().to(ctx.hp_dtype), section.backoff, ctx), section.rounding, ctx)
+
+
+def dynamic_activation_scale(
+    x: torch.Tensor, ctx: ScaleContext, dim: int = -1, per_tensor: bool = False
+) -> torch.Tensor:
+    """Per-call scales of dynamic quantization (reference §2.8), in ``x``'s dtype.
+
+    ``s = POW2(amax(|x|, dim, keepdim) / (fullscale * 0.5))``: ``dim=-1`` gives one scale per row
+    (per token), ``dim=-2`` one per column (matmul input 1); ``per_tensor`` one 0-d scale.
+    """
+    ax = x.detach().abs()
+    amax = ax.amax() if per_tensor else ax.amax(dim=dim, keepdim=True)
+    return round_scale(raw_scale(amax, DYNAMIC_ACTIVATION_BACKOFF, ctx), Rounding.POW2, ctx)

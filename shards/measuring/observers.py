@@ -1,0 +1,285 @@
+"""Observers: running statistics of the tensors a module sees during MEASURE.
+
+One registry keyed by observer name (the ``observer`` config key). Each entry declares how its
+statistic merges across batches, cards and shards (``maxabs`` → ``"max"``), so the stats-store
+reducer reads the declaration instead of branching on observer names.
+
+Observers keep fp32 state on the tensor's device and update it with torch ops only: no ``.item()``
+or host copy per batch, so measuring never stalls the card. NaN/Inf values are counted (on device)
+and left out of the max. Reference ``inc-fp8-semantics.md`` §3.3; decisions §3, §5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from shards.model.discovery import DuplicateRegistrationError
+from shards.errors import ShardError
+from shards.fp8.scale_math import magnitude_max
+
+
+class UnknownObserverError(ShardError, ValueError):
+    """The ``observer`` config value names no registered observer."""
+
+# Merges a declared observer may use; each is elementwise, commutative, associative and idempotent,
+# so many cards (and retried batches) give the one-card result.
+MERGES: Mapping[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = MappingProxyType(
+    {"max": np.fmax}
+)
+
+
+@dataclass(frozen=True)
+class ObserveTarget:
+    """What an observer is attached to.
+
+    Attributes:
+        module_name: qualified module name (for file names and error messages).
+        label: tensor label: ``inputs.0``, ``outputs.1``, ``params.weight``.
+        channel_dim: the channel axis of a per-channel statistic (-1 activations, -2 matmul
+            input 1, 0 weights).
+        tensors_dir: where the ``save`` observer writes tensors; None when not saving.
+        chunk_calls: how many calls the ``save`` observer puts in one file.
+    """
+
+    module_name: str
+    label: str
+    channel_dim: int = -1
+    tensors_dir: Path | None = None
+    chunk_calls: int = 16
+
+
+class Observer(Protocol):
+    """A running statistic of one tensor of one module."""
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold one observed tensor into the state, with device ops only."""
+
+    def result(self) -> np.ndarray | None:
+        """The statistic as a float32 1-D vector (host copy), or None when nothing was observed."""
+
+    def nonfinite(self) -> int:
+        """How many NaN/Inf values were seen and left out."""
+
+    def flush(self) -> None:
+        """Write anything still buffered (only observers with side effects need it)."""
+
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+
+
+def _upcast_fp8(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32) if x.dtype in _FP8 else x  # fp8 has no abs/amax kernels on CPU
+
+
+def _finite_abs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """|x| with NaN/Inf replaced by 0 (left out of any max), and the count of those values."""
+    x = _upcast_fp8(x)
+    finite = torch.isfinite(x)
+    absx = torch.where(finite, x.abs(), torch.zeros((), dtype=x.dtype, device=x.device))
+    return absx, (~finite).sum()
+
+
+_NO_BAD = torch.zeros((), dtype=torch.int64)
+
+
+def _fast_cpu_maxabs(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor | None:
+    """On CPU, the max-abs (per tensor, or per channel along ``channel_dim``) straight away when no
+    NaN/Inf is present; None otherwise.
+
+    A CPU tensor has no device queue to stall, so looking at the result costs nothing; it saves the
+    isfinite/where/count passes that the accelerator path runs on every tensor to stay sync-free.
+    One pass, no |x| temporary: :func:`shards.fp8.scale_math.magnitude_max` per tensor, and per channel an
+    aminmax with max|x| = max(-min, max). NaN propagates and inf stays, so a finite result proves
+    every element finite.
+    """
+    if x.device.type != "cpu":
+        return None
+    x = _upcast_fp8(x)
+    if channel_dim is None or x.ndim == 0:
+        m = magnitude_max(x).reshape(1)  # bf16/fp16: a max over sign-cleared bit patterns, NaN on top
+        return m if math.isfinite(float(m)) else None
+    lo, hi = torch.aminmax(x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1), dim=1)
+    m = torch.maximum(-lo, hi)
+    return m if bool(torch.isfinite(m).all()) else None
+
+
+class _CountingObserver:
+    """State shared by the max-abs observers: fp32 max on the device, a device-side NaN/Inf count."""
+
+    def __init__(self, target: ObserveTarget) -> None:
+        self.target = target
+        self._state: torch.Tensor | None = None
+        self._nonfinite: torch.Tensor | None = None
+
+    def _fold(self, value: torch.Tensor, bad: torch.Tensor) -> None:
+        value = value.to(torch.float32)  # exact: a max of hp values is an hp value
+        if self._state is None:
+            self._state = value.clone()
+            self._nonfinite = bad.clone()
+            return
+        if self._state.shape != value.shape:
+            raise ValueError(
+                f"module {self.target.module_name!r} {self.target.label}: channel count changed from "
+                f"{tuple(self._state.shape)} to {tuple(value.shape)} between calls; per-channel observers "
+                "need a fixed channel axis (use observer 'maxabs' for this model)"
+            )
+        torch.maximum(self._state, value.to(self._state.device), out=self._state)
+        assert self._nonfinite is not None
+        if bad is not _NO_BAD:  # the CPU fast path proved the tensor finite: nothing to add
+            self._nonfinite += bad.to(self._nonfinite.device)
+
+    def result(self) -> np.ndarray | None:
+        if self._state is None:
+            return None
+        return self._state.detach().to("cpu").numpy().astype(np.float32).reshape(-1)
+
+    def nonfinite(self) -> int:
+        return 0 if self._nonfinite is None else int(self._nonfinite.item())
+
+    def flush(self) -> None:
+        return None
+
+
+class MaxAbsObserver(_CountingObserver):
+    """Running max of |x| over the whole tensor: a ``(1,)`` vector."""
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        fast = _fast_cpu_maxabs(x.detach(), None)
+        if fast is not None:
+            self._fold(fast, _NO_BAD)
+            return
+        absx, bad = _finite_abs(x.detach())
+        self._fold(absx.amax().reshape(1), bad)
+
+
+class MaxAbsPerChannelObserver(_CountingObserver):
+    """Running max of |x| per channel along ``target.channel_dim``: a ``(C,)`` vector.
+
+    Unlike INC it needs no shape file: the channel count is taken from the first tensor.
+    """
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        dim = self.target.channel_dim
+
+        def per_channel(a: torch.Tensor) -> torch.Tensor:
+            return a.reshape(1) if a.ndim == 0 else a.movedim(dim, 0).reshape(a.shape[dim], -1).amax(dim=1)
+
+        fast = _fast_cpu_maxabs(x.detach(), dim)
+        if fast is not None:
+            self._fold(fast, _NO_BAD)
+            return
+        absx, bad = _finite_abs(x.detach())
+        self._fold(per_channel(absx), bad)
+
+
+class SaveObserver(MaxAbsObserver):
+    """Keeps the per-tensor max-abs and also writes every observed tensor to ``.safetensors``.
+
+    Files are ``<tensors_dir>/<module>.<label>.<chunk>.safetensors``, each holding up to
+    ``chunk_calls`` tensors keyed ``call_<n>``. Saving copies each tensor to the host, so this
+    observer is for debugging, not for speed. Write errors propagate (INC swallows them).
+    """
+
+    def __init__(self, target: ObserveTarget) -> None:
+        super().__init__(target)
+        if target.tensors_dir is None:
+            raise ValueError(
+                f"observer 'save' on module {target.module_name!r} needs a tensors directory; "
+                "set dump_stats_path so that tensors can be written beside the measurement"
+            )
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._calls = 0
+        self._chunk = 0
+        self.files: list[Path] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        self._buffer[f"call_{self._calls}"] = x.detach().to("cpu").contiguous().clone()
+        self._calls += 1
+        if len(self._buffer) >= self.target.chunk_calls:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        assert self.target.tensors_dir is not None
+        self.target.tensors_dir.mkdir(parents=True, exist_ok=True)
+        path = self.target.tensors_dir / f"{self.target.module_name}.{self.target.label}.{self._chunk:05d}.safetensors"
+        save_file(self._buffer, str(path), metadata={"module": self.target.module_name, "label": self.target.label})
+        self.files.append(path)
+        self._buffer = {}
+        self._chunk += 1
+
+
+@dataclass(frozen=True)
+class ObserverSpec:
+    """One registry row.
+
+    Attributes:
+        name: the ``observer`` config value.
+        merge: how results of this observer combine across batches/cards (a key of ``MERGES``).
+        factory: builds one observer for one tensor.
+        per_channel: activation statistics are per channel (weights are always per channel).
+    """
+
+    name: str
+    merge: str
+    factory: Callable[[ObserveTarget], Observer]
+    per_channel: bool = False
+
+
+_REGISTRY: dict[str, ObserverSpec] = {}
+
+
+def register_observer(spec: ObserverSpec) -> ObserverSpec:
+    """Add an observer; a name that exists already, or an unknown merge, raises."""
+    if spec.name in _REGISTRY:
+        raise DuplicateRegistrationError(
+            f"observer {spec.name!r} is already registered; pick another name (known: {', '.join(_REGISTRY)})"
+        )
+    if spec.merge not in MERGES:
+        raise ValueError(f"observer {spec.name!r}: unknown merge {spec.merge!r}; known: {', '.join(MERGES)}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_observer(name: str) -> ObserverSpec:
+    """The registry row of ``name``; an unknown name lists the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownObserverError(
+            f"observer {name!r} is not implemented; set 'observer' to one of: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def known_observers() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def merge_values(merge: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Combine two results of one observer with its declared merge."""
+    return MERGES[merge](a, b)
+
+
+def weight_observer(target: ObserveTarget) -> Observer:
+    """Weights are always observed per output channel (axis 0): the per-tensor value is their max,
+    and per-channel weight scales and tensor-parallel shards need the vector."""
+    return MaxAbsPerChannelObserver(target)
+
+
+register_observer(ObserverSpec("maxabs", "max", MaxAbsObserver))
+register_observer(ObserverSpec("maxabs_per_channel", "max", MaxAbsPerChannelObserver, per_channel=True))
+register_observer(ObserverSpec("save", "max", SaveObserver))

@@ -1,0 +1,121 @@
+"""Which modules of a model are measured and quantized (reference §1.2, §3.1).
+
+A module's op type comes from ``shards.model.op_types``: first from classes registered here by identity
+(our own ``Matmul``/``KVCache``/``Softmax``, or a class whose name is not in the table), then from
+the class name, as INC matches (``Linear``, ``RowParallelLinear``, ...). The allow/block decision is
+``RunPlan.selection`` (``shards.model.selection``); nothing here reads a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shards.errors import ShardError
+from shards.model.op_types import OpType, get_op_type, op_type_of_class
+from shards.model.selection import SelectionRules
+
+_COMPILED_PREFIX = "_orig_mod."
+
+
+class DuplicateRegistrationError(ShardError, ValueError):
+    """A registry (module classes, observers, backends, op behaviours) already has this key."""
+
+# Classes mapped by identity, for classes whose name is not (or not uniquely) in the op-type table.
+_CLASS_OPS: dict[type, str] = {}
+
+
+def register_module_class(cls: type, op_type: str) -> None:
+    """Map a module class to an op type by identity; registering a class twice raises."""
+    get_op_type(op_type)  # an unknown op type lists the known ones
+    if cls in _CLASS_OPS:
+        raise DuplicateRegistrationError(
+            f"module class {cls.__qualname__} is already registered as op type {_CLASS_OPS[cls]!r}"
+        )
+    _CLASS_OPS[cls] = op_type
+
+
+def op_type_of(module: nn.Module) -> OpType | None:
+    """The op type of a module, or None when it is not a supported kind of module."""
+    registered = _CLASS_OPS.get(type(module))
+    if registered is not None:
+        return get_op_type(registered)
+    return op_type_of_class(type(module).__name__)
+
+
+def clean_name(name: str) -> str:
+    """The INC module name: ``named_modules()`` name with torch.compile's ``_orig_mod.`` removed."""
+    return name.replace(_COMPILED_PREFIX, "")
+
+
+@dataclass(frozen=True)
+class FoundModule:
+    """One selected module.
+
+    Attributes:
+        name: qualified name as INC writes it (``_orig_mod.`` removed).
+        path: the ``named_modules()`` path, to replace the module in its parent.
+        module: the module itself.
+        op: its op type.
+    """
+
+    name: str
+    path: str
+    module: nn.Module
+    op: OpType
+
+    @property
+    def class_name(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        """The class and its bases up to ``nn.Module``, most specific first: a tensor-parallel
+        ``ColumnParallelLinear`` is also a ``Linear`` for allow/block lists and ``layer_types``."""
+        return tuple(c.__name__ for c in type(self.module).__mro__
+                     if issubclass(c, nn.Module) and c is not nn.Module)
+
+
+def _tied_to_embedding(model: nn.Module) -> set[int]:
+    """Storage addresses of input-embedding weights (a tied output head shares one)."""
+    return {m.weight.data_ptr() for m in model.modules()
+            if isinstance(m, nn.Embedding) and not m.weight.is_meta and m.weight.numel()}
+
+
+def is_tied_head(module: nn.Module, tied: set[int]) -> bool:
+    """Whether a module's weight is an input embedding's (``lm_head`` of a tied model)."""
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and not w.is_meta and w.numel() > 0 and w.data_ptr() in tied
+
+
+def supported_modules(model: nn.Module) -> list[FoundModule]:
+    """Every module that has an op type, in ``named_modules()`` order.
+
+    An output head tied to the input embedding (SmolLM2, Llama-3.2-1B, small Qwen) is left out:
+    its weight *is* the embedding, which stays in high precision, and a checkpoint with a tied
+    config has no place for a separate FP8 head (decisions §6: the export computes what the
+    in-memory model computes).
+    """
+    tied = _tied_to_embedding(model)
+    found = []
+    for path, module in model.named_modules():
+        op = op_type_of(module)
+        if op is not None and not is_tied_head(module, tied):
+            found.append(FoundModule(clean_name(path), path, module, op))
+    return found
+
+
+def discover(model: nn.Module, rules: SelectionRules) -> list[FoundModule]:
+    """The modules the allow/block rules select, in ``named_modules()`` order."""
+    return [f for f in supported_modules(model) if rules.selects(f.name, f.type_names, f.op)]
+
+
+def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the module at ``path`` (a ``named_modules()`` path) in its parent."""
+    if not path:
+        raise ValueError("cannot replace the root module; wrap the model so the layer is a child")
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)

@@ -1,0 +1,250 @@
+"""Backends: the only place where the FP8 cast and the FP8 gemm differ between devices.
+
+Every backend implements the same small interface with the scales of ``shards.fp8.numerics``
+(``x ≈ q · s``): ``quantize`` (x → FP8 codes), ``dequantize`` (codes → hp) and ``gemm``
+((qa·s_a) @ (qb·s_b) in the output dtype). Quantized modules call nothing else, so one
+implementation of the math serves every device (decisions §2).
+
+- ``EmulatedBackend`` ("cpu"): dequantize both operands to hp and multiply in hp. This is INC's QDQ
+  path and the reference every other backend is tested against.
+- ``CudaBackend`` ("cuda"): ``torch._scaled_mm`` for 2-D gemms whose sizes it accepts; batched
+  (attention) matmuls and odd sizes use the emulation.
+- ``HpuBackend`` ("hpu"): ``torch.ops.hpu.cast_to_fp8_v2`` / ``cast_from_fp8`` / ``fp8_gemm_v2``,
+  only when ``habana_frameworks.torch`` imports. Untested on Gaudi hardware here: tests drive it
+  with a recording stand-in for ``torch.ops.hpu``.
+
+``detect_gaudi`` tells which Gaudi this process runs on (None off Gaudi), the default of
+``device_for_scales`` (reference §1.3 step 4). It probes at call time, never at import: the tables
+of every device stay buildable and testable anywhere.
+
+Scales are broadcastable tensors or floats: 0-d (per tensor), ``[..., 1]`` for ``qa`` (one per
+row, e.g. per token) and ``[1, N]`` for ``qb`` (one per output column, e.g. per channel).
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+
+from shards.fp8 import numerics
+from shards.model.discovery import DuplicateRegistrationError
+from shards.errors import ShardError
+from shards.fp8.numerics import Fp8Format, ScaleDevice
+
+Scale = torch.Tensor | float
+
+
+class UnknownBackendError(ShardError, ValueError):
+    """No backend is registered under this name."""
+
+
+class BackendUnavailableError(ShardError, ImportError):
+    """The backend's runtime (e.g. the Habana plugin) is not installed here."""
+
+
+class Backend(Protocol):
+    """The FP8 cast and gemm of one device."""
+
+    name: str
+
+    def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
+        """FP8 codes of ``x / scale``, saturated at ``fmt.fullscale`` (``scale`` broadcasts to x)."""
+
+    def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """``q · scale`` in ``out_dtype``."""
+
+    def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """``(qa · s_a) @ (qb · s_b)`` with the result in ``out_dtype`` (batched like torch.matmul)."""
+
+
+def _as_scale(scale: Scale, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(scale, dtype=torch.float32, device=like.device)
+
+
+class EmulatedBackend:
+    """Exact emulation: fp32 divide, clamp, round-to-nearest-even cast; gemm in hp on dequantized values.
+
+    ``reuses_dequantized_weights``: the emulated gemm multiplies dequantized weights, so a layer may
+    keep its dequantized weight between forwards (the same values; an hp copy of the weight in
+    memory, ~2x faster CPU forwards). Pass ``reuse_weights=False`` to keep only the FP8 codes.
+
+    ``inc_layout``: the weight operand of a Linear is the dequantized weight made contiguous as
+    [in, out], the layout INC's QDQ multiplies with, instead of a transposed view of [out, in] (the
+    layout of ``F.linear``). Same values, but the CPU gemm kernel, and so the summation order and
+    the last bit of some hp outputs, follows the operand layout: with it, a quantized model's
+    outputs equal INC's bit for bit (measured on SmolLM2-135M, README "Where we differ from INC").
+    Off by default: on CPUs without bf16 units that bf16 gemm is ~7x slower.
+    """
+
+    name = "cpu"
+    # gemm is matmul(dequantize(qa), dequantize(qb)): callers may pass fake_quant values instead.
+    emulated_gemm = True
+
+    def __init__(self, reuse_weights: bool = True, inc_layout: bool = False) -> None:
+        self.reuses_dequantized_weights = reuse_weights
+        self.inc_layout = inc_layout
+
+    def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
+        return numerics.quantize(x, _as_scale(scale, x), fmt)
+
+    def fake_quant(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format, out_dtype: torch.dtype) -> torch.Tensor:
+        """``dequantize(quantize(x, s), s)`` without materializing the codes (same values)."""
+        return numerics.fake_quant(x, _as_scale(scale, x), fmt, out_dtype)
+
+    def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        # The fp32 product rounded once to out_dtype: what torch computes for q.to(hp) * s too.
+        return numerics.dequantize(q, _as_scale(scale, q), out_dtype)
+
+    def dequantize_weight_t(self, w: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """The [in, out] operand of a Linear's gemm from its [out, in] FP8 weight (per-channel
+        scales laid out as [1, out]), in the layout ``inc_layout`` asks for."""
+        return self._operand_layout(self.dequantize(w.t(), scale, out_dtype))
+
+    def _operand_layout(self, b: torch.Tensor) -> torch.Tensor:
+        return b.contiguous() if self.inc_layout else b
+
+    def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        return torch.matmul(self.dequantize(qa, s_a, out_dtype), self._operand_layout(self.dequantize(qb, s_b, out_dtype)))
+
+
+class CudaBackend(EmulatedBackend):
+    """``torch._scaled_mm`` (fp32 accumulation) for 2-D gemms; the emulation otherwise.
+
+    Per-tensor scales go to the kernel directly. Row/column scales (per token, per channel) are
+    applied to the fp32 result of a unit-scaled ``_scaled_mm``: mathematically the same product,
+    and it works for every output dtype and on CPU tensors too (the CPU reference path of
+    ``_scaled_mm`` handles per-tensor scales only).
+    """
+
+    name = "cuda"
+    emulated_gemm = False
+    # _scaled_mm needs K and N to be multiples of 16 on the GPU kernels.
+    ALIGN = 16
+
+    def __init__(self) -> None:
+        super().__init__(reuse_weights=False)  # the kernel takes the FP8 codes themselves
+
+    def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        if qb.ndim != 2 or qb.shape[0] % self.ALIGN or qb.shape[1] % self.ALIGN:
+            return super().gemm(qa, qb, s_a, s_b, out_dtype)
+        k, n = qb.shape
+        lead = qa.shape[:-1]
+        a2 = qa.reshape(-1, k).contiguous()
+        b2 = qb.t().contiguous().t()  # _scaled_mm wants the second operand column-major
+        sa, sb = _as_scale(s_a, qa), _as_scale(s_b, qb)
+        if sa.numel() == 1 and sb.numel() == 1:
+            y = torch._scaled_mm(a2, b2, scale_a=sa.reshape(()), scale_b=sb.reshape(()), out_dtype=out_dtype)
+        else:
+            one = torch.ones((), dtype=torch.float32, device=qa.device)
+            acc = torch._scaled_mm(a2, b2, scale_a=one, scale_b=one, out_dtype=torch.float32)
+            row = sa.reshape(-1, 1) if sa.numel() > 1 else sa
+            y = (acc * row * sb.reshape(1, -1)).to(out_dtype)
+        return y.reshape(*lead, n)
+
+
+class HpuBackend:
+    """Gaudi FP8 kernels through ``torch.ops.hpu``.
+
+    Args:
+        ops: the op namespace; None means ``torch.ops.hpu`` after importing
+            ``habana_frameworks.torch`` (raises BackendUnavailableError when that fails). Tests pass
+            a recording stand-in.
+
+    The kernels take the inverse scale when casting to FP8 and the scale itself when casting back
+    or as gemm descales (reference §6).
+    """
+
+    name = "hpu"
+
+    def __init__(self, ops: Any | None = None) -> None:
+        self.ops = ops if ops is not None else _load_hpu_ops()
+
+    def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
+        # The kernel multiplies by the inverse scale and saturates (at 240 on Gaudi2 E4M3).
+        inv = torch.reciprocal(_as_scale(scale, x))
+        return self.ops.cast_to_fp8_v2(x, inv, False, False, fmt.storage)[0]
+
+    def dequantize(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.cast_from_fp8(q, _as_scale(scale, q), out_dtype)
+
+    def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        return self.ops.fp8_gemm_v2(
+            qa, False, qb, False, None, out_dtype, _as_scale(s_a, qa), _as_scale(s_b, qb), None, False
+        )
+
+
+def _load_hpu_ops() -> Any:
+    try:
+        import habana_frameworks.torch  # noqa: F401  (registers torch.ops.hpu)
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"backend 'hpu' needs habana_frameworks.torch, which does not import here ({e}); "
+            "run on a Gaudi host with the Habana PyTorch plugin, or use backend 'cpu'"
+        ) from e
+    return torch.ops.hpu
+
+
+# Device names habana_frameworks.torch.hpu.get_device_name() reports for the cards with FP8.
+# Gaudi (first generation, "GAUDI") has no FP8 and is treated like a host without Gaudi.
+_GAUDI_NAMES: Mapping[str, ScaleDevice] = MappingProxyType({"GAUDI2": ScaleDevice.GAUDI2, "GAUDI3": ScaleDevice.GAUDI3})
+
+
+def _hpu_device_name() -> str | None:
+    """The Gaudi's device name, None when the Habana plugin does not import or sees no card."""
+    try:
+        import habana_frameworks.torch.hpu as hthpu
+    except ImportError:
+        return None  # off Gaudi: the expected case, nothing to report
+    if not hthpu.is_available():
+        return None
+    return str(hthpu.get_device_name())
+
+
+def detect_gaudi(device_name: Callable[[], str | None] = _hpu_device_name) -> ScaleDevice | None:
+    """The Gaudi this process runs on (GAUDI2 or GAUDI3), None off Gaudi.
+
+    Args:
+        device_name: returns the Habana device name or None; tests pass a stand-in.
+    """
+    name = device_name()
+    if name is None:
+        return None
+    # Match the start, so that a variant suffix after the generation still maps to it.
+    for prefix, device in _GAUDI_NAMES.items():
+        if name.upper().startswith(prefix):
+            return device
+    return None
+
+
+_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Add a backend; a name that exists already raises."""
+    if name in _BACKENDS:
+        raise DuplicateRegistrationError(f"backend {name!r} is already registered (known: {', '.join(_BACKENDS)})")
+    _BACKENDS[name] = factory
+
+
+def get_backend(name: str) -> Backend:
+    """Build the backend called ``name``; an unknown name lists the known ones."""
+    try:
+        factory = _BACKENDS[name]
+    except KeyError:
+        raise UnknownBackendError(f"backend {name!r} is unknown; known: {', '.join(_BACKENDS)}") from None
+    return factory()
+
+
+def backend_for_device(device: torch.device | str) -> Backend:
+    """The backend of the device a model's parameters live on (cpu, cuda or hpu)."""
+    kind = torch.device(device).type
+    return get_backend(kind if kind in _BACKENDS else "cpu")
+
+
+register_backend("cpu", EmulatedBackend)
+register_backend("cuda", CudaBackend)
+register_backend("hpu", HpuBackend)
+
+BACKENDS: Mapping[str, Callable[[], Backend]] = MappingProxyType(_BACKENDS)
