@@ -269,8 +269,8 @@ class Calibration:
 
     def export(self, out_dir: str | Path, *, inc_world: int | None = None) -> Path:
         """Write the quantized model as a compressed-tensors FP8 checkpoint (and INC files on request)."""
-        from orchestrator.export.writer.compressed_tensors import write_compressed_tensors
-        from orchestrator.export.writer.gather import gather_checkpoint
+        from orchestrator.export.compressed_tensors import write_compressed_tensors
+        from orchestrator.export.gather import gather_checkpoint
 
         if self.scales is None:
             raise CalibrationError("export: call quantize() first")

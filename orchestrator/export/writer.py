@@ -1,7 +1,7 @@
 """A quantized model as a format-neutral checkpoint: FP8 Linear weights with their scales, and every
 other tensor of the HF state dict in high precision.
 
-:class:`QuantizedCheckpoint` is what the writers consume (``orchestrator.export.writer.compressed_tensors`` writes the
+:class:`QuantizedCheckpoint` is what the writers consume (``orchestrator.export.compressed_tensors`` writes the
 compressed-tensors layout vLLM loads). It is built either from a model converted on one card
 (:func:`checkpoint_from_model`) or by the sharded path, which concatenates its shards' pieces; the
 writers never see a model.
