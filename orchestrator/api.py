@@ -37,6 +37,7 @@ from shards.quantized.swap import convert_model, scales_of as _scales_of
 from shards.families import family_of_model, install_family
 from shards.families.inc_names import family_view
 from shards.model.hf_attention import install_hf_attention_if_asked
+from shards.measuring.observers import declared_merges
 from shards.measuring.session import MeasureSession, run_batch
 from stats_store.records import Measurement, SentCounts
 from shards.fp8.numerics import ScaleDevice
@@ -151,7 +152,8 @@ def _flush(cal: _Calibration) -> None:
     batch_ids = list(range(cal.flushed, cal.session.num_samples))
     if not batch_ids and store.commits():
         return  # nothing new since the last flush
-    store.commit(store.write_shard(_ONE_CARD, _increment(cal), batch_ids))
+    m = _increment(cal)
+    store.commit(store.write_shard(_ONE_CARD, m, batch_ids, declared_merges(cal.plan.observer, m)))
     cal.flushed = cal.session.num_samples
 
 

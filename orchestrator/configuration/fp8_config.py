@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from orchestrator.configuration import fields
-from orchestrator.configuration.hints import did_you_mean, show
+from orchestrator.configuration.hints import config_error, did_you_mean, show
 from orchestrator.errors import ConfigError, ConfigFileNotFoundError
 from shards.fp8.numerics import HpDtype, LpDtype, ScaleDevice
 from shards.plan import MeasureExclude, Mode, RunPlan, ScaleFormat
@@ -101,7 +101,7 @@ class Fp8Config(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _config_error(exc) from exc
+            raise config_error(exc) from exc
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -452,25 +452,6 @@ def _jsonable(key: str, value: Any) -> Any:
     if isinstance(value, (Mode, LpDtype, HpDtype, MeasureExclude, ScaleFormat, ScaleDevice)):
         return value.value
     return value
-
-
-def _config_error(exc: ValidationError) -> ConfigError:
-    """One ConfigError from pydantic's collection: the first problem, and where the others are."""
-    problems = exc.errors()
-    messages = [_problem_message(p) for p in problems]
-    message = messages[0]
-    if len(problems) > 1:
-        where = ", ".join(".".join(str(part) for part in p["loc"]) or "Fp8Config" for p in problems[1:])
-        message += f" (and {len(problems) - 1} more problem(s) in: {where})"
-    return ConfigError(message)
-
-
-def _problem_message(problem: Any) -> str:
-    error = problem.get("ctx", {}).get("error")
-    if isinstance(error, ConfigError):
-        return str(error)
-    loc = ".".join(str(part) for part in problem["loc"]) or "Fp8Config"
-    return f"Fp8Config key '{loc}': {problem['msg']} (got {show(problem.get('input'))})"
 
 
 __all__ = ["FOREIGN_KEYS", "LIST_ALIASES", "Fp8Config"]

@@ -1,13 +1,18 @@
-"""Hints appended to config errors: the closest known key or value, and what legacy values became.
+"""The wording of config errors: the closest known key or value, what legacy values became, and
+pydantic's collected problems turned into one message naming the key.
 
-Kept apart from the parser so the wording of every "did you mean" lives in one place.
+Kept apart from the parser so the wording of every config error lives in one place.
 """
 
 from __future__ import annotations
 
 import difflib
 import reprlib
-from typing import Iterable
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from orchestrator.errors import ConfigError
 
 # Values INC 3.x no longer knows, with what the user most likely wants today (reference §1.5, §2.4;
 # project-decisions §1). Keys are upper case: method strings are matched case-insensitively.
@@ -52,3 +57,22 @@ def scale_method_hint(value: str, choices: Iterable[str]) -> str:
     if legacy is not None:
         return f" ('{value}' is {legacy})"
     return did_you_mean(value, choices)
+
+
+def config_error(exc: ValidationError) -> ConfigError:
+    """One ConfigError from pydantic's collection: the first problem, and where the others are."""
+    problems = exc.errors()
+    messages = [_problem_message(p) for p in problems]
+    message = messages[0]
+    if len(problems) > 1:
+        where = ", ".join(".".join(str(part) for part in p["loc"]) or "Fp8Config" for p in problems[1:])
+        message += f" (and {len(problems) - 1} more problem(s) in: {where})"
+    return ConfigError(message)
+
+
+def _problem_message(problem: Any) -> str:
+    error = problem.get("ctx", {}).get("error")
+    if isinstance(error, ConfigError):
+        return str(error)
+    loc = ".".join(str(part) for part in problem["loc"]) or "Fp8Config"
+    return f"Fp8Config key '{loc}': {problem['msg']} (got {show(problem.get('input'))})"

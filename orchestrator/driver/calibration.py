@@ -296,13 +296,13 @@ class Calibration:
 
     def _inc_slicer(self, plan: RunPlan) -> Any:
         """Each rank's part of a per-channel statistic; INC's ``maxabs`` files hold one value each."""
-        from shards.tp.rules import Merge, stat_shard
+        from shards.tp.rules import Placement, stat_shard
 
         def slicer(module: str, label: str, vector: np.ndarray, rank: int, world: int) -> np.ndarray:
             part = vector
             if rule_for(module) is not None:
                 s = stat_shard(module, label, self.dims, rank, world)
-                part = vector[s.local] if s.merge is Merge.CONCAT else vector
+                part = vector[s.local] if s.placement is Placement.SLICE else vector
             return np.array([part.max()], np.float32) if plan.observer == "maxabs" else part
 
         return slicer

@@ -44,14 +44,14 @@ from shards.measuring.expert_coverage import (
 )
 from stats_store.records import Measurement, ModuleStats
 from shards.plan import RunPlan
-from shards.fp8.methods import Granularity, MethodSpec, predefined_plan
+from shards.fp8.methods import predefined_plan
 from shards.card.calibration import ModuleInfo
 
 LOG = logging.getLogger(__name__)
 _SHOWN = 10
 
 __all__ = ["UncoveredPolicy", "UncoveredModulesError", "Resolution", "apply_policy", "expert_token_counts",
-           "fill_expert_max", "needs_stats", "parse_policy", "resolve_uncovered", "summary_rows",
+           "fill_expert_max", "parse_policy", "resolve_uncovered", "summary_rows",
            "uncovered_modules", "with_expert_siblings"]
 
 
@@ -79,11 +79,6 @@ def parse_policy(value: str | UncoveredPolicy | None, plan: RunPlan) -> Uncovere
         raise UncoveredModulesError(f"uncovered: value {value!r} is not a policy; allowed: {allowed}") from None
 
 
-def needs_stats(method: MethodSpec) -> bool:
-    """A method whose scales come from a measurement (not fixed, not dynamic per-token)."""
-    return method.uses_stats and method.activation.granularity is not Granularity.PCS
-
-
 def uncovered_modules(plan: RunPlan, modules: Mapping[str, ModuleInfo], stats: Measurement | None) -> list[str]:
     """Selected modules whose method needs a measurement that ``stats`` does not hold, in model order.
 
@@ -99,7 +94,7 @@ def uncovered_modules(plan: RunPlan, modules: Mapping[str, ModuleInfo], stats: M
         return name in stats.modules
 
     return [name for name, info in modules.items()
-            if not covered(name) and needs_stats(plan.scale_plan.for_module(name, info.class_name))]
+            if not covered(name) and plan.scale_plan.for_module(name, info.class_name).needs_measurement]
 
 
 def _expert_text(names: Sequence[str], why: str = "saw no token") -> str:

@@ -17,8 +17,7 @@ import torch
 from orchestrator.errors import Fp8OrchestratorError
 from shards.quantized.swap import scale_context
 from stats_store.records import Measurement
-from shards.fp8.module_scales import module_scales
-from shards.model.op_types import get_op_type
+from shards.fp8.module_scales import planned_scales
 from shards.fp8.opt_search import pick_pcs, pick_pts
 from shards.plan import RunPlan
 from shards.fp8.methods import Granularity, ValueType
@@ -129,14 +128,11 @@ def global_nodes(plan: RunPlan, modules: Mapping[str, ModuleInfo], stats: Measur
     nodes: dict[str, dict[str, Any]] = {}
     measured = stats.modules if stats is not None else {}
     for name, info in modules.items():
-        method = plan.scale_plan.for_module(name, info.class_name)
         module_stats = measured.get(name)
-        needs = method.uses_stats and method.activation.granularity is not Granularity.PCS
-        if module_stats is None and needs:
+        if module_stats is None and plan.scale_plan.for_module(name, info.class_name).needs_measurement:
             continue  # reported as missing by the shards' convert (or left in high precision)
-        scales = module_scales(get_op_type(info.op_type), method, ctx, module_stats, weight_scale=w_scales.get(name),
-                               output_backoff=plan.scale_plan.output_backoff, module=name,
-                               in_features=info.in_features)
+        scales = planned_scales(name, info.op_type, info.class_name, plan.scale_plan, ctx, module_stats,
+                                weight_scale=w_scales.get(name), in_features=info.in_features)
         nodes[name] = scales.to_inc_node()
     return nodes
 

@@ -169,9 +169,8 @@ def cmd_reduce(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- scales --------------------------------------------------------------------------------------
 def cmd_scales(args: argparse.Namespace) -> dict[str, Any]:
-    from shards.fp8.module_scales import module_scales  # torch: loaded only by this command
+    from shards.fp8.module_scales import planned_scales  # torch: loaded only by this command
     from shards.fp8.numerics import HpDtype, LpDtype, ScaleDevice
-    from shards.model.op_types import get_op_type
     from shards.fp8.methods import predefined_plan
     from shards.fp8.scale_math import ScaleContext
 
@@ -183,7 +182,7 @@ def cmd_scales(args: argparse.Namespace) -> dict[str, Any]:
     nodes, errors = {}, []
     for name, s in stats.modules.items():
         try:
-            ms = module_scales(get_op_type(s.op_type), plan.for_module(name, ""), ctx, s, module=name)
+            ms = planned_scales(name, s.op_type, "", plan, ctx, s)
         except (ShardError, KeyError, ValueError) as e:  # reported per module below, exit status 1
             errors.append({"module": name, "error": str(e)})
             continue

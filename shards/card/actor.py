@@ -18,6 +18,7 @@ from stats_store.records import Measurement
 from shards.plan import RunPlan
 from shards.card.runner import ShardRunner, ShardStateError
 from shards.card.calibration import ModuleInfo, OptRequest, ShardCalibration
+from shards.measuring.observers import declared_merges
 from shards.tp.rules import split_channel_slices
 from stats_store.zarr_store import ZarrStatsStore
 from stats_store.shard_map import ChannelSlice, ShardSpec
@@ -70,7 +71,8 @@ class CalibrationRunner(ShardRunner):
             raise ShardStateError(f"shard {self.topology.index}: start_measure() first")
         m = self._calibration().increment()
         spec = self._shard_spec(m)
-        self._store.commit(self._store.write_shard(spec, m, self._pending_batches))
+        self._store.commit(self._store.write_shard(spec, m, self._pending_batches,
+                                                   declared_merges(self._store.meta.observer, m)))
         done, self._pending_batches = self._pending_batches, []
         return done
 

@@ -78,6 +78,14 @@ class MethodSpec:
         )
 
     @property
+    def needs_measurement(self) -> bool:
+        """Whether a module quantized with this method needs its measured statistics: the one rule
+        convert, coverage and the global scales apply. Fixed methods need none; dynamic methods
+        (per-token activation sections) compute activation scales per call and their weight
+        scales from the weight itself."""
+        return self.uses_stats and self.activation.granularity is not Granularity.PCS
+
+    @property
     def needs_hw_device(self) -> bool:
         """True when a section rounds to the HW-aligned set (or OPT-searches it): needs a Gaudi."""
         hw = (Rounding.HW_ALIGNED, Rounding.HW_ALIGNED_FIXED)

@@ -26,8 +26,8 @@ import torch
 
 from shards.errors import MissingStatsError
 from stats_store.records import ModuleStats
-from shards.model.op_types import OpType, OutputRule, Source
-from shards.fp8.methods import Granularity, MethodSpec, SectionSpec, ValueType
+from shards.model.op_types import OpType, OutputRule, Source, get_op_type
+from shards.fp8.methods import Granularity, MethodSpec, ScalePlan, SectionSpec, ValueType
 from shards.fp8.scale_math import (
     ScaleContext,
     activation_scale,
@@ -216,3 +216,13 @@ def module_scales(
     outputs = _output_scales(op, out_section, ctx, stats, inputs, w_scale, name, n_out)
     return ModuleScales(inputs, outputs, w_scale, w_in)
 
+
+
+def planned_scales(name: str, op_type: str, type_names: str | tuple[str, ...], scale_plan: ScalePlan,
+                   ctx: ScaleContext, stats: ModuleStats | None, **kwargs: Any) -> ModuleScales:
+    """The scales of one module under a run's scale plan: the method the plan picks for it (by
+    node, layer or type), then :func:`module_scales`. The one per-module loop body of convert,
+    the global scales and ``stats-store scales``; ``kwargs`` go to :func:`module_scales`."""
+    method = scale_plan.for_module(name, type_names)
+    return module_scales(get_op_type(op_type), method, ctx, stats, output_backoff=scale_plan.output_backoff,
+                         module=name, **kwargs)

@@ -24,17 +24,12 @@ from safetensors.torch import save_file
 from shards.model.discovery import DuplicateRegistrationError
 from shards.errors import ShardError
 from shards.fp8.scale_math import magnitude_max
+from stats_store.records import Measurement
+from stats_store.reduce import get_merge
 
 
 class UnknownObserverError(ShardError, ValueError):
     """The ``observer`` config value names no registered observer."""
-
-# Merges a declared observer may use; each is elementwise, commutative, associative and idempotent,
-# so many cards (and retried batches) give the one-card result.
-MERGES: Mapping[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = MappingProxyType(
-    {"max": np.fmax}
-)
-
 
 @dataclass(frozen=True)
 class ObserveTarget:
@@ -229,7 +224,9 @@ class ObserverSpec:
 
     Attributes:
         name: the ``observer`` config value.
-        merge: how results of this observer combine across batches/cards (a key of ``MERGES``).
+        merge: how results of this observer combine across batches and cards: a merge declared in
+            ``stats_store.reduce.MERGES`` (the one vocabulary of merges); the writers record it
+            with every tensor and the reducer applies it.
         factory: builds one observer for one tensor.
         per_channel: activation statistics are per channel (weights are always per channel).
     """
@@ -249,8 +246,7 @@ def register_observer(spec: ObserverSpec) -> ObserverSpec:
         raise DuplicateRegistrationError(
             f"observer {spec.name!r} is already registered; pick another name (known: {', '.join(_REGISTRY)})"
         )
-    if spec.merge not in MERGES:
-        raise ValueError(f"observer {spec.name!r}: unknown merge {spec.merge!r}; known: {', '.join(MERGES)}")
+    get_merge(spec.merge, f"observer {spec.name!r}")  # an unknown merge raises, naming the known ones
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -270,8 +266,15 @@ def known_observers() -> tuple[str, ...]:
 
 
 def merge_values(merge: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Combine two results of one observer with its declared merge."""
-    return MERGES[merge](a, b)
+    """Combine two results of one observer (different batches) with its declared merge."""
+    return get_merge(merge).other_batches(a, b)
+
+
+def declared_merges(observer: str, stats: Measurement) -> dict[str, str]:
+    """The merge of every tensor label in ``stats`` under ``observer``, for the store's writers:
+    values merge as the observer declares (counts are the store's own business)."""
+    merge = get_observer(observer).merge
+    return {label: merge for st in stats.modules.values() for label in st.tensors()}
 
 
 def weight_observer(target: ObserveTarget) -> Observer:

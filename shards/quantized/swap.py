@@ -18,10 +18,9 @@ from shards.quantized.backends import Backend
 from shards.model.discovery import FoundModule, clean_name, discover, set_submodule
 from shards.errors import ShardError
 from stats_store.records import Measurement, ModuleStats
-from shards.fp8.module_scales import ModuleScales, module_scales
+from shards.fp8.module_scales import ModuleScales, planned_scales
 from shards.plan import RunPlan
 from shards.quantized.modules import QUANT_OPS, QuantContext, QuantFactory, QuantModule
-from shards.fp8.methods import Granularity, MethodSpec
 from shards.fp8.scale_math import ScaleContext
 
 # How many missing module names an error message lists before "... and N more".
@@ -52,16 +51,6 @@ class ConvertResult:
 def scale_context(plan: RunPlan) -> ScaleContext:
     """The scale arithmetic's context for a plan."""
     return ScaleContext(lp=plan.lp, hp=plan.hp, device=plan.device_for_scales)
-
-
-def _is_dynamic(method: MethodSpec) -> bool:
-    # Dynamic methods have per-channel (per-token) activation sections; their activation scales
-    # are computed per call, so they need no measurement.
-    return method.activation.granularity is Granularity.PCS
-
-
-def _needs_stats(method: MethodSpec) -> bool:
-    return method.uses_stats and not _is_dynamic(method)
 
 
 def _missing_error(names: list[str], source: str) -> MissingMeasurementError:
@@ -98,11 +87,8 @@ def _device_of(module: nn.Module) -> torch.device | None:
 def scales_for(found: FoundModule, plan: RunPlan, stats: ModuleStats | None,
                weight_scale: torch.Tensor | None = None) -> ModuleScales:
     """The scales of one selected module under ``plan`` (``weight_scale`` computed elsewhere wins)."""
-    method = plan.scale_plan.for_module(found.name, found.type_names)
-    return module_scales(
-        found.op, method, scale_context(plan), stats, weight=_weight(found), weight_scale=weight_scale,
-        output_backoff=plan.scale_plan.output_backoff, module=found.name,
-    )
+    return planned_scales(found.name, found.op.name, found.type_names, plan.scale_plan, scale_context(plan), stats,
+                          weight=_weight(found), weight_scale=weight_scale)
 
 
 def convert_model(
@@ -131,7 +117,7 @@ def convert_model(
     found = discover(model, plan.selection)
     modules = measurement.modules if measurement is not None else {}
     missing = [f.name for f in found
-               if f.name not in modules and _needs_stats(plan.scale_plan.for_module(f.name, f.type_names))]
+               if f.name not in modules and plan.scale_plan.for_module(f.name, f.type_names).needs_measurement]
     if missing and not plan.ignore_modules_wo_measures:
         raise _missing_error(missing, source)
     qctx = QuantContext(scale_context(plan), backend, plan.scale_format, plan.dynamic)

@@ -15,8 +15,9 @@ experts, which is the vLLM-Gaudi calibration gap users complain about.
 Rows are matched on the tail of a qualified module name, ``*`` standing for an expert index, so one
 table serves every family of ``shards.families`` (a family names the rule sets it uses and the
 sizes of the axes). The same table tells the stats store how a shard's per-channel statistic maps
-to global (tp=1) coordinates: a slice of the global channel axis (``Merge.CONCAT``) or the full
-axis, combined by elementwise max (``Merge.MAX``).
+to global (tp=1) coordinates (its ``Placement``): a slice of the global channel axis, or the full
+axis, whose shards' values combine with the statistic's merge (``stats_store.reduce``: max for
+max-abs). Placement says *where* a shard's values sit, a merge *how* values combine.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ class Parallel(str, enum.Enum):
     ROW = "row"  # split input features; partial outputs all-reduced (sum)
 
 
-class Merge(str, enum.Enum):
-    """How the shards' values of one per-channel statistic combine into the global value."""
+class Placement(str, enum.Enum):
+    """Where a shard's values of one per-channel statistic sit on the global channel axis."""
 
-    CONCAT = "concat"  # a shard holds its slice of the global channel axis
-    MAX = "max"  # every shard holds the whole axis; the global value is the elementwise max
+    SLICE = "slice"  # a shard holds its slice of the global channel axis: slices concatenate
+    FULL = "full"  # every shard holds the whole axis: values combine elementwise (max for max-abs)
 
 
 @dataclass(frozen=True)
@@ -284,30 +285,31 @@ class StatShard:
     """Where one shard's statistic sits in global coordinates.
 
     Attributes:
-        merge: how shards combine per channel (per-tensor values always combine by max).
+        placement: where the shard's values sit on the global axis (per-tensor values always
+            combine by max).
         global_len: channels of the global axis.
         local: the slice of the global axis this shard holds (the whole axis for ``MAX``).
         exact: whether the merged value equals what an unsharded (tp=1) run measures. False only for
             a row-parallel partial output, which INC also max-reduces across ranks.
     """
 
-    merge: Merge
+    placement: Placement
     global_len: int
     local: slice
     exact: bool = True
 
 
 # Per-channel stats use the feature axis for inputs/outputs and the output channels for weights
-# (reference §3.3), so each label maps to one named axis of the projection and a merge per style.
-_LAYOUT: Mapping[tuple[Parallel, str], tuple[str, Merge, bool]] = MappingProxyType(
+# (reference §3.3), so each label maps to one named axis of the projection and a placement per style.
+_LAYOUT: Mapping[tuple[Parallel, str], tuple[str, Placement, bool]] = MappingProxyType(
     {
-        (Parallel.COLUMN, "inputs.0"): ("in", Merge.MAX, True),  # replicated input
-        (Parallel.COLUMN, "outputs.0"): ("out", Merge.CONCAT, True),
-        (Parallel.COLUMN, "params.weight"): ("out", Merge.CONCAT, True),
-        (Parallel.ROW, "inputs.0"): ("in", Merge.CONCAT, True),
-        (Parallel.ROW, "outputs.0"): ("out", Merge.MAX, False),  # partial GEMM before the reduce
-        (Parallel.ROW, "outputs.1"): ("out", Merge.MAX, True),  # the all-reduced output
-        (Parallel.ROW, "params.weight"): ("out", Merge.MAX, True),  # per-out max over an in slice
+        (Parallel.COLUMN, "inputs.0"): ("in", Placement.FULL, True),  # replicated input
+        (Parallel.COLUMN, "outputs.0"): ("out", Placement.SLICE, True),
+        (Parallel.COLUMN, "params.weight"): ("out", Placement.SLICE, True),
+        (Parallel.ROW, "inputs.0"): ("in", Placement.SLICE, True),
+        (Parallel.ROW, "outputs.0"): ("out", Placement.FULL, False),  # partial GEMM before the reduce
+        (Parallel.ROW, "outputs.1"): ("out", Placement.FULL, True),  # the all-reduced output
+        (Parallel.ROW, "params.weight"): ("out", Placement.FULL, True),  # per-out max over an in slice
     }
 )
 
@@ -331,9 +333,9 @@ def stat_shard(module_name: str, label: str, dims: ModelDims, rank: int, world: 
             raise TensorParallelError(
                 f"module {module_name!r} is replicated across tp shards; pass replicated_len for {label!r}"
             )
-        return StatShard(Merge.MAX, replicated_len, slice(0, replicated_len))
+        return StatShard(Placement.FULL, replicated_len, slice(0, replicated_len))
     try:
-        side, merge, exact = _LAYOUT[(rule.parallel, label)]
+        side, placement, exact = _LAYOUT[(rule.parallel, label)]
     except KeyError:
         known = sorted(lbl for (p, lbl) in _LAYOUT if p is rule.parallel)
         raise TensorParallelError(
@@ -341,8 +343,8 @@ def stat_shard(module_name: str, label: str, dims: ModelDims, rank: int, world: 
         ) from None
     axis = rule.in_axis if side == "in" else rule.out_axis
     n = dims.features(axis)
-    local = shard_slice(n, rank, world, dims.granule(axis)) if merge is Merge.CONCAT else slice(0, n)
-    return StatShard(merge, n, local, exact)
+    local = shard_slice(n, rank, world, dims.granule(axis)) if placement is Placement.SLICE else slice(0, n)
+    return StatShard(placement, n, local, exact)
 
 
 def merge_stat(values: Sequence[np.ndarray], shards: Sequence[StatShard]) -> np.ndarray:
@@ -354,7 +356,7 @@ def merge_stat(values: Sequence[np.ndarray], shards: Sequence[StatShard]) -> np.
     if len(values) != len(shards) or not values:
         raise TensorParallelError(f"got {len(values)} values for {len(shards)} shards; pass one per shard")
     arrays = [np.asarray(v, dtype=np.float32).reshape(-1) for v in values]
-    if all(a.size == 1 for a in arrays) or shards[0].merge is Merge.MAX:
+    if all(a.size == 1 for a in arrays) or shards[0].placement is Placement.FULL:
         return np.maximum.reduce(arrays) if len(arrays) > 1 else arrays[0].copy()
     out = np.zeros(shards[0].global_len, dtype=np.float32)
     # Count writes per channel rather than testing for NaN: imported stats may hold NaN as data.
@@ -377,7 +379,7 @@ def split_channel_slices(keys: Iterable[tuple[str, str]], dims: ModelDims, rank:
     """The shard map of a rank: ``(start, stop, global_len)`` for every split (``CONCAT``) statistic.
 
     ``keys`` are ``(module name, tensor label)`` pairs. Statistics that cover their whole axis
-    (replicated modules, ``MAX`` merges) are left out, which is how the stats store's shard map
+    (replicated modules, ``FULL`` placements) are left out, which is how the stats store's shard map
     records "whole axis".
     """
     out: dict[tuple[str, str], tuple[int, int, int]] = {}
@@ -385,6 +387,6 @@ def split_channel_slices(keys: Iterable[tuple[str, str]], dims: ModelDims, rank:
         if rule_for(module) is None:
             continue
         s = stat_shard(module, label, dims, rank, world)
-        if s.merge is Merge.CONCAT:
+        if s.placement is Placement.SLICE:
             out[(module, label)] = (s.local.start, s.local.stop, s.global_len)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,6 @@ from safetensors.torch import load_file
 
 from shards.model.discovery import DuplicateRegistrationError
 from shards.measuring.observers import (
-    MERGES,
     MaxAbsObserver,
     MaxAbsPerChannelObserver,
     ObserverSpec,
@@ -18,9 +19,16 @@ from shards.measuring.observers import (
     UnknownObserverError,
     get_observer,
     known_observers,
+    declared_merges,
     merge_values,
     register_observer,
 )
+from stats_store.errors import UnknownMergeError
+from stats_store.metadata import RunMeta
+from stats_store.records import Measurement, ModuleStats
+from stats_store.reduce import MERGES
+from stats_store.shard_map import ShardSpec
+from stats_store.zarr_store import ZarrStatsStore
 
 
 def _batches(seed: int, shape: tuple[int, ...], n: int = 3) -> list[torch.Tensor]:
@@ -94,6 +102,25 @@ def test_registry_declares_merges() -> None:
     assert merge_values("max", a, b).tolist() == [3.0, 5.0]
 
 
+def test_the_reducer_applies_the_observers_declared_merge(tmp_path: Path) -> None:
+    """One vocabulary of merges: an observer declaring ``sum`` gets its values summed over
+    data-parallel shards by the store's reducer (a max-abs observer's are maxed)."""
+    register_observer(ObserverSpec("test_summing_observer", "sum", MaxAbsObserver))
+    for observer, expected in (("maxabs", [3.0, 5.0]), ("test_summing_observer", [4.0, 7.0])):
+        store = ZarrStatsStore.open_run(tmp_path / observer, RunMeta("cfg", {"m": 1}, dp=2, tp=1, observer=observer))
+        for k, values in enumerate(([1.0, 5.0], [3.0, 2.0])):
+            m = Measurement(num_samples=1)
+            m.modules["lin"] = ModuleStats("lin", "linear", [np.array(values, np.float32)], None, {}, 1)
+            assert declared_merges(observer, m) == {"inputs.0": get_observer(observer).merge}
+            store.commit(store.write_shard(ShardSpec(k, 2, 1, {}), m, [k], declared_merges(observer, m)))
+        assert store.reduce().modules["lin"].inputs[0].tolist() == expected
+
+
+def test_an_unknown_merge_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(UnknownMergeError, match="observer 'odd'.*unknown merge 'median'.*max, sum, count"):
+        register_observer(ObserverSpec("odd", "median", MaxAbsObserver))
+
+
 def test_duplicate_observer_raises() -> None:
     with pytest.raises(DuplicateRegistrationError, match="'maxabs' is already registered"):
         register_observer(ObserverSpec("maxabs", "max", MaxAbsObserver))
@@ -102,11 +129,6 @@ def test_duplicate_observer_raises() -> None:
 def test_unknown_observer_lists_known() -> None:
     with pytest.raises(UnknownObserverError, match="'shape' is not implemented.*maxabs, maxabs_per_channel"):
         get_observer("shape")
-
-
-def test_unknown_merge_raises() -> None:
-    with pytest.raises(ValueError, match="unknown merge 'sum'"):
-        register_observer(ObserverSpec("my_sum_observer", "sum", MaxAbsObserver))
 
 
 def test_save_writes_chunks_of_safetensors(tmp_path) -> None:

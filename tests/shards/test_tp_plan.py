@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from shards.tp.rules import (
     RULE_SETS,
     TP_RULES,
-    Merge,
+    Placement,
     ModelDims,
     Parallel,
     TensorParallelError,
@@ -196,28 +196,28 @@ def test_merged_shard_stats_equal_unsharded_stats(name: str, world: int) -> None
 
 
 @pytest.mark.parametrize(
-    "name, label, merge, exact",
+    "name, label, placement, exact",
     [
-        ("q_proj", "inputs.0", Merge.MAX, True),
-        ("q_proj", "outputs.0", Merge.CONCAT, True),
-        ("q_proj", "params.weight", Merge.CONCAT, True),
-        ("o_proj", "inputs.0", Merge.CONCAT, True),
-        ("o_proj", "params.weight", Merge.MAX, True),
-        ("o_proj", "outputs.0", Merge.MAX, False),  # INC max-reduces the partial GEMM
-        ("o_proj", "outputs.1", Merge.MAX, True),
+        ("q_proj", "inputs.0", Placement.FULL, True),
+        ("q_proj", "outputs.0", Placement.SLICE, True),
+        ("q_proj", "params.weight", Placement.SLICE, True),
+        ("o_proj", "inputs.0", Placement.SLICE, True),
+        ("o_proj", "params.weight", Placement.FULL, True),
+        ("o_proj", "outputs.0", Placement.FULL, False),  # INC max-reduces the partial GEMM
+        ("o_proj", "outputs.1", Placement.FULL, True),
     ],
 )
-def test_stat_shard_layout(name: str, label: str, merge: Merge, exact: bool) -> None:
+def test_stat_shard_layout(name: str, label: str, placement: Placement, exact: bool) -> None:
     rule = DENSE[name]
     s = stat_shard(f"model.layers.2.{rule.path}", label, DIMS, 1, 2)
-    assert (s.merge, s.exact) == (merge, exact)
-    if merge is Merge.CONCAT:
+    assert (s.placement, s.exact) == (placement, exact)
+    if placement is Placement.SLICE:
         assert s.local == slice(s.global_len // 2, s.global_len)
 
 
 def test_stat_shard_of_replicated_module() -> None:
     s = stat_shard("lm_head", "inputs.0", DIMS, 1, 2, replicated_len=48)
-    assert (s.merge, s.global_len, s.local) == (Merge.MAX, 48, slice(0, 48))
+    assert (s.placement, s.global_len, s.local) == (Placement.FULL, 48, slice(0, 48))
     with pytest.raises(TensorParallelError, match="'lm_head' is replicated.*replicated_len"):
         stat_shard("lm_head", "inputs.0", DIMS, 1, 2)
 
