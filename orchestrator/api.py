@@ -43,13 +43,9 @@ from stats_store.records import Measurement, SentCounts
 from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
 from stats_store.errors import IncFileExistsError, IncFileNotFoundError
-from stats_store.inc_format import (
-    discover_measurement_files,
-    inc_file_name,
-    read_measurement_set,
-    write_measurement,
-    write_scales,
-)
+from stats_store.inc_names import inc_file_name
+from stats_store.inc_unify import discover_measurement_files, read_measurement_set
+from stats_store.inc_write import write_measurement, write_scales
 from stats_store.zarr_store import ZarrStatsStore, store_path
 from stats_store.metadata import RunMeta
 from stats_store.shard_map import ShardSpec

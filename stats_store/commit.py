@@ -1,7 +1,8 @@
 """Making a shard's contribution visible atomically, and building the next generation of a flush.
 
 Commit = write the record to a temporary file in the same directory, flush it to disk, then
-``os.replace`` it onto ``shard-<k>.json``: readers see the old record or the new one, never half.
+``os.replace`` it onto ``shard-<k>.json`` (``stats_store.atomic``, called by the zarr store):
+readers see the old record or the new one, never half.
 A flush merges the shard's committed values with the new ones (each tensor by its declared merge),
 so later flushes only raise max-abs values, and packs the result into one float32 chunk: the
 shard's own channels of every tensor, back to back, indexed by the commit record.
@@ -9,13 +10,9 @@ shard's own channels of every tensor, back to back, indexed by the commit record
 
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -26,23 +23,6 @@ from stats_store.shard_map import ChannelSlice, ShardSpec
 from stats_store.errors import DuplicateBatchError, ShardSpecError
 
 ChunkReader = Callable[[], np.ndarray]  # the previous generation's packed chunk, verified
-
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    """Write JSON to ``path`` via a temporary sibling and ``os.replace`` (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        # json.dumps without indent is json's C encoder; json.dump (chunked) and indents are pure
-        # Python, 10x slower on the MB-sized records of models with thousands of modules.
-        text = json.dumps(value, separators=(",", ":"))
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left behind when the write itself failed (and re-raised)
 
 
 @dataclass(frozen=True)

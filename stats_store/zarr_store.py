@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from stats_store.commit import atomic_write_json
+from stats_store.atomic import atomic_write_json
 from stats_store.metadata import STORE_KIND, CommitRecord, RunMeta, canonical_json
 from stats_store.packing import ModuleEntry, Packed
 from stats_store.store import CommittedStore, StoreCapabilities

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator.driver.run_store import inc_export_prefix
 from stats_store.records import Measurement, ModuleStats
-from stats_store.inc_format import export_measurement, write_scales
+from stats_store.inc_write import export_measurement, write_scales
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("orchestrator", "shards", "stats_store", "bench", "examples")

@@ -285,7 +285,7 @@ class Calibration:
 
     def _export_inc(self, plan: RunPlan, out_dir: Path, world: int) -> None:
         """INC measurement files for ``world`` ranks and the global scale file, under ``out_dir/inc``."""
-        from stats_store.inc_format import export_measurement, write_scales
+        from stats_store.inc_write import export_measurement, write_scales
 
         prefix = inc_export_prefix(out_dir, plan.dump_stats_path)
         prefix.parent.mkdir(parents=True, exist_ok=True)

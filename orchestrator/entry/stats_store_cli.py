@@ -190,7 +190,7 @@ def cmd_scales(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"method": plan.name, "device": device.value if device else None, "lp": ctx.lp.value,
                            "hp": ctx.hp.value, "nodes": nodes, "errors": errors}
     if args.out:
-        from stats_store.inc_format import write_scales
+        from stats_store.inc_write import write_scales
 
         out["written"] = [str(p) for p in write_scales(nodes, args.out, store.meta.observer, plan.name, overwrite=args.overwrite)]
     return out
@@ -198,7 +198,7 @@ def cmd_scales(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- INC export / import ---------------------------------------------------------------------------
 def cmd_export_inc(args: argparse.Namespace) -> dict[str, Any]:
-    from stats_store.inc_format import export_measurement
+    from stats_store.inc_write import export_measurement
 
     store = ZarrStatsStore.open(args.path)
     stats, _ = _current(store)
@@ -221,7 +221,8 @@ def cmd_export_inc(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_import_inc(args: argparse.Namespace) -> dict[str, Any]:
-    from stats_store.inc_format import discover_measurement_files, read_measurement_json
+    from stats_store.inc_read import read_measurement_json
+    from stats_store.inc_unify import discover_measurement_files
     from stats_store.inc_names import parse_rank_suffix
 
     files = [Path(args.source)] if args.single_file else discover_measurement_files(args.source)

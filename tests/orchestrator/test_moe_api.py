@@ -153,7 +153,7 @@ def test_vllm_gaudi_inc_files_quantize_every_expert(tmp_path: Path) -> None:
     and up from the layer's hidden-state max-abs, down from the expert's own intermediate max-abs."""
     from stats_store.records import Measurement, ModuleStats
     from shards.fp8.scale_math import activation_scale
-    from stats_store.inc_format import write_measurement
+    from stats_store.inc_write import write_measurement
 
     modules = {"lm_head": ModuleStats("lm_head", "linear", inputs=[np.array([2.0], np.float32)], num_samples=2)}
     for layer in range(2):

@@ -11,7 +11,7 @@ import pytest
 from shards.families import family_for
 from shards.families.inc_names import family_view
 from stats_store.records import Measurement, ModuleStats
-from stats_store.inc_format import discover_measurement_files, read_measurement_set
+from stats_store.inc_unify import discover_measurement_files, read_measurement_set
 from tests.family_models import tiny_config
 
 ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle" / "inc_stats"

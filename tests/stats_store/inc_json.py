@@ -1,4 +1,4 @@
-"""Reading INC measurement JSON nodes in tests, independently of stats_store.inc_format."""
+"""Reading INC measurement JSON nodes in tests, independently of stats_store.inc_read."""
 
 from __future__ import annotations
 

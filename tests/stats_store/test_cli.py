@@ -12,7 +12,7 @@ import pytest
 
 from stats_store.records import Measurement, ModuleStats
 from orchestrator.entry.stats_store_cli import build_parser, main
-from stats_store.inc_format import discover_measurement_files, read_measurement_set
+from stats_store.inc_unify import discover_measurement_files, read_measurement_set
 from stats_store.zarr_store import ZarrStatsStore
 from stats_store.metadata import RunMeta
 from stats_store.shard_map import ShardSpec

@@ -18,14 +18,9 @@ import numpy as np
 import pytest
 
 from stats_store.errors import IncFileNotFoundError
-from stats_store.inc_format import (
-    discover_measurement_files,
-    export_measurement,
-    read_inc_measurement,
-    read_measurement_json,
-    read_measurement_set,
-    write_measurement,
-)
+from stats_store.inc_read import read_inc_measurement, read_measurement_json
+from stats_store.inc_unify import discover_measurement_files, read_measurement_set
+from stats_store.inc_write import export_measurement, write_measurement
 from stats_store.inc_names import parse_inc_file_name
 
 ORACLE = Path(__file__).resolve().parents[2].parent / "shared" / "oracle"

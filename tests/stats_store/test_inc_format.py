@@ -17,20 +17,14 @@ import pytest
 from stats_store.records import Measurement, ModuleStats
 from shards.model.op_types import OP_TYPES
 from stats_store.errors import IncFileExistsError, IncFileNotFoundError, IncFormatError, StatsStoreError
-from stats_store.inc_format import (
-    UNKNOWN_OP,
+from stats_store.inc_read import UNKNOWN_OP, infer_op_type, read_inc_measurement, read_measurement_json
+from stats_store.inc_unify import (
     discover_measurement_files,
-    export_measurement,
-    infer_op_type,
-    measurement_to_inc_dict,
-    read_inc_measurement,
     read_measurement,
-    read_measurement_json,
     read_measurement_set,
     unify_measurements,
-    write_measurement,
-    write_scales,
 )
+from stats_store.inc_write import export_measurement, measurement_to_inc_dict, write_measurement, write_scales
 from stats_store.inc_names import inc_file_name, parse_inc_file_name, parse_rank_suffix
 
 

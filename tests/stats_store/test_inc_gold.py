@@ -30,7 +30,7 @@ from shards.fp8.numerics import ScaleDevice
 from shards.model.op_types import get_op_type
 from shards.fp8.methods import PREDEFINED
 from shards.fp8.scale_math import ScaleContext
-from stats_store.inc_format import read_measurement_json
+from stats_store.inc_read import read_measurement_json
 from stats_store.inc_names import inc_file_name
 
 GOLD = "inc_gold/deepseek-r1-distill-llama-70b-g2"
