@@ -46,3 +46,7 @@ class DeviceForScalesError(ShardError, ValueError):
 
 class ScaleMethodError(ShardError, ValueError):
     """A scale-method section cannot be applied to this tensor (wrong kind or missing input)."""
+
+
+class DuplicateRegistrationError(ShardError, ValueError):
+    """A registry (module classes, observers, backends, op implementations) already has this key."""

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -31,17 +31,15 @@ from stats_store.inc_layout import (
     Shape,
 )
 from stats_store.inc_names import parse_inc_file_name
+from stats_store.inc_ops import infer_op_type
 from stats_store.records import Measurement, ModuleStats
 
 __all__ = [
-    "UNKNOWN_OP",
-    "infer_op_type",
     "measurement_from_inc_dict",
     "read_inc_measurement",
     "read_measurement_json",
 ]
 
-UNKNOWN_OP = "unknown"
 
 # Python's json already maps these tokens to floats; naming them keeps the intent explicit.
 _NONFINITE_TOKENS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
@@ -51,42 +49,6 @@ _NODE_KEYS = frozenset(k for names in KEY_ALIASES.values() for k in names)
 # --------------------------------------------------------------------------------------------
 # Op type inference (INC files do not store it).
 # --------------------------------------------------------------------------------------------
-
-
-def infer_op_type(name: str, num_inputs: int, params: Iterable[str] | None, num_outputs: int | None) -> str:
-    """The op type of a measured node from its counts and name, or ``"unknown"``.
-
-    INC's op table (reference §3.1) fixes each op's inputs, params and which outputs are always
-    measured, so the counts decide every case but two, where the module name does:
-    a 1-input node with 1 output is a softmax (or a kv cache measured with outputs), and a
-    2-input node with 1 output is a ``b2b_matmul`` only for vLLM's batch2block/block2batch
-    matmuls (a plain matmul measured with ``measure_exclude: NONE`` looks the same).
-    """
-    leaf = name.rsplit(".", 1)[-1].lower()
-    has_weight = params is not None and "weight" in set(params)
-    if has_weight:
-        if num_inputs != 1:
-            return UNKNOWN_OP
-        if num_outputs == 2:
-            return "row_parallel_linear"  # the only weighted op that measures two outputs
-        return "linear" if num_outputs in (None, 1) else UNKNOWN_OP
-    if num_inputs == 3:
-        return "fused_sdpa" if num_outputs in (None, 2) else UNKNOWN_OP
-    if num_inputs == 2:
-        if num_outputs is None:
-            return "matmul"  # b2b_matmul always measures its output
-        if num_outputs == 1:
-            return "b2b_matmul" if ("batch2block" in leaf or "block2batch" in leaf) else "matmul"
-        return UNKNOWN_OP
-    if num_inputs == 1:
-        if num_outputs is None:
-            return "kv_cache"  # softmax and MoE always measure outputs
-        if num_outputs == 1:
-            if "softmax" in leaf:
-                return "softmax"
-            return "kv_cache" if "cache" in leaf else UNKNOWN_OP
-        return "dynamic_moe"  # 1 input, no params, 1 + E outputs
-    return UNKNOWN_OP
 
 
 # --------------------------------------------------------------------------------------------

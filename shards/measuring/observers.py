@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from shards.model.discovery import DuplicateRegistrationError
+from shards.errors import DuplicateRegistrationError
 from shards.errors import ShardError
 from shards.fp8.scale_math import magnitude_max
 from stats_store.records import Measurement

@@ -2,8 +2,9 @@
 
 Observers are attached with forward hooks, so the model's structure and module names do not
 change while measuring. What each op type feeds its observers (which call arguments are inputs,
-which results are outputs, the channel axis of each input) is one registry keyed by op-type name,
-``MEASURE_BEHAVIOURS``; an op type that cannot be measured on one card says why.
+which results are outputs, the channel axis of each input) is the "measure" role of the op-type
+registry (``shards.model.op_types``), read here as ``MEASURE_BEHAVIOURS``; an op type that cannot be
+measured on one card says why.
 
 Reference ``inc-fp8-semantics.md`` §3.2: inputs every call, weights once at prepare, outputs unless
 ``measure_exclude`` skips them for op types that do not require them; a never-called module has no
@@ -21,11 +22,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from shards.model.discovery import DuplicateRegistrationError, FoundModule, discover
+from shards.model.discovery import FoundModule, discover
 from shards.errors import ShardError
 from stats_store.records import Measurement, ModuleStats
 from shards.measuring.observers import ObserveTarget, Observer, ObserverSpec, get_observer, weight_observer
-from shards.model.op_types import get_op_type
+from shards.model.op_types import implementations, register_implementation
 from shards.plan import RunPlan
 
 
@@ -75,7 +76,7 @@ class MeasureBehaviour:
     input_channel_dims: tuple[int, ...] = (-1,)
 
 
-_BEHAVIOURS: dict[str, MeasureBehaviour | str] = {
+for _op, _how in {
     "linear": MeasureBehaviour(_first_arg("input"), _single_output),
     "row_parallel_linear": MeasureBehaviour(_first_arg("input"), _output_twice),
     "matmul": MeasureBehaviour(_first_arg("input", "other"), _single_output, (-1, -2)),
@@ -85,20 +86,18 @@ _BEHAVIOURS: dict[str, MeasureBehaviour | str] = {
     "embedding": MeasureBehaviour(_first_arg("input"), _single_output),
     "fused_sdpa": "its second output is the softmax max-abs of Gaudi's fused kernel, which no module here exposes",
     "dynamic_moe": "its per-expert outputs come from Gaudi/vLLM MoE kernels, which no module here exposes",
-}
-MEASURE_BEHAVIOURS: Mapping[str, MeasureBehaviour | str] = _BEHAVIOURS
+}.items():
+    register_implementation(_op, "measure", _how)
+MEASURE_BEHAVIOURS = implementations("measure")
 
 
 def register_measure_behaviour(op_type: str, behaviour: MeasureBehaviour, *, replace: bool = False) -> None:
     """Set how an op type is measured. Replacing an existing behaviour must be explicit."""
-    get_op_type(op_type)
-    if op_type in _BEHAVIOURS and not replace and isinstance(_BEHAVIOURS[op_type], MeasureBehaviour):
-        raise DuplicateRegistrationError(f"op type {op_type!r} already has a measuring behaviour; pass replace=True")
-    _BEHAVIOURS[op_type] = behaviour
+    register_implementation(op_type, "measure", behaviour, replace=replace)
 
 
 def _behaviour(found: FoundModule) -> MeasureBehaviour:
-    b = _BEHAVIOURS.get(found.op.name, "no measuring behaviour is registered")
+    b = MEASURE_BEHAVIOURS.get(found.op.name, "no measuring behaviour is registered")
     if isinstance(b, str):
         raise UnmeasurableModuleError(
             f"module {found.name!r} ({found.class_name}, op type {found.op.name!r}) cannot be measured: {b}; "

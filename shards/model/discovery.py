@@ -13,15 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shards.errors import ShardError
+from shards.errors import DuplicateRegistrationError, ShardError
 from shards.model.op_types import OpType, get_op_type, op_type_of_class
 from shards.model.selection import SelectionRules
 
 _COMPILED_PREFIX = "_orig_mod."
 
-
-class DuplicateRegistrationError(ShardError, ValueError):
-    """A registry (module classes, observers, backends, op behaviours) already has this key."""
 
 # Classes mapped by identity, for classes whose name is not (or not uniquely) in the op-type table.
 _CLASS_OPS: dict[type, str] = {}

@@ -1,7 +1,8 @@
-"""The one table of op types: what each kind of module has, what is measured, where its scales
-come from. Reference ``inc-fp8-semantics.md`` §2.5 and §3.1.
+"""The op types the code works with: INC's table (``stats_store.inc_ops``: names and observed
+counts, the one vocabulary) extended with module classes and where each scale comes from.
+Reference ``inc-fp8-semantics.md`` §2.5 and §3.1.
 
-Every other registry (patched classes, shard axes) is keyed by the names in this table.
+Every other registry (measuring behaviours, patched classes, shard axes) is keyed by these names.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import enum
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
+
+from shards.errors import DuplicateRegistrationError
+from stats_store.inc_ops import INC_OPS, IncOp
 
 
 class OutputRule(str, enum.Enum):
@@ -46,32 +50,51 @@ def _out(i: int, rest: bool = False) -> Source:
 UNIT = Source("unit")
 
 
+# Observed outputs of a MoE op before the model says how many experts it has: 1 + 8.
+MOE_DEFAULT_OUTPUTS = 9
+
+
 @dataclass(frozen=True)
 class OpType:
-    """One row: an op type and everything the code needs to know about it.
+    """One row: an op type of INC's table (``stats_store.inc_ops``, its counts) and what the code
+    needs to know besides.
 
     Attributes:
-        name: INC's op-type name.
-        num_inputs: number of observed inputs.
-        params: names of parameters whose max-abs is observed (only "weight" exists).
-        num_outputs: number of observed outputs (MoE: 1 + experts, set at measure time).
-        outputs_required: outputs are measured even when ``measure_exclude`` is OUTPUT.
+        inc: the row of INC's table: name, observed inputs, params and outputs.
         supports_dynamic: can be quantized with dynamic per-token activation scales.
         class_names: module classes (``type(m).__name__``) of this op type.
         input_scales: where each input scale comes from, in the order the kernel takes them.
         output_rule: how the output scale is obtained.
-        cpu_supported: INC's CPU device table has it (Linear, Conv2d, EmbeddingBag).
     """
 
-    name: str
-    num_inputs: int
-    params: tuple[str, ...]
-    num_outputs: int
-    outputs_required: bool
+    inc: IncOp
     supports_dynamic: bool
     class_names: tuple[str, ...]
     input_scales: tuple[Source, ...]
     output_rule: OutputRule
+
+    @property
+    def name(self) -> str:
+        return self.inc.name
+
+    @property
+    def num_inputs(self) -> int:
+        return self.inc.num_inputs
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Names of parameters whose max-abs is observed (only "weight" exists)."""
+        return self.inc.params
+
+    @property
+    def num_outputs(self) -> int:
+        """Observed outputs (MoE: 1 + experts, set at measure time)."""
+        return self.inc.num_outputs if self.inc.num_outputs is not None else MOE_DEFAULT_OUTPUTS
+
+    @property
+    def outputs_required(self) -> bool:
+        """Outputs are measured even when ``measure_exclude`` is OUTPUT."""
+        return self.inc.outputs_required
 
 
 _LINEAR_CLASSES = (
@@ -98,24 +121,21 @@ OP_TYPES: Mapping[str, OpType] = MappingProxyType(
     {
         op.name: op
         for op in (
-            OpType("linear", 1, ("weight",), 1, False, True, _LINEAR_CLASSES, (_in(0),), OutputRule.WEIGHT_TIMES_INPUT),
-            OpType(
-                "row_parallel_linear", 1, ("weight",), 2, True, True, ("RowParallelLinear",), (_in(0),),
+            OpType(INC_OPS["linear"], True, _LINEAR_CLASSES, (_in(0),), OutputRule.WEIGHT_TIMES_INPUT),
+            OpType(INC_OPS["row_parallel_linear"], True, ("RowParallelLinear",), (_in(0),),
                 # Reference §2.5: "like linear". Deliberately not from outputs[0]: that is the partial
                 # pre-all-reduce result, which differs between tp sizes and would break the
                 # invariant that tp=k gives tp=1's scales.
                 OutputRule.WEIGHT_TIMES_INPUT,
             ),
-            OpType("matmul", 2, (), 1, False, True, ("Matmul",), (_in(0), _in(1)), OutputRule.PRODUCT_OF_INPUTS),
-            OpType("b2b_matmul", 2, (), 1, True, True, ("B2BMatmul",), (_in(0), _out(0)), OutputRule.PRODUCT_OF_INPUTS),
-            OpType("kv_cache", 1, (), 1, False, False, ("KVCache", "VLLMKVCache"), (_in(0),), OutputRule.SAME_AS_INPUT),
-            OpType("softmax", 1, (), 1, True, False, ("Softmax", "BlockSoftmaxConstMax"), (UNIT,), OutputRule.MEASURED),
+            OpType(INC_OPS["matmul"], True, ("Matmul",), (_in(0), _in(1)), OutputRule.PRODUCT_OF_INPUTS),
+            OpType(INC_OPS["b2b_matmul"], True, ("B2BMatmul",), (_in(0), _out(0)), OutputRule.PRODUCT_OF_INPUTS),
+            OpType(INC_OPS["kv_cache"], False, ("KVCache", "VLLMKVCache"), (_in(0),), OutputRule.SAME_AS_INPUT),
+            OpType(INC_OPS["softmax"], False, ("Softmax", "BlockSoftmaxConstMax"), (UNIT,), OutputRule.MEASURED),
+            OpType(INC_OPS["fused_sdpa"], False, ("ModuleFusedSDPA",), (_in(0), _in(1), _in(2), _out(1)),
+                   OutputRule.MEASURED),
             OpType(
-                "fused_sdpa", 3, (), 2, True, False, ("ModuleFusedSDPA",), (_in(0), _in(1), _in(2), _out(1)),
-                OutputRule.MEASURED,
-            ),
-            OpType(
-                "dynamic_moe", 1, (), 9, True, True,
+                INC_OPS["dynamic_moe"], True,
                 (
                     "GaudiMixtralSparseMoeBlock",
                     "GaudiDeepseekV3MoE",
@@ -125,7 +145,7 @@ OP_TYPES: Mapping[str, OpType] = MappingProxyType(
                 ),
                 (_in(0), _out(1, rest=True)), OutputRule.MEASURED,
             ),
-            OpType("embedding", 1, ("weight",), 1, False, False, ("EmbeddingBag",), (), OutputRule.NONE),
+            OpType(INC_OPS["embedding"], False, ("EmbeddingBag",), (), OutputRule.NONE),
         )
     }
 )
@@ -159,3 +179,29 @@ def get_op_type(name: str) -> OpType:
         return OP_TYPES[name]
     except KeyError:
         raise KeyError(f"unknown op type {name!r}; known: {', '.join(OP_TYPES)}") from None
+
+
+# ---- what each op type runs as --------------------------------------------------------------------
+# One registry hangs the code of every op type on this table: the package that implements a role
+# registers under the op type's name ("measure": how shards.measuring.session reads its inputs and
+# outputs; "quantize": the patched class of shards.quantized.modules). A string instead of code says
+# why the op type has no implementation of that role here.
+ROLES = ("measure", "quantize")
+_IMPLEMENTATIONS: dict[str, dict[str, object]] = {role: {} for role in ROLES}
+
+
+def register_implementation(op_type: str, role: str, impl: object, *, replace: bool = False) -> None:
+    """Register ``impl`` (or a reason string) as the ``role`` of ``op_type``."""
+    get_op_type(op_type)
+    if role not in _IMPLEMENTATIONS:
+        raise KeyError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+    current = _IMPLEMENTATIONS[role].get(op_type)
+    if current is not None and not isinstance(current, str) and not replace:
+        raise DuplicateRegistrationError(
+            f"op type {op_type!r} already has a {role} implementation; pass replace=True")
+    _IMPLEMENTATIONS[role][op_type] = impl
+
+
+def implementations(role: str) -> Mapping[str, object]:
+    """Op type → implementation (or reason) of ``role``, read-only."""
+    return MappingProxyType(_IMPLEMENTATIONS[role])

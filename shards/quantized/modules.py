@@ -1,7 +1,8 @@
 """QUANTIZE: patched modules that compute with FP8 weights and quantized inputs.
 
-One class per kind of computation; which class serves which op type is one registry keyed by
-op-type name, ``QUANT_OPS`` (an op type we cannot quantize says why). Every class does its FP8
+One class per kind of computation; which class serves which op type is the "quantize" role of the
+op-type registry (``shards.model.op_types``), read here as ``QUANT_OPS`` (an op type we cannot
+quantize says why). Every class does its FP8
 work through a ``shards.quantized.backends.Backend``, so the CPU emulation, CUDA and Gaudi share this code.
 
 Semantics (reference §6, decisions §2):
@@ -21,7 +22,6 @@ Semantics (reference §6, decisions §2):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shards.quantized.backends import Backend
-from shards.model.discovery import DuplicateRegistrationError
 from shards.fp8.module_scales import ModuleScales
 from shards.fp8.numerics import Fp8Format
-from shards.model.op_types import get_op_type
+from shards.model.op_types import implementations, register_implementation
 from shards.plan import ScaleFormat
 from shards.quantized.qdq_memo import SharedInputMemo
 from shards.fp8.scale_math import ScaleContext, dynamic_activation_scale
@@ -322,23 +321,21 @@ def _linear_like(source: nn.Module, scales: ModuleScales, qctx: QuantContext) ->
     raise ValueError(f"{type(source).__name__}: a linear-type module needs a 2-D weight (or be a Conv2d)")
 
 
-_QUANT_OPS: dict[str, QuantFactory | str] = {
+for _op, _cls in {
     "linear": _linear_like,
     "row_parallel_linear": _linear_like,
     "matmul": _no_source(QuantMatmul),
     "b2b_matmul": _no_source(QuantMatmul),
     "kv_cache": _no_source(QuantKVCache),
     "softmax": QuantSoftmax,
-    "embedding": QuantEmbeddingBag,  # type: ignore[dict-item]
+    "embedding": QuantEmbeddingBag,
     "fused_sdpa": "needs Gaudi's fused FP8 SDPA kernel; no emulation here",
     "dynamic_moe": "needs Gaudi/vLLM FP8 MoE kernels; quantize the expert linears instead",
-}
-QUANT_OPS: Mapping[str, QuantFactory | str] = MappingProxyType(_QUANT_OPS)
+}.items():
+    register_implementation(_op, "quantize", _cls)
+QUANT_OPS: Mapping[str, QuantFactory | str] = implementations("quantize")  # type: ignore[assignment]
 
 
 def register_quant_op(op_type: str, factory: QuantFactory, *, replace: bool = False) -> None:
     """Set the patched class of an op type. Replacing an existing one must be explicit."""
-    get_op_type(op_type)
-    if callable(_QUANT_OPS.get(op_type)) and not replace:
-        raise DuplicateRegistrationError(f"op type {op_type!r} already has a quantized class; pass replace=True")
-    _QUANT_OPS[op_type] = factory
+    register_implementation(op_type, "quantize", factory, replace=replace)

@@ -21,7 +21,7 @@ from shards.quantized.backends import (
     get_backend,
     register_backend,
 )
-from shards.model.discovery import DuplicateRegistrationError
+from shards.errors import DuplicateRegistrationError
 from shards.fp8.numerics import E4M3, E4M3_GAUDI2, E5M2, ScaleDevice
 
 F8 = torch.float8_e4m3fn

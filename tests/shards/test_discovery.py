@@ -9,8 +9,8 @@ import re
 import pytest
 from torch import nn
 
+from shards.errors import DuplicateRegistrationError
 from shards.model.discovery import (
-    DuplicateRegistrationError,
     clean_name,
     discover,
     op_type_of,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shards.model.discovery import DuplicateRegistrationError
+from shards.errors import DuplicateRegistrationError
 from shards.measuring.observers import (
     MaxAbsObserver,
     MaxAbsPerChannelObserver,

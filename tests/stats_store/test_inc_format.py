@@ -17,7 +17,8 @@ import pytest
 from stats_store.records import Measurement, ModuleStats
 from shards.model.op_types import OP_TYPES
 from stats_store.errors import IncFileExistsError, IncFileNotFoundError, IncFormatError, StatsStoreError
-from stats_store.inc_read import UNKNOWN_OP, infer_op_type, read_inc_measurement, read_measurement_json
+from stats_store.inc_ops import UNKNOWN_OP, infer_op_type
+from stats_store.inc_read import read_inc_measurement, read_measurement_json
 from stats_store.inc_unify import (
     discover_measurement_files,
     read_measurement,
