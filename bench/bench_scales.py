@@ -25,7 +25,8 @@ from bench.timing import Row, Timing, row, single_thread, time_it
 from shards.fp8 import opt_search
 from shards.fp8.numerics import ScaleDevice, quant_dequant
 from shards.fp8.methods import PCS_OPT_MULTIPLIERS, PREDEFINED, USER_METHODS, Granularity, SectionSpec, ValueType
-from shards.fp8.scale_math import ScaleContext, opt_candidates, per_channel_maxabs, round_scale, weight_scale
+from shards.fp8.scale_math import ScaleContext, opt_candidates, per_channel_maxabs, round_scale
+from shards.fp8.weight_scales import weight_scale
 
 # (layers, shrink of every dimension)
 SIZES = {"toy": (1, 32), "quick": (1, 8), "full": (1, 1)}

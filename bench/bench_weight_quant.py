@@ -17,7 +17,8 @@ from bench.models import layer_stack
 from bench.timing import Row, row, single_thread, time_pair
 from shards.fp8.numerics import quantize
 from shards.fp8.methods import PREDEFINED
-from shards.fp8.scale_math import ScaleContext, weight_scale
+from shards.fp8.scale_math import ScaleContext
+from shards.fp8.weight_scales import weight_scale
 
 SIZES = {"toy": (1, 32), "quick": (1, 8), "full": (1, 1)}  # (layers, shrink)
 METHODS = {"per tensor": "MAXABS_POW2", "per channel": "ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2"}

@@ -32,9 +32,9 @@ from shards.fp8.scale_math import (
     ScaleContext,
     activation_scale,
     fixed_scale,
-    weight_scale as compute_weight_scale,
     weight_scale_from_maxabs,
 )
+from shards.fp8.weight_scales import weight_scale as compute_weight_scale
 
 
 def _to_json(t: torch.Tensor) -> float | list[float]:

@@ -118,11 +118,11 @@ def fixed_scale(section: SectionSpec, ctx: ScaleContext) -> torch.Tensor:
     )
 
 
-def _is_fixed(section: SectionSpec) -> bool:
+def is_fixed(section: SectionSpec) -> bool:
     return section.value_type in (ValueType.FIXED_VALUE, ValueType.DUMMY_SCALES)
 
 
-def _check_finite(t: torch.Tensor, where: str, shown: object) -> None:
+def check_finite(t: torch.Tensor, where: str, shown: object) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NonFiniteStatsError(where, shown)
 
@@ -135,10 +135,10 @@ def _maxabs_vector(maxabs: MaxAbsLike, dtype: torch.dtype, where: str) -> torch.
         src = torch.from_numpy(as_maxabs(maxabs).copy())  # Ray hands over read-only arrays
     if src.numel() == 0:
         raise ScaleMethodError(f"{where}: empty max-abs array; re-measure the module")
-    _check_finite(src, where, float(src.float().abs().max()))
+    check_finite(src, where, float(src.float().abs().max()))
     out = src.to(dtype)
     # A finite fp32 value can overflow a narrower hp dtype (fp16 max is 65504).
-    _check_finite(out, f"{where} (in {dtype})", float(src.float().max()))
+    check_finite(out, f"{where} (in {dtype})", float(src.float().max()))
     return out
 
 
@@ -150,7 +150,7 @@ def activation_scale(
     A per-channel measurement is reduced with max() first, as INC does (reference §2.2).
     ``where`` names the module and tensor in error messages.
     """
-    if _is_fixed(section):
+    if is_fixed(section):
         return fixed_scale(section, ctx)
     if section.value_type is not ValueType.MAXABS:
         raise ScaleMethodError(f"{where}: activations support MAXABS or FIXED_VALUE, got {section.value_type.value}")
@@ -200,46 +200,6 @@ def opt_candidates(section: SectionSpec, ctx: ScaleContext) -> tuple[float, ...]
     return POW2_OPT_CANDIDATES
 
 
-def _opt_weight_scale(
-    weight: torch.Tensor, section: SectionSpec, ctx: ScaleContext, channel_maxabs: torch.Tensor | None
-) -> torch.Tensor:
-    # Deferred import: opt_search builds on this module's rounding helpers.
-    from shards.fp8 import opt_search
-    from shards.fp8.methods import PCS_OPT_MULTIPLIERS
-
-    if section.granularity is Granularity.PTS:
-        cands = opt_candidates(section, ctx)
-        best = opt_search.pick_pts(opt_search.pts_errors(weight, cands, ctx), cands)
-        return round_scale(torch.tensor(best, dtype=ctx.hp_dtype), section.rounding, ctx)
-    mults = section.candidates if section.candidates is not None else PCS_OPT_MULTIPLIERS
-    amax = per_channel_maxabs(weight) if channel_maxabs is None else channel_maxabs
-    ref = opt_search.pcs_reference(amax, ctx, weight.dtype, backoff=section.backoff)
-    errors = opt_search.pcs_errors(weight, ref, mults, ctx)
-    return opt_search.pick_pcs(errors, ref, mults, ctx, rounding=section.rounding)
-
-
-def weight_scale(
-    weight: torch.Tensor, section: SectionSpec, ctx: ScaleContext, *, where: str = "weight"
-) -> torch.Tensor:
-    """The weight scale: 0-d ``hp_dtype`` (PTS) or ``[out_channels]`` in the weight's dtype (PCS).
-
-    Handles MAXABS, FIXED_VALUE and OPT (MSE search, reference §2.6).
-    """
-    if _is_fixed(section):
-        return fixed_scale(section, ctx)
-    # One pass: the max-abs is NaN or inf exactly when some element is (amax propagates NaN).
-    per_channel = per_channel_maxabs(weight) if section.granularity is Granularity.PCS else None
-    amax = magnitude_max(weight) if per_channel is None else per_channel.max()
-    _check_finite(amax, where, "non-finite weight element")
-    if section.value_type is ValueType.OPT:
-        return _opt_weight_scale(weight, section, ctx, per_channel)
-    if per_channel is not None:
-        return pcs_scale_from_amax(per_channel, section.backoff, section.rounding, ctx)
-    m = amax.to(ctx.hp_dtype)
-    _check_finite(m, f"{where} (in {ctx.hp_dtype})", float(amax))
-    return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
-
-
 def weight_scale_from_maxabs(
     maxabs: MaxAbsLike,
     section: SectionSpec,
@@ -253,7 +213,7 @@ def weight_scale_from_maxabs(
     ``maxabs`` is one value (PTS) or one per output channel (PCS; a per-tensor value cannot give
     per-channel scales). Gives the same result as :func:`weight_scale` on the weight itself.
     """
-    if _is_fixed(section):
+    if is_fixed(section):
         return fixed_scale(section, ctx)
     if section.value_type is ValueType.OPT:
         raise ScaleMethodError(f"{where}: OPT weight scales need the weight tensor itself, not its max-abs")

@@ -80,13 +80,6 @@ class ModelDims:
     extra: Mapping[str, Axis] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: Any) -> "ModelDims":
-        """Read the sizes from a HF config through its family (an unsupported family is refused)."""
-        from shards.families import family_for  # the families import this module
-
-        return family_for(config).dims(config)
-
-    @classmethod
     def dense(cls, config: Any, **extra: Axis) -> "ModelDims":
         """The Llama-family sizes of a HF config (``head_dim`` defaults like HF's)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

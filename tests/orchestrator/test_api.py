@@ -19,7 +19,8 @@ from shards.quantized.swap import MissingMeasurementError
 from shards.fp8.numerics import ScaleDevice
 from shards.quantized.modules import QuantLinear
 from shards.fp8.methods import PREDEFINED
-from shards.fp8.scale_math import ScaleContext, activation_scale, weight_scale
+from shards.fp8.scale_math import ScaleContext, activation_scale
+from shards.fp8.weight_scales import weight_scale
 from stats_store.errors import IncFileExistsError
 from stats_store.zarr_store import ZarrStatsStore
 from stats_store.errors import RunMismatchError

@@ -15,7 +15,8 @@ from shards.quantized.swap import MissingMeasurementError
 from shards.families import UnfusedExperts, family_for
 from shards.quantized.modules import QuantLinear
 from shards.fp8.methods import PREDEFINED
-from shards.fp8.scale_math import ScaleContext, weight_scale
+from shards.fp8.scale_math import ScaleContext
+from shards.fp8.weight_scales import weight_scale
 from tests.family_models import MOE_FAMILIES, family_tokens, idle_expert_mixtral, tiny_model
 
 

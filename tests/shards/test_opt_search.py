@@ -20,7 +20,8 @@ from shards.fp8 import opt_tables
 from shards.errors import DeviceForScalesError
 from shards.fp8.numerics import HW_TRAITS, ScaleDevice
 from shards.fp8.methods import PCS_OPT_MULTIPLIERS, POW2_OPT_CANDIDATES, PREDEFINED
-from shards.fp8.scale_math import ScaleContext, weight_scale
+from shards.fp8.scale_math import ScaleContext
+from shards.fp8.weight_scales import weight_scale
 from tests.shards.test_numerics import decode, nearest_code
 
 G2, G3 = ScaleDevice.GAUDI2, ScaleDevice.GAUDI3

@@ -24,9 +24,9 @@ from shards.fp8.scale_math import (
     dynamic_activation_scale,
     magnitude_max,
     round_scale,
-    weight_scale,
     weight_scale_from_maxabs,
 )
+from shards.fp8.weight_scales import weight_scale
 
 G2, G3 = ScaleDevice.GAUDI2, ScaleDevice.GAUDI3
 

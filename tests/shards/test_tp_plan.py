@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shards.families import family_for
 from shards.tp.rules import (
     RULE_SETS,
     TP_RULES,
@@ -247,7 +248,7 @@ def test_merge_stat_keeps_nan_as_data() -> None:
 
 def test_dims_from_config() -> None:
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
-    assert ModelDims.from_config(config) == ModelDims(64, 128, 4, 2, 16)
+    assert family_for(config).dims(config) == ModelDims(64, 128, 4, 2, 16)
 
 
 def test_split_channel_slices_lists_only_split_stats() -> None:
