@@ -32,7 +32,7 @@ from orchestrator.entry.fp8_calibrate import calibration_batches, summary_table
 from orchestrator.entry.smollm2 import build_smollm2_checkpoint, is_checkpoint
 from orchestrator.entry.stats_store_cli import main as stats_store_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = Path("demo_output")
 MODEL_DIR = OUT / "smollm2-135m"
 CONFIG = ROOT / "examples" / "configs" / "demo_smollm2.json"
