@@ -3,6 +3,10 @@
 The Python API mirrors INC's: ``prepare`` → run data → ``finalize_calibration``, ``convert``,
 ``quantize`` in one call, and ``scales_of`` to compare a converted model's scales with INC's.
 The distributed driver is ``orchestrator.driver.calibration.Calibration`` (imported on demand: it loads Ray).
+
+Rooms: ``configuration`` (the INC-style config), ``driver`` (the distributed run: Ray grid,
+restarts, global scales, coverage), ``export`` (the FP8 checkpoint), ``entry`` (the CLIs and the
+demo); ``api`` is the single-card API re-exported here.
 """
 
 from orchestrator.api import (
