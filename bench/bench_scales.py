@@ -10,6 +10,12 @@ gives the ratio of the tensor where the search gains least (the smallest: it sta
 loop). Other methods are shown next to one ``abs().amax()`` pass over the same weights, the floor any
 scale computation pays.
 
+Two more rows time the error scoring alone on the stack's smallest tensor: ``opt_search.pts_errors`` /
+``pcs_errors`` (the per-exponent tables of ``shards.fp8.opt_tables``) against ``pts_errors_bruteforce``
+/ ``pcs_errors_bruteforce`` (one quantize of the whole tensor per candidate), run alternately in the
+same process; goal >= 4 (the bound tests/shards/test_opt_tables.py asserted before its timing moved
+here). Both must give the same errors (checked, rtol 1e-12: float64 summation order).
+
 Run alone: ``.venv/bin/python -m bench.bench_scales [--quick]``.
 """
 
@@ -21,10 +27,11 @@ from typing import Callable, Sequence
 import torch
 
 from bench.models import layer_stack
-from bench.timing import Row, Timing, row, single_thread, time_it
+from bench.timing import Row, Timing, row, single_thread, time_it, time_pair
 from shards.fp8 import opt_search
 from shards.fp8.numerics import ScaleDevice, quant_dequant
-from shards.fp8.methods import PCS_OPT_MULTIPLIERS, PREDEFINED, USER_METHODS, Granularity, SectionSpec, ValueType
+from shards.fp8.methods import (PCS_OPT_MULTIPLIERS, POW2_OPT_CANDIDATES, PREDEFINED, USER_METHODS, Granularity,
+                                 SectionSpec, ValueType)
 from shards.fp8.scale_math import ScaleContext, opt_candidates, per_channel_maxabs, round_scale
 from shards.fp8.weight_scales import weight_scale
 
@@ -99,6 +106,28 @@ def _opt_row(method: str, stack: dict[str, torch.Tensor], section: SectionSpec, 
                f"{loop_t[worst] / fast_t[worst]:.1f}x on {worst.rsplit('.', 1)[-1]} {tuple(stack[worst].shape)}")
 
 
+def _tables_rows(name: str, w: torch.Tensor, repeats: int) -> list[Row]:
+    """The fast error scoring against opt_search's brute force on one tensor (PTS and PCS), timed
+    alternately so that the machine's drift hits both alike."""
+    ctx = ScaleContext()
+    ref = opt_search.pcs_reference(per_channel_maxabs(w), ctx, w.dtype)
+    pairs = {
+        "PTS": (lambda: opt_search.pts_errors(w, POW2_OPT_CANDIDATES, ctx),
+                lambda: opt_search.pts_errors_bruteforce(w, POW2_OPT_CANDIDATES, ctx), len(POW2_OPT_CANDIDATES)),
+        "PCS": (lambda: opt_search.pcs_errors(w, ref, PCS_OPT_MULTIPLIERS, ctx),
+                lambda: opt_search.pcs_errors_bruteforce(w, ref, PCS_OPT_MULTIPLIERS, ctx), len(PCS_OPT_MULTIPLIERS)),
+    }
+    rows = []
+    for gran, (fast, brute, n) in pairs.items():
+        fast_t, brute_t = time_pair(fast, brute, repeats)
+        same = torch.allclose(fast(), brute(), rtol=1e-12, atol=0)
+        ratio = brute_t.min / fast_t.min
+        rows.append(row(f"OPT tables {gran}: fast error scoring vs brute force, {name.rsplit('.', 1)[-1]} "
+                        f"{tuple(w.shape)}", fast_t, brute_t, ratio, ">= 4", same and ratio >= 4.0,
+                        f"{n} candidates, {w.dtype}; same errors: {same}"))
+    return rows
+
+
 def run(size: str = "full", repeats: int = 3) -> list[Row]:
     """One row per user-facing method (ms/GB over the stack); OPT rows carry the loop speed-up."""
     single_thread()
@@ -115,6 +144,9 @@ def run(size: str = "full", repeats: int = 3) -> list[Row]:
         else:
             rows.append(row(f"scales {method.lower()} (ms/GB; baseline: one amax pass)", _per_gb(t, nbytes),
                             _per_gb(floor, nbytes), t.min / floor.min, "-", None))
+    # The smallest tensor keeps the brute force's 1 + repeats runs short; the OPT rows above gain least
+    # on small tensors too (they stay in cache for the per-candidate passes).
+    rows += _tables_rows(*min(stack.items(), key=lambda kv: kv[1].numel()), repeats)
     return rows
 
 

@@ -37,7 +37,7 @@ Scale = torch.Tensor | float
 
 
 class UnknownBackendError(ShardError, ValueError):
-    """No backend is registered under this name."""
+    """No backend is registered under this name (or for this device type)."""
 
 
 class BackendUnavailableError(ShardError, ImportError):
@@ -238,9 +238,20 @@ def get_backend(name: str) -> Backend:
 
 
 def backend_for_device(device: torch.device | str) -> Backend:
-    """The backend of the device a model's parameters live on (cpu, cuda or hpu)."""
-    kind = torch.device(device).type
-    return get_backend(kind if kind in _BACKENDS else "cpu")
+    """The backend registered under the type of ``device`` (cpu, cuda, hpu, or one added with
+    :func:`register_backend`); a device type without one raises UnknownBackendError.
+
+    Never a silent fallback to "cpu": its emulation was never checked on another device's tensors
+    (xpu, mps), and a model left on "meta" by mistake would be converted without an error.
+    """
+    dev = torch.device(device)
+    if dev.type not in _BACKENDS:
+        raise UnknownBackendError(
+            f"no FP8 backend for device {str(dev)!r}: backends exist for device types {', '.join(_BACKENDS)}; "
+            "move the model to one of them, pass a backend explicitly (convert(..., backend=...)), "
+            f"or register one for {dev.type!r} with shards.quantized.backends.register_backend"
+        )
+    return get_backend(dev.type)
 
 
 register_backend("cpu", EmulatedBackend)

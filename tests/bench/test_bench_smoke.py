@@ -87,6 +87,10 @@ def test_scales_bench_fast_and_loop_pick_the_same_scales() -> None:
     rows = importlib.import_module("bench.bench_scales").run(size="toy", repeats=1)
     opt = [r for r in rows if "OPT search" in r["name"]]
     assert len(opt) == 3 and all("same picks: True" in r["note"] for r in opt)
+    # The speed of the tables against the brute force is reported here (no test times it).
+    tables = [r for r in rows if r["name"].startswith("OPT tables")]
+    assert [r["name"].split(":")[0] for r in tables] == ["OPT tables PTS", "OPT tables PCS"]
+    assert all("same errors: True" in r["note"] for r in tables)
 
 
 def test_accuracy_compare_on_known_logits() -> None:

@@ -185,24 +185,16 @@ def test_fast_path_matches_brute_force_on_generated_weights(
     _check_pcs(w, ctx)
 
 
-def test_fast_path_is_much_faster_than_the_brute_force() -> None:
-    """A sanity bound, loose for a loaded machine; the benchmark measures the real ratio."""
-    import time
-
+def test_fast_path_takes_a_layer_sized_bf16_weight() -> None:
+    """A trained-looking bf16 weight of a real layer's size is scored by the tables, not the brute
+    force, and both agree (the brute force's candidates then span more than one of its work chunks).
+    How much faster the tables are is measured in bench/bench_scales.py ("OPT tables" rows): a
+    wall-clock bound here would flake under load."""
     ctx = ScaleContext()
     w = (torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    fast = best(lambda: opt_search.pts_errors(w, POW2_OPT_CANDIDATES, ctx))
-    brute = best(lambda: opt_search.pts_errors_bruteforce(w, POW2_OPT_CANDIDATES, ctx))
-    assert fast * 4 < brute
+    assert _takes_fast_path(w, POW2_OPT_CANDIDATES, ctx)
+    _check_pts(w, ctx, POW2_OPT_CANDIDATES)
+    _check_pcs(w, ctx)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
