@@ -129,6 +129,9 @@ class CudaBackend(EmulatedBackend):
     def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
         if qb.ndim != 2 or qb.shape[0] % self.ALIGN or qb.shape[1] % self.ALIGN:
             return super().gemm(qa, qb, s_a, s_b, out_dtype)
+        if qa.device.type == "cuda" and qa.dtype == qb.dtype == torch.float8_e5m2:
+            # cuBLASLt has no E5M2 x E5M2 FP8 gemm (one operand must be E4M3): emulate it.
+            return super().gemm(qa, qb, s_a, s_b, out_dtype)
         k, n = qb.shape
         lead = qa.shape[:-1]
         a2 = qa.reshape(-1, k).contiguous()
