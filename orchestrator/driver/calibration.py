@@ -27,7 +27,7 @@ from orchestrator.driver.coverage import (UncoveredPolicy, expert_token_counts, 
                                    uncovered_modules, with_expert_siblings)
 from orchestrator.driver.global_scales import GlobalScales, combine_partials, global_nodes, merge_inventories, opt_requests, weight_scales
 from orchestrator.errors import CalibrationError
-from orchestrator.driver.measure_loop import _get, _MeasureLoop, _unwrapped, resume_queues
+from orchestrator.driver.measure_loop import get_all, MeasureLoop, actor_failure, resume_queues
 from orchestrator.driver.run_store import inc_export_prefix, read_measured_store
 from orchestrator.driver.run_identity import measurement_config_hash, model_fingerprint
 from orchestrator.driver.progress import PhaseTimer
@@ -172,7 +172,7 @@ class Calibration:
 
         Batches the store already holds for every tp rank of a group are skipped (a rerun resumes);
         a shard actor that dies is replaced with its whole tp group, which redoes its uncommitted
-        batches (see :class:`_MeasureLoop`).
+        batches (see :class:`MeasureLoop`).
         """
         plan = self.config.to_plan(Mode.MEASURE, hpu_device=self.hpu_device)
         store = self._open_store(plan)  # before any actor starts: a wrong store fails fast
@@ -184,10 +184,10 @@ class Calibration:
         shared, own, skipped = resume_queues(batches, commits, self.tp, self.dp, str(store.path))
         self.report.skipped += skipped
         path = str(store.path)
-        selected = _get([a.start_measure.remote(plan, path) for a in self.workers.actors])
+        selected = get_all([a.start_measure.remote(plan, path) for a in self.workers.actors])
         store.record_selected([n for names in selected for n in names])  # idle experts have no commit
         with self.report.timer.phase("measure"):
-            _MeasureLoop(self, plan, store, shared, own).run()
+            MeasureLoop(self, plan, store, shared, own).run()
             self._finish_measure()
         with self.report.timer.phase("reduce"):
             self.global_stats = store.reduce()
@@ -204,7 +204,7 @@ class Calibration:
             except RayActorError:
                 self.workers.restart_group(g)
             except RayTaskError as e:
-                raise _unwrapped(e) from e
+                raise actor_failure(e) from e
 
     def _reduced(self, plan: RunPlan) -> Measurement | None:
         if self.global_stats is not None:
@@ -226,7 +226,7 @@ class Calibration:
         stats = self._reduced(plan)
         group0 = self.groups[0]
         with self.report.timer.phase("scales"):
-            modules = merge_inventories(_get([a.inventory.remote(plan) for a in group0]), self.dims)
+            modules = merge_inventories(get_all([a.inventory.remote(plan) for a in group0]), self.dims)
             self.report.modules_selected = len(modules)
             self.report.uncovered = uncovered_modules(plan, modules, stats)
             self.report.expert_tokens = expert_token_counts(modules, stats)
@@ -244,13 +244,13 @@ class Calibration:
             local = self._local_stats(plan, stats)
             refs = [a.quantize.remote(plan, local[i % self.tp] if local else None, scales_ref)
                     for i, a in enumerate(self.workers.actors)]
-            self.report.quantized = len(_get(refs)[0])
+            self.report.quantized = len(get_all(refs)[0])
         return self.scales
 
     def _opt_errors(self, plan: RunPlan, requests: dict[str, Any]) -> dict[str, np.ndarray]:
         if not requests:
             return {}
-        partials = _get([a.opt_partials.remote(plan, requests) for a in self.groups[0]])
+        partials = get_all([a.opt_partials.remote(plan, requests) for a in self.groups[0]])
         return {name: combine_partials(name, [p[name] for p in partials], self.dims) for name in requests}
 
     def _local_stats(self, plan: RunPlan, stats: Measurement | None) -> list[Measurement]:
@@ -265,7 +265,7 @@ class Calibration:
     def forward(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits of data-parallel group 0 (every tp rank runs; rank 0's result is returned)."""
         refs = [a.forward.remote(np.asarray(input_ids)) for a in self.groups[0]]
-        return _get(refs)[0]
+        return get_all(refs)[0]
 
     def export(self, out_dir: str | Path, *, inc_world: int | None = None) -> Path:
         """Write the quantized model as a compressed-tensors FP8 checkpoint (and INC files on request)."""
@@ -309,8 +309,8 @@ class Calibration:
 
     def scales_by_rank(self) -> list[dict[str, dict[str, Any]]]:
         """Each tp rank's local scale nodes (group 0)."""
-        return _get([a.scales_of.remote() for a in self.groups[0]])
+        return get_all([a.scales_of.remote() for a in self.groups[0]])
 
     def quantized_state_by_rank(self) -> list[dict[str, dict[str, Any]]]:
         """Each tp rank's FP8 weights (uint8 codes) and scales (group 0)."""
-        return _get([a.quantized_state.remote() for a in self.groups[0]])
+        return get_all([a.quantized_state.remote() for a in self.groups[0]])

@@ -75,7 +75,7 @@ def resume_queues(batches: Sequence[Batch], commits: dict[int, CommitRecord], tp
 OWN_ERRORS: tuple[type[Exception], ...] = (Fp8OrchestratorError, ShardError, StatsStoreError)
 
 
-def _unwrapped(e: RayTaskError | RayActorError) -> BaseException:
+def actor_failure(e: RayTaskError | RayActorError) -> BaseException:
     """The one-line error to raise for an exception raised in (or the death of) a shard actor.
 
     Our own errors come back as themselves; anything else becomes a ``ShardTaskError`` (or
@@ -85,12 +85,12 @@ def _unwrapped(e: RayTaskError | RayActorError) -> BaseException:
     return actor_error(e, own=OWN_ERRORS)
 
 
-def _get(refs: Sequence[Any]) -> list[Any]:
-    """``ray.get`` whose errors from actors are one line each (see :func:`_unwrapped`)."""
+def get_all(refs: Sequence[Any]) -> list[Any]:
+    """``ray.get`` whose errors from actors are one line each (see :func:`actor_failure`)."""
     try:
         return ray.get(list(refs))
     except (RayTaskError, RayActorError) as e:
-        raise _unwrapped(e) from e
+        raise actor_failure(e) from e
 
 
 @dataclass
@@ -104,7 +104,7 @@ class _GroupRun:
     restarts: int = 0
 
 
-class _MeasureLoop:
+class MeasureLoop:
     """Hand batches to free groups, flush each group every ``flush_every`` batches, survive dead actors.
 
     When an actor of group ``g`` dies (``RayActorError``), the whole tp group is replaced (its process
@@ -187,7 +187,7 @@ class _MeasureLoop:
                 return
             except RayTaskError:
                 continue
-        raise _unwrapped(error) from error
+        raise actor_failure(error) from error
 
     def _recover(self, g: int, error: RayActorError) -> None:
         """Replace group ``g`` and requeue (to ``g`` itself) the batches not every rank committed."""
@@ -207,7 +207,7 @@ class _MeasureLoop:
             cal.report.tokens -= tokens
         cal.report.restarts += 1
         actors = cal.workers.restart_group(g)
-        _get([a.start_measure.remote(self.plan, str(self.store.path)) for a in actors])
+        get_all([a.start_measure.remote(self.plan, str(self.store.path)) for a in actors])
         records = [self.store.commits().get(g * cal.tp + r) for r in range(cal.tp)]
         committed = set.intersection(*(set(rec.batch_ids) if rec else set() for rec in records))
         redo = [b for b in lost if b.batch_id not in committed]

@@ -27,7 +27,7 @@ from orchestrator.entry import fp8_calibrate as cli
 from orchestrator.driver.calibration import Calibration
 from orchestrator.driver.data import Batch
 from orchestrator.entry.demo_model import build_demo_checkpoint
-from orchestrator.driver.measure_loop import _unwrapped
+from orchestrator.driver.measure_loop import actor_failure
 from shards.card.actor import CalibrationRunner
 from shards.card.actor_errors import (LOG_DIR_ENV, ShardActorDiedError, ShardActorError, ShardTaskError, actor_error,
                                  forget_actor, register_actor)
@@ -176,7 +176,7 @@ def test_an_unknown_actor_is_named_by_its_id_and_our_own_errors_come_back_as_the
     assert str(err).startswith(f"KeyError in shard actor {ACTOR_ID[:16]} (load): 'lm_head'; full traceback in ")
     own = ShardStateError("shard 3: call load() first")
     ray_error = _raised(_task_error(own))
-    back = _unwrapped(ray_error)
+    back = actor_failure(ray_error)
     assert back is own and str(back) == "shard 3: call load() first" and back.__cause__ is ray_error
     note = back.__notes__[-1]
     assert note.startswith(f"shard actor {ACTOR_ID[:16]} (run_batch): full traceback in ")
