@@ -217,7 +217,6 @@ def module_scales(
     return ModuleScales(inputs, outputs, w_scale, w_in)
 
 
-
 def planned_scales(name: str, op_type: str, type_names: str | tuple[str, ...], scale_plan: ScalePlan,
                    ctx: ScaleContext, stats: ModuleStats | None, **kwargs: Any) -> ModuleScales:
     """The scales of one module under a run's scale plan: the method the plan picks for it (by

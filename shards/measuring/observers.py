@@ -14,15 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from shards.errors import DuplicateRegistrationError
-from shards.errors import ShardError
+from shards.errors import DuplicateRegistrationError, ShardError
 from shards.fp8.scale_math import magnitude_max
 from stats_store.records import Measurement
 from stats_store.reduce import get_merge

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shards.errors import DuplicateRegistrationError, ShardError
+from shards.errors import DuplicateRegistrationError
 from shards.model.op_types import OpType, get_op_type, op_type_of_class
 from shards.model.selection import SelectionRules
 

@@ -29,8 +29,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 
 from shards.fp8 import numerics
-from shards.errors import DuplicateRegistrationError
-from shards.errors import ShardError
+from shards.errors import DuplicateRegistrationError, ShardError
 from shards.fp8.numerics import Fp8Format, ScaleDevice
 
 Scale = torch.Tensor | float

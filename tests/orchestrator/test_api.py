@@ -21,9 +21,8 @@ from shards.quantized.modules import QuantLinear
 from shards.fp8.methods import PREDEFINED
 from shards.fp8.scale_math import ScaleContext, activation_scale
 from shards.fp8.weight_scales import weight_scale
-from stats_store.errors import IncFileExistsError
+from stats_store.errors import IncFileExistsError, RunMismatchError
 from stats_store.zarr_store import ZarrStatsStore
-from stats_store.errors import RunMismatchError
 from tests.models import llama_tokens, sequential_batches, tiny_llama, tiny_sequential
 
 INC_FILES = ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz", "measure_hooks_maxabs_mod_list.json"]

@@ -43,7 +43,7 @@ def inc_qdq_linear(lin: nn.Linear, node: dict, x: torch.Tensor, fullscale: float
     return torch.matmul(xd, wd.t()) + lin.bias
 
 
-def saturated_rows(lin: nn.Linear, node: dict, x: torch.Tensor) -> torch.Tensor:
+def saturated_rows(node: dict, x: torch.Tensor) -> torch.Tensor:
     return (x.float().abs() / node["inputs"][0] > 240).any(dim=-1)
 
 
@@ -69,7 +69,7 @@ def test_gaudi2_saturates_at_240_and_differs_from_inc_cpu_only_there(tmp_path: P
     def reference(fullscale: float) -> tuple[torch.Tensor, torch.Tensor]:
         h0 = inc_qdq_linear(source[0], nodes["0"], x, fullscale)
         h1 = source[1](h0)  # blocked: plain bf16 Linear in both
-        sat = saturated_rows(source[0], nodes["0"], x) | saturated_rows(source[2], nodes["2"], h1)
+        sat = saturated_rows(nodes["0"], x) | saturated_rows(nodes["2"], h1)
         return inc_qdq_linear(source[2], nodes["2"], h1, fullscale), sat
 
     at_240, saturated = reference(240.0)
