@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# llm-compressor, the peer tool bench-peers compares against, lives in its own virtualenv:
+# it is not a project dependency (bench/peer_llmcompressor.py runs there, importing nothing of ours).
+PEER_VENV := .venv-peers
+PEER_PY := $(PEER_VENV)/bin/python
+PEER_STAMP := $(PEER_VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench bench-peers clean
 
 # torch is pinned and installed first: this exact version is served as a CPU build;
 # any other spec pulls gigabytes of CUDA wheels.
@@ -29,5 +34,15 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run_all --smollm2
 
+# Same torch pin, installed first, as in $(STAMP): any other spec pulls CUDA wheels.
+$(PEER_STAMP): Makefile
+	test -x $(PEER_PY) || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install -q torch==2.13.0
+	$(PEER_PY) -m pip install -q llmcompressor==0.14.0.1
+	touch $(PEER_STAMP)
+
+bench-peers: $(STAMP) $(PEER_STAMP)
+	$(PY) -m bench.bench_recipes --peers $(PEER_PY)
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) .pytest_cache
