@@ -23,7 +23,7 @@ from orchestrator.configuration.hints import did_you_mean, scale_method_hint, sh
 from orchestrator.errors import ConfigError
 from shards.fp8.numerics import HpDtype, LpDtype
 from shards.fp8.methods import (
-    PREDEFINED,
+    METHODS,
     Backoffs,
     Granularity,
     MethodSpec,
@@ -234,25 +234,25 @@ DICT_FORM_BACKOFF = 1.0
 
 
 def method_names() -> list[str]:
-    """INC's 13 method strings, lower case as its docs write them."""
-    return [name.lower() for name in PREDEFINED]
+    """INC's 13 method strings then ours, lower case as INC's docs write them."""
+    return [name.lower() for name in METHODS]
 
 
 def parse_method_name(value: str) -> str:
-    """The PREDEFINED key of a method string in any case."""
-    if value.upper() in PREDEFINED:
+    """The METHODS key of a method string in any case."""
+    if value.upper() in METHODS:
         return value.upper()
     raise config_error(
         SCALE_METHOD_KEY,
         value,
-        "is not one of INC's 13 scale methods",
+        "is not one of INC's 13 scale methods nor ours",
         ", ".join(method_names()) + " (any case), or the dict form",
         scale_method_hint(value, method_names()),
     )
 
 
 def parse_scale_method(value: object) -> str | dict[str, Any]:
-    """A method string (normalised to its PREDEFINED key) or a normalised dict form."""
+    """A method string (normalised to its METHODS key) or a normalised dict form."""
     if isinstance(value, str):
         return parse_method_name(value)
     if isinstance(value, Mapping):
@@ -329,7 +329,7 @@ def build_scale_plan(method: str | Mapping[str, Any], params: ScaleParams) -> Sc
     """The ScalePlan of a normalised ``scale_method`` with the user's explicit ``scale_params``.
 
     Backoff precedence: a dict section's ``backoff`` > a backoff written in ``scale_params`` (MAXABS
-    sections only) > the method's own (string: PREDEFINED; dict form: INC's 1.0).
+    sections only) > the method's own (string: METHODS; dict form: INC's 1.0).
     """
     explicit = params.model_fields_set
     backoffs = Backoffs(
@@ -378,7 +378,7 @@ def _method_spec(
         inherited = f.get("params", {}).get("weight_scales")
         candidates = _candidates(f"{key}.{kind}", base, own, inherited, name, kind, params)
         sections[kind] = replace(base, backoff=backoff, candidates=candidates)
-    return MethodSpec(sections["weight"], sections["activation"], dynamic_only=PREDEFINED[name].dynamic_only)
+    return MethodSpec(sections["weight"], sections["activation"], dynamic_only=METHODS[name].dynamic_only)
 
 
 def _triple(fields: Mapping[str, Any]) -> SectionSpec:
@@ -413,7 +413,7 @@ def _candidates(
         return tuple(inherited)
     if params.weight_scales is not None:
         return params.weight_scales
-    predefined: SectionSpec = getattr(PREDEFINED[name], kind)
+    predefined: SectionSpec = getattr(METHODS[name], kind)
     return predefined.candidates
 
 
@@ -423,12 +423,12 @@ def _describe(section: SectionSpec) -> str:
 
 def _unmatched(key: str, weight: SectionSpec, activation: SectionSpec) -> ConfigError:
     """Name the pair and the predefined methods that share its weight or its activation section."""
-    same_w = [n.lower() for n, m in PREDEFINED.items() if m.weight.shape_key() == weight.shape_key()]
-    same_a = [n.lower() for n, m in PREDEFINED.items() if m.activation.shape_key() == activation.shape_key()]
-    pairs = "; ".join(f"{n.lower()} = {_describe(m.weight)} + {_describe(m.activation)}" for n, m in PREDEFINED.items())
+    same_w = [n.lower() for n, m in METHODS.items() if m.weight.shape_key() == weight.shape_key()]
+    same_a = [n.lower() for n, m in METHODS.items() if m.activation.shape_key() == activation.shape_key()]
+    pairs = "; ".join(f"{n.lower()} = {_describe(m.weight)} + {_describe(m.activation)}" for n, m in METHODS.items())
     return ConfigError(
         f"Fp8Config key '{key}': weight {_describe(weight)} with activation {_describe(activation)} "
-        f"is not one of INC's predefined (weight, activation) pairs; "
+        f"is not one of the named methods' (weight, activation) pairs (INC's and ours); "
         f"same weight section: {', '.join(same_w) or 'none'}; same activation section: {', '.join(same_a) or 'none'}; "
         f"allowed (granularity/value type/rounding): {pairs}"
     )

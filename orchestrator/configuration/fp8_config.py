@@ -28,7 +28,7 @@ from orchestrator.configuration.hints import config_error, did_you_mean, show
 from orchestrator.errors import ConfigError, ConfigFileNotFoundError
 from shards.fp8.numerics import HpDtype, LpDtype, ScaleDevice
 from shards.plan import MeasureExclude, Mode, RunPlan, ScaleFormat
-from shards.fp8.methods import PREDEFINED, Rounding, ScalePlan, ValueType
+from shards.fp8.methods import METHODS, PREDEFINED, Rounding, ScalePlan, ValueType
 from shards.model.selection import ModuleFilter, SelectionRules, bare_type
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ _BOOL_FIELDS = (
 # Modes in which a run computes scales from stats, hence needs the scale device settled.
 _SCALE_MODES = (Mode.QUANTIZE, Mode.AUTO)
 _DYNAMIC_MODES = (Mode.QUANTIZE, Mode.LOAD, Mode.AUTO)
-_DYNAMIC_METHODS = ", ".join(n.lower() for n, m in PREDEFINED.items() if m.dynamic_only)
+_DYNAMIC_METHODS = ", ".join(n.lower() for n, m in METHODS.items() if m.dynamic_only)
 
 
 class Fp8Config(BaseModel):

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from shards.families.registry import ExpertLayout, ModelFamily, UnsupportedModelError
+from shards.fp8.smoothing import DENSE_GROUPS
 from shards.tp.rules import Axis
 
 
@@ -46,10 +47,10 @@ _GATE_UP_DOWN = dict(gate="gate_proj", up="up_proj", down="down_proj")
 _ENTRIES = (
     # Llama covers SmolLM2 and Llama-2/3; Mistral and Qwen2 (biased q/k/v) share its layout, Qwen3
     # adds per-head q/k norms (replicated: a head never straddles two ranks).
-    ModelFamily("Llama", ("llama",), ("attention", "mlp")),
-    ModelFamily("Mistral", ("mistral",), ("attention", "mlp")),
-    ModelFamily("Qwen2", ("qwen2",), ("attention", "mlp")),
-    ModelFamily("Qwen3", ("qwen3",), ("attention", "mlp")),
+    ModelFamily("Llama", ("llama",), ("attention", "mlp"), smoothing=DENSE_GROUPS),
+    ModelFamily("Mistral", ("mistral",), ("attention", "mlp"), smoothing=DENSE_GROUPS),
+    ModelFamily("Qwen2", ("qwen2",), ("attention", "mlp"), smoothing=DENSE_GROUPS),
+    ModelFamily("Qwen3", ("qwen3",), ("attention", "mlp"), smoothing=DENSE_GROUPS),
     ModelFamily(
         "Mixtral", ("mixtral",), ("attention", "mixtral_experts"),
         experts=ExpertLayout("MixtralExperts", gate="w1", up="w3", down="w2", num_experts_attr="num_local_experts",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from shards.errors import ShardError
+from shards.fp8.smoothing import SmoothingGroup
 from shards.measuring.expert_coverage import EXPERT_RE
 from shards.tp.rules import RULE_SETS, Axis, ModelDims, ProjectionRule, check_shardable
 
@@ -63,6 +64,8 @@ class ModelFamily:
         extra_axes: the family's axes beyond the dense Llama ones, read from a config.
         keeps_head_dim: ``head_dim`` is a plain config key tp must keep (not MLA's own head sizes).
         inc_renames: (regex, replacement) pairs from INC / vLLM-Gaudi measurement names to ours.
+        smoothing: the groups activation smoothing may fold per decoder layer (empty: the family
+            cannot be smoothed, e.g. MoE experts reading a routed input).
     """
 
     name: str
@@ -76,6 +79,7 @@ class ModelFamily:
     extra_axes: Callable[[Any], Mapping[str, Axis]] = field(default=lambda config: {})
     keeps_head_dim: bool = True
     inc_renames: tuple[tuple[str, str], ...] = ()
+    smoothing: tuple[SmoothingGroup, ...] = ()
 
     @property
     def rules(self) -> tuple[ProjectionRule, ...]:

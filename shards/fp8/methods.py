@@ -146,6 +146,23 @@ PREDEFINED: Mapping[str, MethodSpec] = MappingProxyType(
     }
 )
 
+# Our own methods, beyond INC's 13: each says what it adds. Accepted as a ``scale_method`` string
+# and matched by the dict form like INC's; INC's files cannot name them (stats files are not used
+# by dynamic methods; an INC scale file of one is refused, naming the method).
+EXTENSIONS: Mapping[str, MethodSpec] = MappingProxyType(
+    {
+        # Per-channel max-abs weight scales and per-token activation scales, both max / fullscale
+        # with no backoff and no rounding: what compressed-tensors' FP8_DYNAMIC scheme computes (and
+        # vLLM serves), so its export computes exactly what the calibrated model computed.
+        "MAXABS_PCS_ARBITRARY": MethodSpec(
+            _s(PCS, MAXABS, _R.IDENTITY, 1.0), _s(PCS, MAXABS, _R.IDENTITY, 1.0), dynamic_only=True
+        ),
+    }
+)
+
+# Every method a ``scale_method`` string may name: INC's, then ours.
+METHODS: Mapping[str, MethodSpec] = MappingProxyType({**PREDEFINED, **EXTENSIONS})
+
 # The 8 methods the user-facing table promises on every device.
 USER_METHODS: tuple[str, ...] = (
     "UNIT_SCALE",
@@ -158,14 +175,35 @@ USER_METHODS: tuple[str, ...] = (
     "ACT_MAXABS_POW2_WEIGHTS_PCS_OPT_POW2",
 )
 
-# Dynamic per-token activation scales always use backoff 0.5 (reference §2.8).
+# INC's dynamic per-token activation scales always use backoff 0.5 and POW2 (reference §2.8),
+# whatever the section says; an IDENTITY section (our MAXABS_PCS_ARBITRARY) keeps its own backoff.
 DYNAMIC_ACTIVATION_BACKOFF = 0.5
 
 
+@dataclass(frozen=True)
+class DynamicScaling:
+    """How a dynamic module computes its activation scales per call: ``s = rounding(amax / (fullscale
+    * backoff))``."""
+
+    backoff: float
+    rounding: Rounding
+
+    @classmethod
+    def of(cls, activation: SectionSpec) -> "DynamicScaling":
+        """INC's forcing for its POW2 sections; an IDENTITY section as written."""
+        if activation.rounding is Rounding.IDENTITY:
+            return cls(activation.backoff, Rounding.IDENTITY)
+        return cls(DYNAMIC_ACTIVATION_BACKOFF, Rounding.POW2)
+
+
+INC_DYNAMIC_SCALING = DynamicScaling(DYNAMIC_ACTIVATION_BACKOFF, Rounding.POW2)
+
+
 def match_predefined(weight: SectionSpec, activation: SectionSpec) -> str | None:
-    """The predefined method whose (granularity, value type, rounding) triples equal these, if any."""
+    """The named method (INC's or ours) whose (granularity, value type, rounding) triples equal
+    these, if any."""
     key = (weight.shape_key(), activation.shape_key())
-    for name, spec in PREDEFINED.items():
+    for name, spec in METHODS.items():
         if spec.shape_key() == key:
             return name
     return None
@@ -242,9 +280,9 @@ class ScalePlan:
 
 
 def predefined_plan(name: str, backoffs: Backoffs = Backoffs()) -> ScalePlan:
-    """The plan of a predefined method string (any case), with explicit ``scale_params`` backoffs."""
+    """The plan of a named method string (any case), with explicit ``scale_params`` backoffs."""
     key = name.upper()
-    if key not in PREDEFINED:
-        allowed = ", ".join(m.lower() for m in PREDEFINED)
+    if key not in METHODS:
+        allowed = ", ".join(m.lower() for m in METHODS)
         raise ValueError(f"scale_method: unknown method {name!r}; allowed: {allowed}")
-    return ScalePlan(key, apply_backoffs(PREDEFINED[key], backoffs), output_backoff=backoffs.output)
+    return ScalePlan(key, apply_backoffs(METHODS[key], backoffs), output_backoff=backoffs.output)

@@ -27,7 +27,7 @@ import torch
 from shards.errors import MissingStatsError
 from stats_store.records import ModuleStats
 from shards.model.op_types import OpType, OutputRule, Source, get_op_type
-from shards.fp8.methods import Granularity, MethodSpec, ScalePlan, SectionSpec, ValueType
+from shards.fp8.methods import DynamicScaling, Granularity, MethodSpec, ScalePlan, SectionSpec, ValueType
 from shards.fp8.scale_math import (
     ScaleContext,
     activation_scale,
@@ -52,12 +52,15 @@ class ModuleScales:
         outputs: output scales (empty when the op has none or the method is dynamic).
         weight: PTS 0-d or PCS ``[out]`` weight scale; None for ops without weight.
         weight_in_channel: PCS only: INC's placeholder input-channel weight scale (ones).
+        dynamic: dynamic methods only: how the activation scales are computed per call (not part
+            of INC's scale file, which has no place for it).
     """
 
     inputs: tuple[torch.Tensor, ...]
     outputs: tuple[torch.Tensor, ...]
     weight: torch.Tensor | None = None
     weight_in_channel: torch.Tensor | None = None
+    dynamic: DynamicScaling | None = None
 
     def to_inc_node(self) -> dict[str, Any]:
         """The per-node dict of INC's scale JSON (reference §4.2)."""
@@ -209,7 +212,7 @@ def module_scales(
             # INC's placeholder input-channel scale: ones of length in_features, in hp dtype.
             w_in = None if n_in is None else torch.ones(n_in, dtype=ctx.hp_dtype)
     if dynamic:
-        return ModuleScales((), (), w_scale, w_in)
+        return ModuleScales((), (), w_scale, w_in, DynamicScaling.of(act))
     inputs = _input_scales(op, act, ctx, stats, name)
     out_section = act if output_backoff is None else replace(act, backoff=output_backoff)
     n_out = 2 if allreduce_quantization else 1

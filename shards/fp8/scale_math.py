@@ -29,8 +29,9 @@ from shards.errors import DeviceForScalesError, NonFiniteStatsError, ScaleMethod
 from stats_store.records import as_maxabs
 from shards.fp8.numerics import HW_TRAITS, Fp8Format, HpDtype, HwScaleTraits, LpDtype, ScaleDevice, fp8_format
 from shards.fp8.methods import (
-    DYNAMIC_ACTIVATION_BACKOFF,
+    INC_DYNAMIC_SCALING,
     POW2_OPT_CANDIDATES,
+    DynamicScaling,
     Granularity,
     Rounding,
     SectionSpec,
@@ -224,13 +225,16 @@ def weight_scale_from_maxabs(
 
 
 def dynamic_activation_scale(
-    x: torch.Tensor, ctx: ScaleContext, dim: int = -1, per_tensor: bool = False
+    x: torch.Tensor, ctx: ScaleContext, dim: int = -1, per_tensor: bool = False,
+    scaling: DynamicScaling = INC_DYNAMIC_SCALING,
 ) -> torch.Tensor:
     """Per-call scales of dynamic quantization (reference §2.8), in ``x``'s dtype.
 
-    ``s = POW2(amax(|x|, dim, keepdim) / (fullscale * 0.5))``: ``dim=-1`` gives one scale per row
-    (per token), ``dim=-2`` one per column (matmul input 1); ``per_tensor`` one 0-d scale.
+    ``s = rounding(amax(|x|, dim, keepdim) / (fullscale * backoff))``, INC's POW2 with backoff 0.5
+    unless ``scaling`` says otherwise: ``dim=-1`` gives one scale per row (per token), ``dim=-2``
+    one per column (matmul input 1); ``per_tensor`` one 0-d scale. An all-zero row gets the
+    dtype's smallest normal (its values quantize to 0 all the same).
     """
     ax = x.detach().abs()
     amax = ax.amax() if per_tensor else ax.amax(dim=dim, keepdim=True)
-    return round_scale(raw_scale(amax, DYNAMIC_ACTIVATION_BACKOFF, ctx), Rounding.POW2, ctx)
+    return round_scale(raw_scale(amax, scaling.backoff, ctx), scaling.rounding, ctx)

@@ -34,6 +34,7 @@ from shards.fp8.numerics import Fp8Format
 from shards.model.op_types import implementations, register_implementation
 from shards.plan import ScaleFormat
 from shards.quantized.qdq_memo import SharedInputMemo
+from shards.fp8.methods import INC_DYNAMIC_SCALING, DynamicScaling
 from shards.fp8.scale_math import ScaleContext, dynamic_activation_scale
 
 
@@ -82,6 +83,8 @@ class QuantModule(nn.Module):
             self._put_scale(f"scale_output_{i}", s)
         self._put_scale("scale_weight", scales.weight)
         self._put_scale("scale_weight_in_channel", scales.weight_in_channel)
+        # How a dynamic module computes activation scales per call (INC's rule unless its method says).
+        self.dynamic_scaling: DynamicScaling = scales.dynamic or INC_DYNAMIC_SCALING
 
     def _put_scale(self, name: str, value: torch.Tensor | None) -> None:
         if value is None:
@@ -133,7 +136,8 @@ class QuantModule(nn.Module):
 
         inputs = tuple(tensor(f"scale_input_{i}") for i in range(self._n_inputs))
         outputs = tuple(tensor(f"scale_output_{i}") for i in range(self._n_outputs))
-        return ModuleScales(inputs, outputs, tensor("scale_weight"), tensor("scale_weight_in_channel"))  # type: ignore[arg-type]
+        return ModuleScales(inputs, outputs, tensor("scale_weight"), tensor("scale_weight_in_channel"),  # type: ignore[arg-type]
+                            self.dynamic_scaling if self.qctx.dynamic else None)
 
     def to_inc_node(self) -> dict[str, object]:
         """This module's node of INC's scale JSON (reference §4.2)."""
@@ -187,7 +191,7 @@ class QuantLinear(QuantModule):
 
     def input_scale(self, x: torch.Tensor) -> ScaleValue:
         if self.qctx.dynamic:
-            return dynamic_activation_scale(x, self.qctx.scale_ctx, dim=-1)
+            return dynamic_activation_scale(x, self.qctx.scale_ctx, dim=-1, scaling=self.dynamic_scaling)
         return self._scale("scale_input_0")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,8 +258,8 @@ class QuantMatmul(QuantModule):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.qctx.dynamic:
-            s_a: ScaleValue = dynamic_activation_scale(a, self.qctx.scale_ctx, dim=-1)
-            s_b: ScaleValue = dynamic_activation_scale(b, self.qctx.scale_ctx, dim=-2)
+            s_a: ScaleValue = dynamic_activation_scale(a, self.qctx.scale_ctx, dim=-1, scaling=self.dynamic_scaling)
+            s_b: ScaleValue = dynamic_activation_scale(b, self.qctx.scale_ctx, dim=-2, scaling=self.dynamic_scaling)
         else:
             s_a, s_b = self._scale("scale_input_0"), self._scale("scale_input_1")
         be, fmt = self.qctx.backend, self.qctx.fmt

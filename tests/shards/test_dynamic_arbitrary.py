@@ -1,0 +1,77 @@
+"""Our dynamic method ``maxabs_pcs_arbitrary``: compressed-tensors' FP8_DYNAMIC math, pinned
+against explicit references (brute force over the FP8 code points for the rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orchestrator import Fp8Config, quantize
+from shards.fp8.methods import EXTENSIONS, INC_DYNAMIC_SCALING, METHODS, PREDEFINED, DynamicScaling, Rounding
+from shards.fp8.scale_math import ScaleContext, dynamic_activation_scale
+from tests.models import sequential_batches, tiny_sequential
+
+CODES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+CODES = CODES[torch.isfinite(CODES)].unique()
+
+
+def nearest_code(v: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E4M3 value, ties to the even code, saturating: by brute force."""
+    v = v.clamp(-448.0, 448.0)
+    dist = (v.reshape(-1, 1) - CODES.reshape(1, -1)).abs()
+    best = dist.min(dim=1, keepdim=True).values
+    ties = dist == best
+    codes = CODES.reshape(1, -1).expand_as(dist)
+    # among tied candidates pick the one whose E4M3 bit pattern is even
+    bits = codes.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int64)
+    score = torch.where(ties, bits % 2, torch.full_like(bits, 99))
+    return codes.gather(1, score.argmin(dim=1, keepdim=True)).reshape(v.shape)
+
+
+def test_the_method_is_ours_not_incs() -> None:
+    assert "MAXABS_PCS_ARBITRARY" in EXTENSIONS and "MAXABS_PCS_ARBITRARY" not in PREDEFINED
+    assert set(METHODS) == set(PREDEFINED) | set(EXTENSIONS)
+    spec = METHODS["MAXABS_PCS_ARBITRARY"]
+    assert spec.dynamic_only and DynamicScaling.of(spec.activation) == DynamicScaling(1.0, Rounding.IDENTITY)
+    # INC's dynamic methods keep their forced POW2 / 0.5 whatever their section says
+    assert DynamicScaling.of(PREDEFINED["MAXABS_PCS_POW2"].activation) == INC_DYNAMIC_SCALING
+
+
+def test_per_token_scale_is_amax_over_448() -> None:
+    x = torch.tensor([[1.0, -3.0, 2.0], [0.0, 0.0, 0.0], [1e-3, 5e4, -7.0]])
+    s = dynamic_activation_scale(x, ScaleContext(), scaling=DynamicScaling(1.0, Rounding.IDENTITY))
+    assert s.shape == (3, 1)
+    assert s[0, 0] == torch.tensor(3.0) / 448.0 and s[2, 0] == torch.tensor(5e4) / 448.0
+    assert s[1, 0] == torch.finfo(torch.float32).tiny  # an all-zero token: any scale gives 0
+    inc = dynamic_activation_scale(x, ScaleContext())  # INC: pow2 of amax / 224
+    assert inc[0, 0] == 2.0 ** torch.ceil(torch.log2(torch.tensor(3.0 / 224.0)))
+
+
+def test_config_accepts_it_dynamic_only_and_by_dict_form() -> None:
+    cfg = Fp8Config.model_validate({"scale_method": "MAXABS_PCS_ARBITRARY", "dynamic_quantization": True})
+    assert cfg.scale_method == "MAXABS_PCS_ARBITRARY"
+    with pytest.raises(ValueError, match="scale_method.*dynamic"):
+        Fp8Config.model_validate({"scale_method": "maxabs_pcs_arbitrary"})
+    section = {"granularity": "PCS", "scale_value_type": "MAXABS", "rounding_method": "IDENTITY"}
+    d = Fp8Config.model_validate({"scale_method": {"default": {"weight": section, "activation": section}},
+                                  "dynamic_quantization": True})
+    assert d.to_plan().scale_plan.name == "MAXABS_PCS_ARBITRARY"
+
+
+def test_quantized_linear_computes_fp8_dynamic(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ref = tiny_sequential()
+    model = quantize(tiny_sequential(), {"scale_method": "maxabs_pcs_arbitrary", "dynamic_quantization": True,
+                                         "hp_dtype": "FP32", "dump_stats_path": str(tmp_path / "s")})
+    x = sequential_batches(1, 1)[0]
+    h = x
+    for layer in ref:
+        if isinstance(layer, torch.nn.Linear):
+            w = layer.weight.detach()
+            sw = w.abs().amax(dim=1, keepdim=True) / 448.0
+            sx = h.abs().amax(dim=-1, keepdim=True) / 448.0
+            h = (nearest_code(h / sx) * sx) @ (nearest_code(w / sw) * sw).T + layer.bias.detach()
+        else:
+            h = layer(h)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-6)
