@@ -2,6 +2,10 @@
 
     fp8-calibrate run --config maxabs_quant.json --model ckpt/ --data calib.txt --tp 2 --export out/
     ray job submit --working-dir . -- fp8-calibrate run --config ... --model ... --data ...
+    fp8-calibrate smooth --model ckpt/ --store stats/pc.zarr --alpha 0.45 --out ckpt-smoothed/
+
+``smooth`` writes a smoothed copy of a checkpoint (activation outliers migrated into the weights,
+factors from a store measured with ``observer: maxabs_per_channel``); calibrate that copy next.
 
 Without ``--address`` (and outside a Ray job) an in-process local cluster is started, with one
 simulated card per shard on CPU.
@@ -67,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
                                 "its layer's experts that saw tokens)")
             s.add_argument("--export", default=None, help="write a compressed-tensors FP8 checkpoint here")
             s.add_argument("--inc-world", type=int, default=None, help="also export INC measurement/scale files for N ranks")
+    sm = sub.add_parser("smooth", help="write a smoothed copy of a checkpoint (factors from a per-channel stats store)",
+                        description="write a smoothed copy of a checkpoint (factors from a per-channel stats store)")
+    sm.add_argument("--model", required=True, help="HF checkpoint directory (safetensors) of a dense family")
+    sm.add_argument("--store", required=True, help="stats store (.zarr) measured on it with observer maxabs_per_channel")
+    sm.add_argument("--alpha", type=float, default=0.5, help="migration strength in [0, 1] (default 0.5)")
+    sm.add_argument("--out", required=True, help="new folder for the smoothed checkpoint")
+    sm.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 
 
@@ -127,10 +138,28 @@ def run(args: argparse.Namespace) -> RunReport:
         return cal.report
 
 
+def smooth(args: argparse.Namespace, console: Console) -> int:
+    """``fp8-calibrate smooth``: one line (or JSON) saying where the smoothed checkpoint is."""
+    from orchestrator.export.smoothed import write_smoothed_checkpoint
+
+    summary = write_smoothed_checkpoint(args.model, args.store, args.out, args.alpha)
+    lo = min(float(s.min()) for s in summary.factors.values())
+    hi = max(float(s.max()) for s in summary.factors.values())
+    if args.json:
+        print(json.dumps({"out": str(summary.out), "alpha": summary.alpha, "groups": len(summary.factors),
+                          "factor_min": lo, "factor_max": hi}))
+    else:
+        console.print(f"smoothed checkpoint (alpha {summary.alpha}, {len(summary.factors)} groups, factors "
+                      f"{lo:.3g} .. {hi:.3g}): {summary.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
     try:
+        if args.command == "smooth":
+            return smooth(args, console)
         report = run(args)
     except (ShardActorError, Fp8OrchestratorError, ShardError, StatsStoreError, RayTaskError, RayActorError) as e:
         # An error from a shard actor names its exception type, rank and the log of its traceback

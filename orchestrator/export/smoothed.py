@@ -136,6 +136,9 @@ def write_smoothed_checkpoint(checkpoint: str | Path, store: str | Path, out: st
         alpha: migration strength in [0, 1].
     """
     ckpt, dest = Path(checkpoint), Path(out)
+    if not 0.0 <= alpha <= 1.0:
+        raise SmoothingError(f"smoothing alpha {alpha} is outside [0, 1]; 0 leaves the model as it is, 0.5 is "
+                             "SmoothQuant's default")
     if dest.exists():
         raise SmoothingError(f"'{dest}' already exists; choose a new folder for the smoothed checkpoint")
     factors, updates = smoothing_plan(ckpt, store, alpha)
