@@ -106,10 +106,13 @@ class RunResult:
 
 
 def offered_recipes(folder: Path = CONFIGS) -> list[Recipe]:
-    """One recipe per distinct (scale_method, dynamic_quantization) among the example configs."""
+    """One recipe per distinct (scale_method, dynamic_quantization) among the example configs that
+    quantize (a MEASURE-only config, such as the smoothing measurement, is a step, not a recipe)."""
     found: dict[tuple[str, bool], tuple[dict[str, Any], list[str]]] = {}
     for path in sorted(folder.glob("*.json")):
         cfg = json.loads(path.read_text())
+        if str(cfg.get("mode", "QUANTIZE")).upper() == "MEASURE":
+            continue
         key = (str(cfg.get("scale_method", "maxabs_hw")).lower(), bool(cfg.get("dynamic_quantization", False)))
         found.setdefault(key, (cfg, []))[1].append(path.name)
     return [Recipe(f"{method} {'dynamic per-token' if dynamic else 'static'}", cfg, tuple(files))

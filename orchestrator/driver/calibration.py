@@ -36,6 +36,7 @@ from orchestrator.driver.data import Batch
 from shards.tp.checkpoint import check_checkpoint, read_config
 from shards.tp.dist import DeviceKind
 from stats_store.records import Measurement
+from shards.fp8.methods import DynamicScaling
 from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
 from shards.tp.rules import rule_for
@@ -271,6 +272,7 @@ class Calibration:
         """Write the quantized model as a compressed-tensors FP8 checkpoint (and INC files on request)."""
         from orchestrator.export.compressed_tensors import write_compressed_tensors
         from orchestrator.export.gather import gather_checkpoint
+        from orchestrator.export.writer import warn_client_dynamic_rule
 
         if self.scales is None:
             raise CalibrationError("export: call quantize() first")
@@ -278,6 +280,8 @@ class Calibration:
         with self.report.timer.phase("export"):
             ckpt = gather_checkpoint(self.checkpoint, self.quantized_state_by_rank(), self.scales.weight_scales,
                                      dynamic=plan.dynamic, scale_method=plan.scale_plan.name, nodes=self.scales.nodes)
+            if plan.dynamic:
+                warn_client_dynamic_rule(DynamicScaling.of(m.activation) for m in plan.scale_plan.all_methods())
             out = write_compressed_tensors(ckpt, out_dir)
             if inc_world:
                 self._export_inc(plan, Path(out_dir), inc_world)

@@ -28,6 +28,7 @@ from torch import nn
 from orchestrator.errors import Fp8OrchestratorError
 from shards.model.discovery import clean_name
 from shards.families import ModelFamily, family_or_none
+from shards.fp8.methods import DynamicScaling, Rounding
 from shards.quantized.modules import QuantKVCache, QuantLinear, QuantModule
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,21 @@ def warn_dropped_ops(names: Any) -> None:
                        "exactly what the quantized model computes", len(names), shown)
 
 
+# compressed-tensors' (and vLLM's) per-token rule: amax / 448, no backoff, no rounding.
+CLIENT_DYNAMIC_RULE = DynamicScaling(1.0, Rounding.IDENTITY)
+
+
+def warn_client_dynamic_rule(rules: Any) -> None:
+    """Say so when dynamic modules compute per-token scales by another rule than the client's (INC's
+    POW2 with backoff 0.5): the format has no place for the rule, the client applies its own, so
+    the export is one FP8 rounding of the activations away from the quantized model."""
+    other = sorted({f"{r.rounding.value} backoff {r.backoff}" for r in rules if r != CLIENT_DYNAMIC_RULE})
+    if other:
+        logger.warning("export: per-token activation scales here use %s; compressed-tensors clients compute "
+                       "amax/448 per token instead, so the served model rounds activations differently from this "
+                       "one. scale_method maxabs_pcs_arbitrary computes exactly the client's rule", ", ".join(other))
+
+
 def _as_tensor(value: torch.Tensor | float | None) -> torch.Tensor | None:
     """A scale as a float32 CPU tensor (SCALAR scales are Python floats, exact in fp32 from hp)."""
     if value is None:
@@ -336,6 +352,7 @@ def checkpoint_from_model(model: nn.Module, *, scale_method: str = "unspecified"
     dynamic = {m.qctx.dynamic for m in quantized.values() if isinstance(m, QuantLinear)}
     kv = {n: m.module_scales().inputs[0] for n, m in quantized.items() if isinstance(m, QuantKVCache)}
     warn_dropped_ops(n for n, m in quantized.items() if not isinstance(m, (QuantLinear, QuantKVCache)))
+    warn_client_dynamic_rule(m.dynamic_scaling for m in quantized.values() if isinstance(m, QuantLinear) and m.qctx.dynamic)
     ckpt = QuantizedCheckpoint(
         hf_config=hf_config,
         linears=linears,
@@ -352,5 +369,5 @@ def checkpoint_from_model(model: nn.Module, *, scale_method: str = "unspecified"
 
 
 __all__ = ["FP8_DTYPE", "ExportError", "QuantizedLinear", "QuantizedCheckpoint", "attention_layers",
-           "checkpoint_from_model", "disk_namer",
+           "checkpoint_from_model", "disk_namer", "warn_client_dynamic_rule",
            "high_precision_modules", "kv_cache_scales", "split_fused_experts", "warn_dropped_ops"]

@@ -435,3 +435,15 @@ def test_sharded_exports_load_in_transformers(tmp_path_factory: pytest.TempPathF
     without_activation_qdq(single, expert_linears(single))
     theirs = logits(client)
     assert_close(theirs, logits(single), f"{fam} tp=2", (theirs - client_without_qdq(client)).abs().max().item())
+
+
+@pytest.mark.parametrize("method, warns", [("maxabs_pcs_pow2", True), ("maxabs_pcs_arbitrary", False)])
+def test_export_says_when_the_client_rounds_activations_by_another_rule(
+        tmp_path: Path, method: str, warns: bool, caplog: pytest.LogCaptureFixture) -> None:
+    model = quantized_family("llama", tmp_path, method=method, dynamic=True)
+    with caplog.at_level("WARNING", logger="orchestrator.export.writer"):
+        checkpoint_from_model(model)
+    said = [r.getMessage() for r in caplog.records if "per-token activation scales" in r.getMessage()]
+    assert bool(said) is warns, said
+    if warns:
+        assert "POW2 backoff 0.5" in said[0] and "maxabs_pcs_arbitrary" in said[0]
