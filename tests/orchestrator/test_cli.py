@@ -86,9 +86,33 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, model_dir: Path, 
     assert not (tmp_path / "stats").exists()  # nothing measured, nothing created
 
 
-def test_help_lists_the_three_commands(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert all(c in out for c in ("measure", "quantize", "run"))
+    assert all(c in out for c in ("measure", "quantize", "run", "smooth"))
+
+
+def test_smooth_writes_the_checkpoint_or_says_why_not_in_one_line(tmp_path: Path, model_dir: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import orchestrator
+    from transformers import AutoModelForCausalLM
+
+    model = orchestrator.prepare(AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+                                 {"mode": "MEASURE", "observer": "maxabs_per_channel", "allowlist": {"types": ["Linear"]},
+                                  "dump_stats_path": str(tmp_path / "pc")})
+    with torch.no_grad():
+        model(input_ids=torch.arange(32).reshape(2, 16), use_cache=False)
+    orchestrator.finalize_calibration(model)
+    args = ["smooth", "--model", str(model_dir), "--store", str(tmp_path / "pc.zarr"), "--alpha", "0.45", "--json"]
+    assert main([*args, "--out", str(tmp_path / "smoothed")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["alpha"] == 0.45 and summary["groups"] == 3 * model.config.num_hidden_layers
+    assert (tmp_path / "smoothed" / "smoothing.json").is_file()
+    assert main([*args, "--out", str(tmp_path / "smoothed")]) == 2  # the folder exists now
+    err = capsys.readouterr().out
+    assert "already exists" in err and len(err.strip().splitlines()) == 1
+    assert main(["smooth", "--model", str(model_dir), "--store", str(tmp_path / "nope.zarr"),
+                 "--out", str(tmp_path / "other")]) == 2
+    assert "nope.zarr" in capsys.readouterr().out
