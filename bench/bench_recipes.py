@@ -62,8 +62,13 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("static MSE (OPT) per-tensor weights", "static_maxabs_pow2_opt_weight.json"),
     Recipe("dynamic per-token, INC pow2 rule", "dynamic_maxabs_pcs_pow2.json"),
     Recipe("dynamic per-token = FP8_DYNAMIC (maxabs_pcs_arbitrary)", "dynamic_fp8_dynamic.json"),
+    Recipe("dynamic per-token, pow2 per-channel weights", "dynamic_pow2_weights.json"),
+    Recipe("static maxabs_arbitrary, backoffs 1.0", "static_maxabs_arbitrary_full_range.json"),
     Recipe(f"smoothing a={SMOOTH_ALPHA} + static maxabs_arbitrary", "static_maxabs_arbitrary.json", SMOOTH_ALPHA),
     Recipe(f"smoothing a={SMOOTH_ALPHA} + FP8_DYNAMIC (maxabs_pcs_arbitrary)", "dynamic_fp8_dynamic.json", SMOOTH_ALPHA),
+    Recipe(f"smoothing a={SMOOTH_ALPHA} + dynamic, pow2 per-channel weights", "dynamic_pow2_weights.json", SMOOTH_ALPHA),
+    Recipe(f"smoothing a={SMOOTH_ALPHA} + static maxabs_arbitrary, backoffs 1.0", "static_maxabs_arbitrary_full_range.json",
+           SMOOTH_ALPHA),
 )
 PEERS: tuple[tuple[str, str], ...] = (("llm-compressor FP8 static, lm_head ignored", "FP8"),
                                       ("llm-compressor FP8_DYNAMIC, lm_head ignored", "FP8_DYNAMIC"))

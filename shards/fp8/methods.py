@@ -157,6 +157,12 @@ EXTENSIONS: Mapping[str, MethodSpec] = MappingProxyType(
         "MAXABS_PCS_ARBITRARY": MethodSpec(
             _s(PCS, MAXABS, _R.IDENTITY, 1.0), _s(PCS, MAXABS, _R.IDENTITY, 1.0), dynamic_only=True
         ),
+        # INC's per-channel power-of-two weight scales (maxabs_pcs_pow2's weights: exact for weights
+        # already on a coarse grid, Gaudi-friendly) with the client's per-token rule above, so the
+        # export still computes exactly what the calibrated model computed.
+        "ACT_MAXABS_PCS_ARBITRARY_WEIGHTS_PCS_MAXABS_POW2": MethodSpec(
+            _s(PCS, MAXABS, _R.POW2, 0.5), _s(PCS, MAXABS, _R.IDENTITY, 1.0), dynamic_only=True
+        ),
     }
 )
 

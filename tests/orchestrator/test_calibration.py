@@ -89,3 +89,27 @@ def test_dp2_statistics_equal_dp1_and_the_single_card_api(ckpt: Path, tmp_path: 
     single = scales_of(model)
     assert single.keys() == dp1["scales"].nodes.keys()
     assert single == dp1["scales"].nodes
+
+
+def test_fp8_dynamic_method_tp2_equals_tp1_and_the_single_card_api(ckpt: Path, tmp_path: Path) -> None:
+    """maxabs_pcs_arbitrary (our FP8_DYNAMIC) on Ray: no measurement; tp=2 gives tp=1's FP8 weights
+    and per-channel scales, and the logits of the one-card API's model."""
+    cfg = {"scale_method": "maxabs_pcs_arbitrary", "dynamic_quantization": True, "hp_dtype": "FP32",
+           "allowlist": {"types": ["Linear"]}, "blocklist": {"names": ["lm_head"]}}
+    ids = np.asarray([b.tokens[0] for b in _batches(2)])
+    runs = {}
+    for tp in (1, 2):
+        with Calibration({**cfg, "dump_stats_path": str(tmp_path / f"tp{tp}" / "s")}, ckpt, tp=tp, progress=False,
+                         resources=SIM_CARD) as cal:
+            runs[tp] = (cal.quantize(), cal.quantized_state_by_rank(), cal.forward(ids))
+    (one, (fp8_one,), logits_one), (two, fp8_two, logits_two) = runs[1], runs[2]
+    assert one.weight_scales.keys() == two.weight_scales.keys() and len(one.weight_scales) == 14
+    for name, s in one.weight_scales.items():
+        assert s.ndim == 1 and torch.equal(s, two.weight_scales[name]), name
+    for name, state in fp8_one.items():
+        assert torch.equal(concat_shards(name, [r[name]["codes"] for r in fp8_two]), state["codes"]), name
+    model = quantize(reference_model(ckpt), {**cfg, "dump_stats_path": str(tmp_path / "single" / "s")})
+    with torch.no_grad():
+        single = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(logits_one, single, rtol=0, atol=1e-5 * np.abs(single).max())
+    np.testing.assert_allclose(logits_two, single, rtol=1e-4, atol=1e-4 * np.abs(single).max())

@@ -270,7 +270,8 @@ def _client_token_scale(x: torch.Tensor, ctx: Any, dim: int = -1, per_tensor: bo
     return (amax / 448.0).clamp_min(torch.finfo(x.dtype).eps)
 
 
-@pytest.mark.parametrize("method", ["maxabs_pcs_pow2", "maxabs_pcs_arbitrary"])
+@pytest.mark.parametrize("method", ["maxabs_pcs_pow2", "maxabs_pcs_arbitrary",
+                                    "act_maxabs_pcs_arbitrary_weights_pcs_maxabs_pow2"])
 @pytest.mark.parametrize("fam", ["llama", "qwen3_moe"])
 def test_fp8_dynamic_export_is_the_fp8_dynamic_scheme(tmp_path: Path, fam: str, method: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -294,7 +295,7 @@ def test_fp8_dynamic_export_is_the_fp8_dynamic_scheme(tmp_path: Path, fam: str, 
         # INC's dynamic per-token scales (pow2, backoff 0.5) are not the client's: one FP8 rounding apart.
         assert (theirs - ours).abs().max().item() <= DYNAMIC_FACTOR * effect
         monkeypatch.setattr(qmodules, "dynamic_activation_scale", _client_token_scale)
-    # (maxabs_pcs_arbitrary, our extension, computes the client's per-token rule itself.)
+    # (our extensions compute the client's per-token rule themselves.)
     # transformers' fused experts do not QDQ their inputs (module docstring).
     without_activation_qdq(model, expert_linears(model))
     assert_close(theirs, logits(model), f"{fam} FP8_DYNAMIC with the client's per-token scales", effect)
@@ -437,7 +438,8 @@ def test_sharded_exports_load_in_transformers(tmp_path_factory: pytest.TempPathF
     assert_close(theirs, logits(single), f"{fam} tp=2", (theirs - client_without_qdq(client)).abs().max().item())
 
 
-@pytest.mark.parametrize("method, warns", [("maxabs_pcs_pow2", True), ("maxabs_pcs_arbitrary", False)])
+@pytest.mark.parametrize("method, warns", [("maxabs_pcs_pow2", True), ("maxabs_pcs_arbitrary", False),
+                                           ("act_maxabs_pcs_arbitrary_weights_pcs_maxabs_pow2", False)])
 def test_export_says_when_the_client_rounds_activations_by_another_rule(
         tmp_path: Path, method: str, warns: bool, caplog: pytest.LogCaptureFixture) -> None:
     model = quantized_family("llama", tmp_path, method=method, dynamic=True)

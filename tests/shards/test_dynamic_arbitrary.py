@@ -1,7 +1,11 @@
-"""Our dynamic method ``maxabs_pcs_arbitrary``: compressed-tensors' FP8_DYNAMIC math, pinned
-against explicit references (brute force over the FP8 code points for the rounding)."""
+"""Our dynamic methods, which compute activation scales by the client's per-token rule (amax / 448):
+``maxabs_pcs_arbitrary`` (compressed-tensors' FP8_DYNAMIC math) and
+``act_maxabs_pcs_arbitrary_weights_pcs_maxabs_pow2`` (INC's per-channel pow2 weights), pinned against
+explicit references (brute force over the FP8 code points for the rounding)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -28,11 +32,11 @@ def nearest_code(v: torch.Tensor) -> torch.Tensor:
     return codes.gather(1, score.argmin(dim=1, keepdim=True)).reshape(v.shape)
 
 
-def test_the_method_is_ours_not_incs() -> None:
-    assert "MAXABS_PCS_ARBITRARY" in EXTENSIONS and "MAXABS_PCS_ARBITRARY" not in PREDEFINED
-    assert set(METHODS) == set(PREDEFINED) | set(EXTENSIONS)
-    spec = METHODS["MAXABS_PCS_ARBITRARY"]
-    assert spec.dynamic_only and DynamicScaling.of(spec.activation) == DynamicScaling(1.0, Rounding.IDENTITY)
+def test_the_methods_are_ours_not_incs() -> None:
+    assert set(EXTENSIONS) == {"MAXABS_PCS_ARBITRARY", "ACT_MAXABS_PCS_ARBITRARY_WEIGHTS_PCS_MAXABS_POW2"}
+    assert not set(EXTENSIONS) & set(PREDEFINED) and set(METHODS) == set(PREDEFINED) | set(EXTENSIONS)
+    for spec in EXTENSIONS.values():
+        assert spec.dynamic_only and DynamicScaling.of(spec.activation) == DynamicScaling(1.0, Rounding.IDENTITY)
     # INC's dynamic methods keep their forced POW2 / 0.5 whatever their section says
     assert DynamicScaling.of(PREDEFINED["MAXABS_PCS_POW2"].activation) == INC_DYNAMIC_SCALING
 
@@ -58,16 +62,27 @@ def test_config_accepts_it_dynamic_only_and_by_dict_form() -> None:
     assert d.to_plan().scale_plan.name == "MAXABS_PCS_ARBITRARY"
 
 
-def test_quantized_linear_computes_fp8_dynamic(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _arbitrary(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().amax(dim=1, keepdim=True) / 448.0
+
+
+def _pow2(w: torch.Tensor) -> torch.Tensor:
+    """INC's POW2 per-channel weight scale with backoff 0.5: the next power of two of amax / 224."""
+    return torch.tensor([[2.0 ** math.ceil(math.log2(float(m) / 224.0))] for m in w.abs().amax(dim=1)])
+
+
+@pytest.mark.parametrize("method, weight_scale", [("maxabs_pcs_arbitrary", _arbitrary),
+                                                  ("act_maxabs_pcs_arbitrary_weights_pcs_maxabs_pow2", _pow2)])
+def test_quantized_linear_computes_fp8_dynamic(tmp_path, method, weight_scale) -> None:  # type: ignore[no-untyped-def]
     ref = tiny_sequential()
-    model = quantize(tiny_sequential(), {"scale_method": "maxabs_pcs_arbitrary", "dynamic_quantization": True,
+    model = quantize(tiny_sequential(), {"scale_method": method, "dynamic_quantization": True,
                                          "hp_dtype": "FP32", "dump_stats_path": str(tmp_path / "s")})
     x = sequential_batches(1, 1)[0]
     h = x
     for layer in ref:
         if isinstance(layer, torch.nn.Linear):
             w = layer.weight.detach()
-            sw = w.abs().amax(dim=1, keepdim=True) / 448.0
+            sw = weight_scale(w)
             sx = h.abs().amax(dim=-1, keepdim=True) / 448.0
             h = (nearest_code(h / sx) * sx) @ (nearest_code(w / sw) * sw).T + layer.bias.detach()
         else:
