@@ -21,6 +21,7 @@ that are entirely zero, whose quantized value is zero for any scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -226,15 +227,18 @@ def weight_scale_from_maxabs(
 
 def dynamic_activation_scale(
     x: torch.Tensor, ctx: ScaleContext, dim: int = -1, per_tensor: bool = False,
-    scaling: DynamicScaling = INC_DYNAMIC_SCALING,
+    scaling: DynamicScaling = INC_DYNAMIC_SCALING, amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-call scales of dynamic quantization (reference §2.8), in ``x``'s dtype.
 
     ``s = rounding(amax(|x|, dim, keepdim) / (fullscale * backoff))``, INC's POW2 with backoff 0.5
     unless ``scaling`` says otherwise: ``dim=-1`` gives one scale per row (per token), ``dim=-2``
     one per column (matmul input 1); ``per_tensor`` one 0-d scale. An all-zero row gets the
-    dtype's smallest normal (its values quantize to 0 all the same).
+    dtype's smallest normal (its values quantize to 0 all the same). ``amax_reduce`` maxes the
+    max-abs over the tp ranks holding the other slices of a row (row-parallel layers).
     """
     ax = x.detach().abs()
     amax = ax.amax() if per_tensor else ax.amax(dim=dim, keepdim=True)
+    if amax_reduce is not None:
+        amax = amax_reduce(amax.contiguous())
     return round_scale(raw_scale(amax, scaling.backoff, ctx), scaling.rounding, ctx)

@@ -21,6 +21,7 @@ Semantics (reference §6, decisions §2):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -185,13 +186,16 @@ class QuantLinear(QuantModule):
         self.weight = nn.Parameter(_quantize_weight(source.weight, scales.weight, qctx), requires_grad=False)
         self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone(), requires_grad=False)
         tp_world = getattr(source, "tp_world", 1)
-        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = (
+        self.all_reduce: Callable[..., torch.Tensor] | None = (
             getattr(source, "all_reduce", None) if tp_world > 1 else None
         )
 
     def input_scale(self, x: torch.Tensor) -> ScaleValue:
         if self.qctx.dynamic:
-            return dynamic_activation_scale(x, self.qctx.scale_ctx, dim=-1, scaling=self.dynamic_scaling)
+            # A row-parallel shard holds a slice of each token: its scale is the whole row's.
+            reduce = None if self.all_reduce is None else functools.partial(self.all_reduce, op="max")
+            return dynamic_activation_scale(x, self.qctx.scale_ctx, dim=-1, scaling=self.dynamic_scaling,
+                                            amax_reduce=reduce)
         return self._scale("scale_input_0")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -104,10 +104,12 @@ class TpGroup:
             ) from e
         self._initialized = True
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` over the group in place and return it."""
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or, with ``op="max"``, max) ``t`` over the group in place and return it."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"all_reduce: op {op!r}; allowed: sum, max")
         if self.world > 1:
-            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
         return t
 
     @property

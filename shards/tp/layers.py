@@ -16,8 +16,11 @@ from torch import nn
 
 from shards.tp.rules import TensorParallelError, shard_slice
 
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
-"""Sums a tensor over the tp group and returns the sum (it may work in place)."""
+AllReduce = Callable[..., torch.Tensor]
+"""``all_reduce(t, op="sum")``: reduces a tensor over the tp group (``op`` "sum" or "max") and returns
+the result (it may work in place). Row-parallel layers sum partial products; a dynamic FP8 layer
+takes the max of its per-token max-abs over the ranks, so every rank quantizes a token with the
+scale of the whole row, as one card does."""
 
 
 class ColumnParallelLinear(nn.Linear):

@@ -70,7 +70,8 @@ def sample_ids(batch: int = 2, seq: int = 12, seed: int = 7, vocab: int = TINY["
 
 
 class ThreadSumAllReduce:
-    """A fake all-reduce for ``world`` ranks run as threads in one process: every rank gets the sum.
+    """A fake all-reduce for ``world`` ranks run as threads in one process: every rank gets the sum
+    (or the max, with ``op="max"``).
 
     ``reducer(rank)`` is what rank ``rank``'s row-parallel layers call. Ranks must call it in the
     same order, as with a real collective.
@@ -82,14 +83,14 @@ class ThreadSumAllReduce:
         self._barrier = threading.Barrier(world, timeout=30)
 
     def reducer(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
             self._parts[rank] = t.clone()
             self._barrier.wait()
             total = self._parts[0]
             assert total is not None
             for part in self._parts[1:]:
                 assert part is not None
-                total = total + part
+                total = total + part if op == "sum" else torch.maximum(total, part)
             self._barrier.wait()  # nobody overwrites a part before every rank has summed
             return total
 
