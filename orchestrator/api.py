@@ -42,8 +42,8 @@ from shards.measuring.session import MeasureSession, run_batch
 from stats_store.records import Measurement, SentCounts
 from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
-from stats_store.errors import IncFileExistsError, IncFileNotFoundError
-from stats_store.inc_names import inc_file_name
+from stats_store.errors import IncFileExistsError, IncFileNotFoundError, IncFormatError
+from stats_store.inc_names import INC_SCALE_METHODS, inc_file_name
 from stats_store.inc_unify import discover_measurement_files, read_measurement_set
 from stats_store.inc_write import write_measurement, write_scales
 from stats_store.zarr_store import ZarrStatsStore, store_path
@@ -271,6 +271,10 @@ def _read_stats(plan: RunPlan, model: nn.Module) -> tuple[Measurement | None, st
 
 
 def _scale_file_paths(plan: RunPlan) -> list[Path]:
+    if plan.scale_plan.name not in INC_SCALE_METHODS:
+        raise IncFormatError(f"convert(inc_scale_file=True): scale_method {plan.scale_plan.name.lower()} is ours, not "
+                             "INC's, and INC's scale files cannot name it; leave inc_scale_file off (the compressed-"
+                             "tensors export and scales_of give its scales)")
     return [inc_file_name(plan.dump_stats_path, plan.observer, plan.scale_plan.name, suffix=s) for s in (".json", ".npz")]
 
 

@@ -90,3 +90,15 @@ def test_quantized_linear_computes_fp8_dynamic(tmp_path, method, weight_scale) -
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, h, rtol=1e-5, atol=1e-6)
+
+
+def test_inc_scale_file_of_our_method_is_refused_naming_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from orchestrator import convert
+    from stats_store.errors import IncFormatError
+
+    cfg = {"scale_method": "maxabs_pcs_arbitrary", "dynamic_quantization": True, "dump_stats_path": str(tmp_path / "s")}
+    model = tiny_sequential()
+    with pytest.raises(IncFormatError, match="maxabs_pcs_arbitrary is ours"):
+        convert(model, cfg, inc_scale_file=True)
+    assert isinstance(model[0], torch.nn.Linear)  # refused before the model was touched
+    assert not list(tmp_path.iterdir())
