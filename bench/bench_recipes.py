@@ -199,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt = rounded_checkpoint(tmp)
         tok = AutoTokenizer.from_pretrained(ckpt)
         ids = np.concatenate([_rows(tok, t) for t in HELDOUT])
-        calib = [torch.from_numpy(r[None]) for r in _rows(tok, CALIBRATION)[:CALIB_ROWS]]
-        calib = [torch.cat(calib[i:i + 4]) for i in range(0, CALIB_ROWS, 4)]
+        calib = list(torch.from_numpy(_rows(tok, CALIBRATION)[:CALIB_ROWS]).split(4))  # batches of 4 rows
         ref = _logits(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval(), ids)
         ref_ppl = perplexity(ref.numpy(), ids)
         print(f"held-out {ids.shape[0]} x {SEQ_LEN} tokens; bf16 reference ppl {ref_ppl:.3f}", flush=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 
 from bench.models import layer_stack
 from bench.timing import Row, row, single_thread, time_pair

@@ -23,9 +23,9 @@ from stats_store.records import Measurement
 from orchestrator.entry import stats_store_tables as cli_tables
 from stats_store.errors import StatsStoreError
 from stats_store.gc_pause import paused_gc
-from stats_store.zarr_store import ZARR_SUFFIX, ZarrStatsStore, store_path
+from stats_store.zarr_store import ZARR_SUFFIX, ZarrStatsStore
 from stats_store.metadata import RunMeta, canonical_json
-from stats_store.reshard import SplitRule, split_rules_from_commits
+from stats_store.reshard import split_rules_from_commits
 from stats_store.shard_map import ShardSpec, channel_slice
 
 Command = Callable[[argparse.Namespace], dict[str, Any]]

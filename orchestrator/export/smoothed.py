@@ -30,7 +30,7 @@ from orchestrator.errors import Fp8OrchestratorError
 from orchestrator.export.compressed_tensors import copy_serving_files
 from shards.families import family_for
 from shards.fp8.smoothing import column_maxabs, smooth_source, smooth_target, smoothing_factors
-from stats_store.records import Measurement
+from stats_store.records import Measurement, as_maxabs
 from stats_store.zarr_store import ZarrStatsStore
 
 PER_CHANNEL_OBSERVER = "maxabs_per_channel"
@@ -71,7 +71,7 @@ def _input_maxabs(m: Measurement, names: list[str], store: Path) -> torch.Tensor
         if stats is None or not stats.inputs or stats.inputs[0] is None:
             raise SmoothingError(f"stats store '{store}' has no input statistics for {name}; measure it (allowlist "
                                  f"types Linear, observer {PER_CHANNEL_OBSERVER}) before smoothing")
-        vectors.append(np.asarray(stats.inputs[0], dtype=np.float32).reshape(-1))
+        vectors.append(as_maxabs(stats.inputs[0]))
     if len({v.size for v in vectors}) != 1 or vectors[0].size == 1:
         raise SmoothingError(f"stats store '{store}': {names[0]} has {vectors[0].size} input value(s), not one per "
                              f"channel; measure with observer {PER_CHANNEL_OBSERVER}")

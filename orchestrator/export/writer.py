@@ -28,7 +28,7 @@ from torch import nn
 from orchestrator.errors import Fp8OrchestratorError
 from shards.model.discovery import clean_name
 from shards.families import ModelFamily, family_or_none
-from shards.fp8.methods import DynamicScaling, Rounding
+from shards.fp8.methods import METHODS, DynamicScaling, Rounding
 from shards.quantized.modules import QuantKVCache, QuantLinear, QuantModule
 
 logger = logging.getLogger(__name__)
@@ -232,9 +232,11 @@ def warn_client_dynamic_rule(rules: Any) -> None:
     the export is one FP8 rounding of the activations away from the quantized model."""
     other = sorted({f"{r.rounding.value} backoff {r.backoff}" for r in rules if r != CLIENT_DYNAMIC_RULE})
     if other:
+        exact = " / ".join(n.lower() for n, m in METHODS.items()
+                           if m.dynamic_only and DynamicScaling.of(m.activation) == CLIENT_DYNAMIC_RULE)
         logger.warning("export: per-token activation scales here use %s; compressed-tensors clients compute "
                        "amax/448 per token instead, so the served model rounds activations differently from this "
-                       "one. scale_method maxabs_pcs_arbitrary computes exactly the client's rule", ", ".join(other))
+                       "one. scale_method %s computes exactly the client's rule", ", ".join(other), exact)
 
 
 def _as_tensor(value: torch.Tensor | float | None) -> torch.Tensor | None:

@@ -199,7 +199,7 @@ class DynamicScaling:
         """INC's forcing for its POW2 sections; an IDENTITY section as written."""
         if activation.rounding is Rounding.IDENTITY:
             return cls(activation.backoff, Rounding.IDENTITY)
-        return cls(DYNAMIC_ACTIVATION_BACKOFF, Rounding.POW2)
+        return INC_DYNAMIC_SCALING
 
 
 INC_DYNAMIC_SCALING = DynamicScaling(DYNAMIC_ACTIVATION_BACKOFF, Rounding.POW2)

@@ -13,23 +13,17 @@ import torch
 from orchestrator import Fp8Config, quantize
 from shards.fp8.methods import EXTENSIONS, INC_DYNAMIC_SCALING, METHODS, PREDEFINED, DynamicScaling, Rounding
 from shards.fp8.scale_math import ScaleContext, dynamic_activation_scale
+from shards.fp8.numerics import E4M3
 from tests.models import sequential_batches, tiny_sequential
-
-CODES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-CODES = CODES[torch.isfinite(CODES)].unique()
+from tests.shards.test_numerics import decode, nearest_code
 
 
-def nearest_code(v: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest E4M3 value, ties to the even code, saturating: by brute force."""
-    v = v.clamp(-448.0, 448.0)
-    dist = (v.reshape(-1, 1) - CODES.reshape(1, -1)).abs()
-    best = dist.min(dim=1, keepdim=True).values
-    ties = dist == best
-    codes = CODES.reshape(1, -1).expand_as(dist)
-    # among tied candidates pick the one whose E4M3 bit pattern is even
-    bits = codes.to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int64)
-    score = torch.where(ties, bits % 2, torch.full_like(bits, 99))
-    return codes.gather(1, score.argmin(dim=1, keepdim=True)).reshape(v.shape)
+
+def nearest_value(v: torch.Tensor) -> torch.Tensor:
+    """Each element rounded to the nearest E4M3 value (ties to even, saturating) by the project's
+    independent bit-level reference, never torch's cast."""
+    out = [decode(nearest_code(float(x), E4M3), E4M3.exp_bits) for x in v.reshape(-1).tolist()]
+    return torch.tensor(out, dtype=torch.float64).reshape(v.shape).to(v.dtype)
 
 
 def test_the_methods_are_ours_not_incs() -> None:
@@ -84,7 +78,7 @@ def test_quantized_linear_computes_fp8_dynamic(tmp_path, method, weight_scale) -
             w = layer.weight.detach()
             sw = weight_scale(w)
             sx = h.abs().amax(dim=-1, keepdim=True) / 448.0
-            h = (nearest_code(h / sx) * sx) @ (nearest_code(w / sw) * sw).T + layer.bias.detach()
+            h = (nearest_value(h / sx) * sx) @ (nearest_value(w / sw) * sw).T + layer.bias.detach()
         else:
             h = layer(h)
     with torch.no_grad():
