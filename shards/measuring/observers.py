@@ -12,7 +12,8 @@ and left out of the max. Reference ``inc-fp8-semantics.md`` §3.3; decisions §3
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -21,7 +22,6 @@ import torch
 from safetensors.torch import save_file
 
 from shards.errors import DuplicateRegistrationError, ShardError
-from shards.fp8.scale_math import magnitude_max
 from stats_store.records import Measurement
 from stats_store.reduce import get_merge
 
@@ -40,6 +40,7 @@ class ObserveTarget:
             input 1, 0 weights).
         tensors_dir: where the ``save`` observer writes tensors; None when not saving.
         chunk_calls: how many calls the ``save`` observer puts in one file.
+        memo: the session's :class:`ReductionMemo` (None: every tensor is reduced by itself).
     """
 
     module_name: str
@@ -47,6 +48,7 @@ class ObserveTarget:
     channel_dim: int = -1
     tensors_dir: Path | None = None
     chunk_calls: int = 16
+    memo: "ReductionMemo | None" = field(default=None, compare=False, repr=False)
 
 
 class Observer(Protocol):
@@ -82,37 +84,108 @@ def _finite_abs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 _NO_BAD = torch.zeros((), dtype=torch.int64)
 
+# A reduction of one observed tensor: the max-abs (a host float, or a device/CPU tensor) and the
+# device-side count of the NaN/Inf values left out (``_NO_BAD`` when the CPU path proved none).
+Reduction = tuple["torch.Tensor | float", torch.Tensor]
 
-def _fast_cpu_maxabs(x: torch.Tensor, channel_dim: int | None) -> torch.Tensor | None:
+
+def _channel_rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """``x`` as a 2-D tensor with the channels along one axis, and that axis: reductions along the
+    contiguous axis of a row-major view are the fast ones (``movedim`` would copy)."""
+    dim = dim % x.ndim
+    if dim == x.ndim - 1:
+        return x.reshape(-1, x.shape[dim]), 1  # activations: rows of channels, reduce over rows
+    if dim == 0:
+        return x.reshape(x.shape[0], -1), 0  # weights: one row per output channel
+    return x.movedim(dim, 0).reshape(x.shape[dim], -1), 0
+
+
+def _fast_cpu_maxabs(x: torch.Tensor, channel_dim: int | None) -> "torch.Tensor | float | None":
     """On CPU, the max-abs (per tensor, or per channel along ``channel_dim``) straight away when no
     NaN/Inf is present; None otherwise.
 
     A CPU tensor has no device queue to stall, so looking at the result costs nothing; it saves the
     isfinite/where/count passes that the accelerator path runs on every tensor to stay sync-free.
-    One pass, no |x| temporary: :func:`shards.fp8.scale_math.magnitude_max` per tensor, and per channel an
-    aminmax with max|x| = max(-min, max). NaN propagates and inf stays, so a finite result proves
-    every element finite.
+    Per tensor it is one ``aminmax`` pass (no |x| temporary; max|x| = max(-min, max)) read back as
+    two Python floats; per channel, |x| reduced along the contiguous axis. NaN propagates and inf
+    stays, so a finite result proves every element finite.
     """
     if x.device.type != "cpu":
         return None
     x = _upcast_fp8(x)
     if channel_dim is None or x.ndim == 0:
-        m = magnitude_max(x).reshape(1)  # bf16/fp16: a max over sign-cleared bit patterns, NaN on top
-        return m if math.isfinite(float(m)) else None
-    lo, hi = torch.aminmax(x.movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1), dim=1)
-    m = torch.maximum(-lo, hi)
+        lo, hi = torch.aminmax(x)
+        m = max(-float(lo), float(hi))
+        return m if math.isfinite(m) else None
+    rows, axis = _channel_rows(x, channel_dim)
+    m = rows.abs().amax(dim=1 - axis)
     return m if bool(torch.isfinite(m).all()) else None
 
 
+def _reduce(x: torch.Tensor, channel_dim: int | None) -> Reduction:
+    """The max-abs of ``x`` (per tensor when ``channel_dim`` is None) and its NaN/Inf count."""
+    x = x.detach()
+    fast = _fast_cpu_maxabs(x, channel_dim)
+    if fast is not None:
+        return fast, _NO_BAD
+    absx, bad = _finite_abs(x)
+    if channel_dim is None or absx.ndim == 0:
+        return absx.amax().reshape(1), bad
+    rows, axis = _channel_rows(absx, channel_dim)
+    return rows.amax(dim=1 - axis), bad
+
+
+class ReductionMemo:
+    """One-entry memo of the last tensor's reduction, shared by the observers of one session.
+
+    Sibling modules fed the same tensor (q/k/v projections, gate/up) each observe it; the memo
+    reduces it once. The tensor is held weakly and matched by identity, version counter, layout
+    and reduction kind, so a tensor changed in place (or freed and its memory reused) is never
+    matched.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[object, weakref.ref[torch.Tensor], Reduction] | None = None
+
+    def reduce(self, x: torch.Tensor, channel_dim: int | None) -> Reduction:
+        if x.is_inference() or x.requires_grad:
+            return _reduce(x, channel_dim)  # inference tensors have no version counter
+        key = (x._version, x.shape, x.stride(), x.storage_offset(), x.dtype, x.device, channel_dim)
+        entry = self._entry
+        if entry is not None and entry[0] == key and entry[1]() is x:
+            return entry[2]
+        r = _reduce(x, channel_dim)
+        self._entry = (key, weakref.ref(x), r)
+        return r
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"_entry": None}
+
+
 class _CountingObserver:
-    """State shared by the max-abs observers: fp32 max on the device, a device-side NaN/Inf count."""
+    """State shared by the max-abs observers: fp32 max on the device (or a host float after the CPU
+    fast path), a device-side NaN/Inf count."""
+
+    #: the channel axis of the statistic; None: one value per tensor
+    channel_dim: int | None = None
 
     def __init__(self, target: ObserveTarget) -> None:
         self.target = target
         self._state: torch.Tensor | None = None
+        self._host: float | None = None  # per-tensor max of CPU tensors: no tensor op per call
         self._nonfinite: torch.Tensor | None = None
 
-    def _fold(self, value: torch.Tensor, bad: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        memo = self.target.memo  # matched by identity: hand it the caller's tensor, not a detached view
+        value, bad = memo.reduce(x, self.channel_dim) if memo is not None else _reduce(x, self.channel_dim)
+        self._fold(value, bad)
+
+    def _fold(self, value: "torch.Tensor | float", bad: torch.Tensor) -> None:
+        if isinstance(value, float):
+            self._host = value if self._host is None else max(self._host, value)
+            return
         value = value.to(torch.float32)  # exact: a max of hp values is an hp value
         if self._state is None:
             self._state = value.clone()
@@ -130,9 +203,11 @@ class _CountingObserver:
             self._nonfinite += bad.to(self._nonfinite.device)
 
     def result(self) -> np.ndarray | None:
+        host = None if self._host is None else np.array([self._host], dtype=np.float32)  # exact: hp value
         if self._state is None:
-            return None
-        return self._state.detach().to("cpu").numpy().astype(np.float32).reshape(-1)
+            return host
+        state = self._state.detach().to("cpu").numpy().astype(np.float32).reshape(-1)
+        return state if host is None else np.maximum(state, host)
 
     def nonfinite(self) -> int:
         return 0 if self._nonfinite is None else int(self._nonfinite.item())
@@ -144,16 +219,6 @@ class _CountingObserver:
 class MaxAbsObserver(_CountingObserver):
     """Running max of |x| over the whole tensor: a ``(1,)`` vector."""
 
-    def update(self, x: torch.Tensor) -> None:
-        if x.numel() == 0:
-            return
-        fast = _fast_cpu_maxabs(x.detach(), None)
-        if fast is not None:
-            self._fold(fast, _NO_BAD)
-            return
-        absx, bad = _finite_abs(x.detach())
-        self._fold(absx.amax().reshape(1), bad)
-
 
 class MaxAbsPerChannelObserver(_CountingObserver):
     """Running max of |x| per channel along ``target.channel_dim``: a ``(C,)`` vector.
@@ -161,20 +226,9 @@ class MaxAbsPerChannelObserver(_CountingObserver):
     Unlike INC it needs no shape file: the channel count is taken from the first tensor.
     """
 
-    def update(self, x: torch.Tensor) -> None:
-        if x.numel() == 0:
-            return
-        dim = self.target.channel_dim
-
-        def per_channel(a: torch.Tensor) -> torch.Tensor:
-            return a.reshape(1) if a.ndim == 0 else a.movedim(dim, 0).reshape(a.shape[dim], -1).amax(dim=1)
-
-        fast = _fast_cpu_maxabs(x.detach(), dim)
-        if fast is not None:
-            self._fold(fast, _NO_BAD)
-            return
-        absx, bad = _finite_abs(x.detach())
-        self._fold(per_channel(absx), bad)
+    def __init__(self, target: ObserveTarget) -> None:
+        super().__init__(target)
+        self.channel_dim = target.channel_dim
 
 
 class SaveObserver(MaxAbsObserver):

@@ -25,7 +25,8 @@ from torch.utils.hooks import RemovableHandle
 from shards.model.discovery import FoundModule, discover
 from shards.errors import ShardError
 from stats_store.records import Measurement, ModuleStats
-from shards.measuring.observers import ObserveTarget, Observer, ObserverSpec, get_observer, weight_observer
+from shards.measuring.observers import (ObserveTarget, Observer, ObserverSpec, ReductionMemo, get_observer,
+                                        weight_observer)
 from shards.model.op_types import implementations, register_implementation
 from shards.plan import RunPlan
 
@@ -158,12 +159,12 @@ class ModuleObservers:
 
 
 def _observers_for(found: FoundModule, spec: ObserverSpec, plan: RunPlan, tensors_dir: Path | None,
-                   chunk_calls: int) -> ModuleObservers:
+                   chunk_calls: int, memo: ReductionMemo) -> ModuleObservers:
     behaviour = _behaviour(found)
     op = found.op
 
     def target(label: str, dim: int) -> ObserveTarget:
-        return ObserveTarget(found.name, label, dim, tensors_dir, chunk_calls)
+        return ObserveTarget(found.name, label, dim, tensors_dir, chunk_calls, memo)
 
     dims = behaviour.input_channel_dims
     inputs = [spec.factory(target(f"inputs.{i}", dims[i] if i < len(dims) else -1)) for i in range(op.num_inputs)]
@@ -202,8 +203,9 @@ class MeasureSession:
         self._on_interval = on_interval
         self._handles: list[RemovableHandle] = []
         self.modules: dict[str, ModuleObservers] = {}
+        memo = ReductionMemo()  # q/k/v (gate/up) see one tensor: reduce it once
         for found in discover(model, plan.selection):
-            obs = _observers_for(found, spec, plan, tensors_dir, chunk_calls)
+            obs = _observers_for(found, spec, plan, tensors_dir, chunk_calls, memo)
             self.modules[found.name] = obs
             self._attach(found.module, obs)
             if plan.observer == "save" and tensors_dir is not None:

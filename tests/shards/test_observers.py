@@ -83,9 +83,37 @@ def test_fp8_tensors_are_observed() -> None:
 
 
 def test_state_stays_on_device_in_fp32() -> None:
+    """The sync-free path (taken off CPU, and on CPU for tensors with NaN/Inf) keeps fp32 device state;
+    finite CPU tensors fold into a host float, and both parts make the result."""
     obs = MaxAbsObserver(ObserveTarget("m", "i"))
-    obs.update(torch.ones(3, dtype=torch.bfloat16))
+    obs.update(torch.tensor([1.0, float("nan"), -2.0], dtype=torch.bfloat16))
     assert obs._state is not None and obs._state.dtype == torch.float32
+    obs.update(torch.tensor([3.0, -1.0], dtype=torch.bfloat16))
+    assert obs._host == 3.0 and obs.result().tolist() == [3.0]
+    obs.update(torch.tensor([-5.0, float("inf")]))
+    assert obs.result().tolist() == [5.0] and obs.nonfinite() == 2
+
+
+def test_siblings_fed_one_tensor_reduce_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v observe the same input: the session memo reduces it once, and never matches a tensor
+    changed in place or a different reduction kind."""
+    from shards.measuring import observers
+
+    calls: list[int | None] = []
+    real = observers._reduce
+    monkeypatch.setattr(observers, "_reduce", lambda x, dim: calls.append(dim) or real(x, dim))
+    memo = observers.ReductionMemo()
+    q, k, v = (MaxAbsObserver(ObserveTarget(n, "inputs.0", memo=memo)) for n in "qkv")
+    per_channel = MaxAbsPerChannelObserver(ObserveTarget("g", "inputs.0", -1, memo=memo))
+    x = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
+    for obs in (q, k, v):
+        obs.update(x)
+    assert calls == [None]
+    per_channel.update(x)
+    assert calls == [None, -1] and per_channel.result().tolist() == [2.0, 4.0]
+    x.mul_(2)  # in place: the version counter moves, the memo must not answer
+    q.update(x)
+    assert calls == [None, -1, None] and q.result().tolist() == [8.0] and k.result().tolist() == [4.0]
 
 
 def test_nothing_observed_gives_none() -> None:
@@ -153,7 +181,7 @@ def test_save_needs_a_directory() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
-@pytest.mark.parametrize("channel_dim", [None, 0, -1])
+@pytest.mark.parametrize("channel_dim", [None, 0, 1, -1])
 @pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
 def test_cpu_fast_maxabs_equals_the_max_of_abs(dtype: torch.dtype, channel_dim: int | None, sign: float) -> None:
     """The aminmax shortcut gives torch.abs(x).amax exactly, also for all-negative / all-positive tensors."""
@@ -168,7 +196,7 @@ def test_cpu_fast_maxabs_equals_the_max_of_abs(dtype: torch.dtype, channel_dim: 
         want = xf.abs().amax().reshape(1)
     else:
         want = xf.abs().movedim(channel_dim, 0).reshape(xf.shape[channel_dim], -1).amax(dim=1)
-    assert got is not None and torch.equal(got.to(torch.float32), want)
+    assert got is not None and torch.equal(torch.as_tensor(got, dtype=torch.float32).reshape(want.shape), want)
     bad = xf.clone()
     bad[0, 0, 0] = float("nan")
     assert _fast_cpu_maxabs(bad, channel_dim) is None  # NaN: the counting path takes over
