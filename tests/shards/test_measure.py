@@ -189,3 +189,33 @@ def test_tokens_are_the_rows_fed_to_the_first_input_of_every_call() -> None:
     # A 3-D input counts batch x sequence rows (x.numel() // x.shape[-1]).
     seq = measure(tiny_sequential(), make_plan(), [torch.randn(2, 5, 32), torch.randn(3, 32)])
     assert {n: s.num_tokens for n, s in seq.modules.items()} == {"0": 2 * 5 + 3, "2": 2 * 5 + 3, "4": 2 * 5 + 3}
+
+
+@pytest.mark.parametrize("head_measured", [False, True])
+def test_a_shard_skips_the_logits_of_an_unobserved_head(head_measured: bool) -> None:
+    """A calibrating shard computes the LM head only where something observes it: blocklisted, it
+    runs on the last position only (HF ``logits_to_keep``), and every other module measures the same."""
+    from shards.card.calibration import ShardCalibration
+    from shards.families.catalog import family_for
+
+    def untied() -> nn.Module:  # a tied head is never quantized; an untied one is, unless blocklisted
+        m = tiny_llama(3)
+        m.lm_head.weight = nn.Parameter(m.lm_head.weight.detach().clone())
+        return m
+
+    model = untied()
+    block = () if head_measured else (r"lm_head",)
+    rows: list[int] = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[1]))
+    cal = ShardCalibration(model, family_for(model.config).dims(model.config), 0, 1)
+    cal.start(make_plan(block=block))
+    ids = llama_tokens(0, 2, 16)
+    cal.run(ids)
+    got = cal.increment()
+    cal.stop()
+    assert rows == [16 if head_measured else 1]
+    assert ("lm_head" in got.modules) is head_measured
+    want = measure(untied(), make_plan(block=block), [ids])  # the plain forward, every logit
+    assert set(got.modules) == set(want.modules)
+    for name, st in want.modules.items():
+        np.testing.assert_array_equal(got.modules[name].inputs[0], st.inputs[0], err_msg=name)
