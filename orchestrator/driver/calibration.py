@@ -81,6 +81,21 @@ class RunReport:
     scales: int = 0
     quantized: int = 0
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    # per shard (global index order): forward_s, all_reduce_s, quantize_s, quantize_bytes
+    shard_times: list[dict[str, float]] = field(default_factory=list)
+
+    def profile(self) -> dict[str, float]:
+        """The shards' figures the summary shows: the tp all-reduce share of the measure forwards
+        (all ranks together) and the slowest shard's in-place quantization with its bytes/s."""
+        out: dict[str, float] = {}
+        forward = sum(t["forward_s"] for t in self.shard_times)
+        if forward > 0:
+            out["all_reduce_share_of_measure"] = sum(t["all_reduce_s"] for t in self.shard_times) / forward
+        slowest = max(self.shard_times, key=lambda t: t["quantize_s"], default=None)
+        if slowest is not None and slowest["quantize_s"] > 0:
+            out["quantize_slowest_shard_s"] = slowest["quantize_s"]
+            out["quantize_slowest_shard_gb_per_s"] = slowest["quantize_bytes"] / slowest["quantize_s"] / 1e9
+        return out
 
 
 class Calibration:
@@ -190,6 +205,7 @@ class Calibration:
         with self.report.timer.phase("measure"):
             MeasureLoop(self, plan, store, shared, own).run()
             self._finish_measure()
+        self._collect_shard_times()
         with self.report.timer.phase("reduce"):
             self.global_stats = store.reduce()
         self.report.modules_measured = len(self.global_stats.modules)
@@ -246,7 +262,11 @@ class Calibration:
             refs = [a.quantize.remote(plan, local[i % self.tp] if local else None, scales_ref)
                     for i, a in enumerate(self.workers.actors)]
             self.report.quantized = len(get_all(refs)[0])
+        self._collect_shard_times()
         return self.scales
+
+    def _collect_shard_times(self) -> None:
+        self.report.shard_times = get_all([a.shard_times.remote() for a in self.workers.actors])
 
     def _opt_errors(self, plan: RunPlan, requests: dict[str, Any]) -> dict[str, np.ndarray]:
         if not requests:

@@ -110,6 +110,12 @@ def summary_table(report: RunReport, title: str = "fp8-calibrate") -> Table:
 
     rows += summary_rows(report)
     rows += [(f"time: {k}", f"{v:.2f} s") for k, v in report.timer.seconds.items()]
+    profile = report.profile()
+    if "all_reduce_share_of_measure" in profile:
+        rows.append(("tp all-reduce share of the measure forwards", f"{100 * profile['all_reduce_share_of_measure']:.1f} %"))
+    if "quantize_slowest_shard_s" in profile:
+        rows.append(("in-place quantize, slowest shard", f"{profile['quantize_slowest_shard_s']:.2f} s, "
+                     f"{profile['quantize_slowest_shard_gb_per_s']:.2f} GB/s of weights read + written"))
     for k, v in rows:
         t.add_row(k, v)
     return t
@@ -176,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "uncovered_policy": report.uncovered_policy, "filled": report.filled,
                           "expert_tokens": {layer: {str(e): n for e, n in experts.items()}
                                             for layer, experts in report.expert_tokens.items()},
-                          "seconds": report.timer.seconds}))
+                          "seconds": report.timer.seconds, "shards": report.shard_times, "profile": report.profile()}))
     else:
         console.print(summary_table(report))
     return 0

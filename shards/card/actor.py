@@ -7,6 +7,7 @@ wrapped by ``ray.remote`` (see ``orchestrator.driver.grid.make_workers(runner_cl
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +32,10 @@ class CalibrationRunner(ShardRunner):
     _store: ZarrStatsStore | None = None
     _pending_batches: list[int]
     _committed: frozenset[int] = frozenset()
+    _forward_s: float = 0.0  # measure_batch seconds (forwards with observers, collectives included)
+    _all_reduce_s: float = 0.0  # the tp all-reduces inside those forwards, waiting for peers included
+    _quantize_s: float = 0.0
+    _quantize_bytes: int = 0  # weight bytes read (hp) and written (FP8) by this shard's quantize
 
     def _calibration(self) -> ShardCalibration:
         if self._calib is None:
@@ -56,11 +61,16 @@ class CalibrationRunner(ShardRunner):
     def measure_batch(self, batch_id: int, tokens: np.ndarray) -> int:
         """Run one calibration batch; returns the number of tokens seen."""
         ids = torch.tensor(np.asarray(tokens), dtype=torch.long, device=next(self.model.parameters()).device)
+        group = self._group
+        start, collective = time.perf_counter(), group.collective_s if group is not None else 0.0
         if int(batch_id) in self._committed:
             self._calibration().run_uncounted(ids)  # collectives need every rank; the store has its counts
         else:
             self._calibration().run(ids)
             self._pending_batches.append(int(batch_id))
+        self._forward_s += time.perf_counter() - start
+        if group is not None:
+            self._all_reduce_s += group.collective_s - collective
         return int(ids.numel())
 
     def flush(self) -> list[int]:
@@ -104,8 +114,19 @@ class CalibrationRunner(ShardRunner):
                  weight_scales: Mapping[str, torch.Tensor]) -> list[str]:
         """Quantize this shard in place with the coordinator's scales; returns the quantized names."""
         backend = backend_for_device(next(self.model.parameters()).device)
+        sizes = {n: w.numel() * (w.element_size() + 1) for n, m in self.model.named_modules()
+                 if isinstance(w := getattr(m, "weight", None), torch.Tensor)}  # hp read + FP8 written
+        start = time.perf_counter()
         result = self._calibration().quantize(plan, local_stats, weight_scales, backend)
+        self._quantize_s += time.perf_counter() - start
+        self._quantize_bytes += sum(sizes.get(n, 0) for n in result.quantized)
         return list(result.quantized)
+
+    def shard_times(self) -> dict[str, float]:
+        """Where this shard's time went: forwards (measure), the tp all-reduces inside them, and
+        the in-place quantization with the weight bytes it read and wrote."""
+        return {"forward_s": self._forward_s, "all_reduce_s": self._all_reduce_s, "quantize_s": self._quantize_s,
+                "quantize_bytes": float(self._quantize_bytes)}
 
     def quantized_state(self) -> dict[str, dict[str, Any]]:
         return self._calibration().quantized_state()

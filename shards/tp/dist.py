@@ -9,6 +9,7 @@ is read from the environment.
 from __future__ import annotations
 
 import enum
+import time
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -84,6 +85,8 @@ class TpGroup:
         self.world = world
         self.kind = kind
         self._initialized = False
+        #: seconds spent in all_reduce, waiting for slower peers included (the run reports its share)
+        self.collective_s = 0.0
         if world == 1:
             return
         if rendezvous is None:
@@ -109,7 +112,9 @@ class TpGroup:
         if op not in ("sum", "max"):
             raise ValueError(f"all_reduce: op {op!r}; allowed: sum, max")
         if self.world > 1:
+            start = time.perf_counter()
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
+            self.collective_s += time.perf_counter() - start
         return t
 
     @property

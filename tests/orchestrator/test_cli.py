@@ -40,12 +40,14 @@ def _fp8_bound(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.timeout(300)
-def test_run_tp2_writes_a_complete_store_an_fp8_checkpoint_and_inc_files(tmp_path: Path, model_dir: Path) -> None:
+def test_run_tp2_writes_a_complete_store_an_fp8_checkpoint_and_inc_files(tmp_path: Path, model_dir: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fp8"
     rc = main(["run", "--config", str(_config(tmp_path)), "--model", str(model_dir), "--data", str(DATA),
                "--tp", "2", "--seq-len", "32", "--batch-size", "2", "--max-batches", "6", "--flush-every", "4",
                "--export", str(out), "--inc-world", "2", "--no-progress", "--json"])
     assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     store = ZarrStatsStore.open(tmp_path / "stats" / "run.zarr")
     commits = store.commits()
     assert sorted(commits) == [0, 1]
@@ -55,6 +57,7 @@ def test_run_tp2_writes_a_complete_store_an_fp8_checkpoint_and_inc_files(tmp_pat
     # The exported FP8 weights dequantize to within FP8 rounding of the original weights.
     with safe_open(str(out / "model.safetensors"), "pt") as f, safe_open(str(model_dir / "model.safetensors"), "pt") as src:
         names = [k[: -len(".weight_scale")] for k in f.keys() if k.endswith(".weight_scale")]
+        weight_bytes = 0
         assert len(names) == 14  # 2 layers x 7 projections; the tied lm_head stays high precision
         for name in names:
             q = f.get_tensor(f"{name}.weight")
@@ -64,6 +67,13 @@ def test_run_tp2_writes_a_complete_store_an_fp8_checkpoint_and_inc_files(tmp_pat
             w = src.get_tensor("model.embed_tokens.weight" if tied else f"{name}.weight")
             err = (q.float() * s - w).abs()
             assert bool((err <= _fp8_bound(w, s)).all()), name
+            weight_bytes += w.numel() * (w.element_size() + 1)  # read in hp, written as FP8
+    # What the shards report: both tp ranks all-reduced inside their forwards, and together they
+    # quantized exactly the selected weights' bytes.
+    shards = summary["shards"]
+    assert len(shards) == 2 and all(t["forward_s"] > t["all_reduce_s"] > 0 for t in shards)
+    assert 0 < summary["profile"]["all_reduce_share_of_measure"] < 1
+    assert sum(t["quantize_bytes"] for t in shards) == weight_bytes
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
     inc = out / "inc"
