@@ -4,16 +4,22 @@ Two kinds of rows, on SmolLM2-135M (``--smollm2``; converted once from the GGUF 
 by ``orchestrator.entry.smollm2.build_smollm2_checkpoint`` into ``.cache/``, fp32) or, with ``--quick``
 or without ``--smollm2``, on the tiny demo Llama (``orchestrator.entry.demo_model``, byte tokens):
 
-- **run time.** Each topology (SmolLM2: tp=1, tp=3, dp=2; demo Llama: tp=1, tp=2, dp=2, its 2 KV
-  heads rule out tp=3; ``--quick``: tp=1 only) runs ``python -m orchestrator.entry.fp8_calibrate run ... --export``
-  in a fresh subprocess (Ray can be started once per process), timed by its wall clock: interpreter
-  and imports, Ray start, shard start (checkpoint read), measure, reduce, scales, quantize, export and
-  shutdown. *baseline*: the plain forward passes the run needs, i.e. one fp32 HF forward of the same
-  checkpoint over the same calibration batches (``orchestrator.entry.fp8_calibrate.calibration_batches``: the
-  tokens the CLI measures), in this process with one torch thread. Baseline and runs alternate per
+- **run time.** Each topology (SmolLM2: tp=1, tp=3, dp=2, its 9 heads do not split in 2; demo Llama:
+  tp=1, tp=2, dp=2, its 2 KV heads rule out tp=3; ``--quick``: tp=1 only) runs
+  ``python -m orchestrator.entry.fp8_calibrate run ... --export`` in a fresh subprocess (Ray can be
+  started once per process), timed by its wall clock: interpreter and imports, Ray start, shard start
+  (checkpoint read), measure, reduce, scales, quantize, export and shutdown. SmolLM2 runs the
+  workload of issue 18: its checkpoint in **bf16**, 32 x 128 calibration tokens, ``static_maxabs_pow2.json``.
+  *baseline*: the plain forward passes the run needs, i.e. one HF forward of the same checkpoint
+  in its dtype over the same calibration batches (``orchestrator.entry.fp8_calibrate.calibration_batches``:
+  the tokens the CLI measures), in this process with one torch thread. Baseline and runs alternate per
   repetition. Shard actors use one torch thread each; all processes share the machine's cores, so
   tp=3 runs 3 actors on 2 cores here. The note splits the fastest run into its phases (from the
-  run's ``--json`` summary) and the rest (interpreter, imports, Ray start and stop, tokenizing).
+  run's ``--json`` summary) and the rest (interpreter, imports, Ray start and stop, tokenizing), and
+  gives the tp all-reduce share of the shards' measure forwards and the slowest shard's in-place
+  quantize speed. A further row compares the measure phase's throughput at dp=2 with dp=1.
+  A calibrating shard skips the logits of a blocklisted ``lm_head`` (``logits_to_keep``), so its
+  measure phase can be faster than the plain forward.
 - **accuracy**, per recipe offered in ``examples/configs/*.json`` (one per distinct
   ``scale_method`` / ``dynamic_quantization``; the note names the files): the model is calibrated
   on the same calibration batches with the single-card API (``orchestrator.quantize``; a tp=k run
@@ -75,7 +81,12 @@ DEMO_SIZES = {
     "quick": E2eSize(((1, 1),), 2, 2, 64, 1, 1),
     "full": E2eSize(((1, 1), (2, 1), (1, 2)), 2, 4, 128, None, 3),
 }
-SMOLLM2_SIZE = E2eSize(((1, 1), (3, 1), (1, 2)), 2, 4, 128, None, 3)  # 8 x 128 calibration tokens
+SMOLLM2_SIZE = E2eSize(((1, 1), (3, 1), (1, 2)), 2, 4, 128, None, 3)  # accuracy rows: 8 x 128 calibration tokens
+# Run-time rows on SmolLM2 (issue 18's workload): the checkpoint in bf16, 32 x 128 calibration tokens
+# (8 batches of 4 x 128). A bf16 forward is ~7x slower than fp32 on an AVX2 CPU, so each run takes
+# minutes: one repetition per topology (the note says so).
+SMOLLM2_RUN_SIZE = E2eSize(((1, 1), (3, 1), (1, 2)), 8, 4, 128, None, 1)
+SMOLLM2_BF16_DIR = CACHE / "smollm2-135m-bf16"
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,8 @@ class Subject:
     name: str
     checkpoint: Path
     run_config: Path  # the recipe the e2e runs use
+    dtype: torch.dtype = torch.float32  # the checkpoint's (and the baseline forward's) dtype
+    data: Path = CALIBRATION  # the text the runs calibrate on
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,7 @@ def with_dump_path(config: dict[str, Any], dump: Path, **overrides: Any) -> dict
 def cli_command(subject: Subject, config: Path, tp: int, dp: int, size: E2eSize, export: Path) -> list[str]:
     """The ``fp8-calibrate run`` command line of one e2e run."""
     return [sys.executable, "-m", "orchestrator.entry.fp8_calibrate", "run", "--config", str(config),
-            "--model", str(subject.checkpoint), "--data", str(CALIBRATION), "--tp", str(tp), "--dp", str(dp), "--seq-len", str(size.seq_len),
+            "--model", str(subject.checkpoint), "--data", str(subject.data), "--tp", str(tp), "--dp", str(dp), "--seq-len", str(size.seq_len),
             "--batch-size", str(size.batch), "--max-batches", str(size.calib_batches), "--no-progress", "--json",
             "--overwrite", "--export", str(export)]
 
@@ -170,7 +183,19 @@ def _batches(subject: Subject, text: Path, size: E2eSize, n: int | None) -> torc
 def _load(subject: Subject) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(subject.checkpoint, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(subject.checkpoint, dtype=subject.dtype).eval()
+
+
+def smollm2_bf16_subject(tmp: Path) -> Subject:
+    """SmolLM2 in bf16, calibrating on the calibration text followed by the eval text (32 rows of
+    128 tokens need more than the calibration text's 16; run-time rows only, no accuracy row
+    uses it)."""
+    from orchestrator.entry.smollm2 import build_smollm2_checkpoint
+
+    data = tmp / "smollm2_run_data.txt"
+    data.write_text(CALIBRATION.read_text() + "\n\n" + (ROOT / "examples" / "smollm2_eval.txt").read_text())
+    return Subject("SmolLM2-135M bf16", build_smollm2_checkpoint(SMOLLM2_BF16_DIR, dtype=torch.bfloat16),
+                   CONFIGS / "static_maxabs_pow2.json", torch.bfloat16, data)
 
 
 def _forward(model: torch.nn.Module, batches: torch.Tensor) -> list[torch.Tensor]:
@@ -188,7 +213,7 @@ def _phases(summary: dict[str, Any], wall: float) -> str:
 def run_time_rows(subject: Subject, size: E2eSize, repeats: int, tmp: Path, note_extra: str = "") -> list[Row]:
     """One row per topology: run wall time / plain forward over the calibration batches."""
     model = _load(subject)
-    calib = _batches(subject, CALIBRATION, size, size.calib_batches)
+    calib = _batches(subject, subject.data, size, size.calib_batches)
     config = tmp / "run_config.json"
     runs: dict[tuple[int, int], list[RunResult]] = {t: [] for t in size.topologies}
     errors: dict[tuple[int, int], str] = {}
@@ -211,7 +236,9 @@ def run_time_rows(subject: Subject, size: E2eSize, repeats: int, tmp: Path, note
                 errors[(tp, dp)] = str(exc)
     baseline = Timing(min(base), statistics.median(base))
     tokens = f"{size.calib_batches * size.batch} x {size.seq_len} calibration tokens"
+    dtype = str(subject.dtype).removeprefix("torch.")
     rows = []
+    measure_tps: dict[tuple[int, int], float] = {}
     for tp, dp in size.topologies:
         name = f"e2e {subject.name} `fp8-calibrate run` tp={tp} dp={dp} (incl. Ray start) / plain forward"
         if (tp, dp) in errors:
@@ -222,11 +249,26 @@ def run_time_rows(subject: Subject, size: E2eSize, repeats: int, tmp: Path, note
         fastest = runs[(tp, dp)][walls.index(min(walls))]
         measured = Timing(min(walls), statistics.median(walls))
         measure_s = fastest.summary.get("seconds", {}).get("measure", float("nan"))
-        note = (f"{subject.name} fp32, {tokens} ({subject.run_config.name}, --export), {len(walls)} run(s); "
-                f"measure phase alone {measure_s / baseline.min:.3g}x the plain forward; fastest run: "
-                f"{_phases(fastest.summary, fastest.wall_s)}; baseline: HF forward, 1 torch thread; "
-                f"load average {load:.1f} at start{note_extra}")
-        rows.append(row(name, measured, f"plain forward {baseline}", measured.min / baseline.min, "-", None, note))
+        measure_tps[(tp, dp)] = 1.0 / measure_s
+        profile = fastest.summary.get("profile", {})
+        shares = ""
+        if "all_reduce_share_of_measure" in profile:
+            shares += f"; tp all-reduce {profile['all_reduce_share_of_measure']:.1%} of the shards' measure forwards"
+        if "quantize_slowest_shard_s" in profile:
+            shares += (f"; in-place quantize, slowest shard {profile['quantize_slowest_shard_s']:.2f} s at "
+                       f"{profile['quantize_slowest_shard_gb_per_s']:.2f} GB/s of weights read + written")
+        note = (f"{subject.name} {dtype}, {tokens} ({subject.run_config.name}, --export), {len(walls)} run(s); "
+                f"measure phase alone {measure_s / baseline.min:.3g}x the plain forward{shares}; fastest run: "
+                f"{_phases(fastest.summary, fastest.wall_s)}; baseline: HF {dtype} forward over the same batches, "
+                f"1 torch thread; load average {load:.1f} at start{note_extra}")
+        goal = 1.1 if (tp, dp) == (1, 1) and subject.dtype == torch.bfloat16 else None
+        rows.append(row(name, measured, f"plain forward {baseline}", measured.min / baseline.min,
+                        f"<= {goal:g}" if goal else "-", measured.min / baseline.min <= goal if goal else None, note))
+    if (1, 1) in measure_tps and (1, 2) in measure_tps:
+        r = measure_tps[(1, 2)] / measure_tps[(1, 1)]
+        rows.append(row(f"e2e {subject.name} measure throughput dp=2 / dp=1", f"{r:.2f}x", "dp=1", r, ">= 1.8",
+                        r >= 1.8, f"tokens per second of the measure phase, 2 actors of 1 torch thread on "
+                        f"{os.cpu_count()} cores; {tokens}{note_extra}"))
     return rows
 
 
@@ -277,6 +319,9 @@ def run(size: str = "full", repeats: int | None = None, use_smollm2: bool = Fals
         if subject.name == "SmolLM2-135M":
             shape = SMOLLM2_SIZE
             extra = ""
+            rows += run_time_rows(smollm2_bf16_subject(tmp), SMOLLM2_RUN_SIZE, repeats or SMOLLM2_RUN_SIZE.repeats, tmp)
+            rows += accuracy_rows(subject, shape, tmp, extra)
+            return rows
         else:
             shape = DEMO_SIZES[size]
             extra = "; " + ("quick: the tiny demo Llama instead of SmolLM2, tp=1 only" if size != "full"
