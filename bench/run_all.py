@@ -51,10 +51,12 @@ WHY_NOT_MET: dict[str, str] = {
         "scalars), unchanged code. This AVX2 machine is ~2.2x slower than the one that measured 1.16 s "
         "(json.load baseline 0.018 s vs 0.008 s); the ratio to json.load improved (144 -> 123). Batching "
         "the per-tensor scalars into one vectorised pass is the fix (issue 18, speed)."),
-    "observers:": (
-        "On CPU the max-abs observers take one aminmax pass per tensor (the NaN/Inf-skipping path runs only "
-        "when that result is not finite); the rest is forward-hook dispatch per observed module. The figure "
-        "drifts by a few per cent with the machine's load: rerun on an idle box (`shards/measuring/observers.py`)."),
+    "observers ": (
+        "On CPU a max-abs observer is one aminmax pass per distinct tensor (q/k/v and gate/up share theirs "
+        "through the session memo; the NaN/Inf-skipping path runs only when that result is not finite) plus "
+        "forward-hook dispatch per observed module. In fp32 the matmuls leave the elementwise passes a larger "
+        "share; the hook CPU time also inflates when other processes share the cores' caches: rerun on an "
+        "idle box (`shards/measuring/observers.py`)."),
     "data-parallel": (
         "Both actors, the Ray driver and raylet/GCS share the 2 cores; at load 3-4 the same bench measured "
         "1.05-1.3. Each batch costs the driver a Ray round trip, which small batches amortise less. Rerun "

@@ -74,15 +74,20 @@ def skipped(name: str, goal: str, reason: str) -> Row:
 
 
 def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int = 3,
-              warmup: int = 1) -> tuple[Timing, Timing]:
-    """Time two functions alternately (a, b, a, b, ...) so slow drift of the machine hits both alike."""
+              warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> tuple[Timing, Timing]:
+    """Time two functions alternately (a, b, a, b, ...) so slow drift of the machine hits both alike.
+
+    ``clock=time.thread_time`` counts the CPU time of this thread only: with one torch thread every
+    op runs here, and time the scheduler gives other processes is not counted (a busy shared box
+    moves wall-clock ratios by several per cent, CPU-time ratios much less).
+    """
     for _ in range(warmup):
         fn_a()
         fn_b()
     ta, tb = [], []
     for _ in range(repeats):
         for fn, acc in ((fn_a, ta), (fn_b, tb)):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            acc.append(time.perf_counter() - t0)
+            acc.append(clock() - t0)
     return Timing(min(ta), statistics.median(ta)), Timing(min(tb), statistics.median(tb))
