@@ -159,6 +159,18 @@ def _first_line(path: str, key: str) -> str:
     return "unknown"
 
 
+# CPU flags that decide the CPU figures: bf16 matmuls run on avx512_bf16 / amx_bf16 units where they
+# exist and are emulated (~7x slower than fp32) on AVX2-only CPUs.
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> str:
+    """Which of :data:`CPU_FLAGS` this CPU has, and which it lacks."""
+    flags = set(_first_line("/proc/cpuinfo", "flags").split())
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"has {', '.join(have) or 'none'}; lacks {', '.join(f for f in CPU_FLAGS if f not in flags) or 'none'}"
+
+
 def machine() -> list[str]:
     """Lines describing this machine and the library versions."""
     import numpy
@@ -169,6 +181,7 @@ def machine() -> list[str]:
     mem = _first_line("/proc/meminfo", "MemTotal")
     return [
         f"- CPU: {_first_line('/proc/cpuinfo', 'model name')}; `nproc` = {os.cpu_count()}; memory {mem}",
+        f"- CPU flags: {cpu_flags()}",
         f"- {platform.system()} {platform.release()}; Python {platform.python_version()}",
         f"- torch {torch.__version__}, ray {ray.__version__}, zarr {zarr.__version__}, numpy {numpy.__version__}",
         f"- CUDA available: {torch.cuda.is_available()}",
