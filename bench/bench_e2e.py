@@ -219,7 +219,7 @@ def run_time_rows(subject: Subject, size: E2eSize, repeats: int, tmp: Path, note
     errors: dict[tuple[int, int], str] = {}
     base: list[float] = []
     load = os.getloadavg()[0]
-    _forward(model, calib)  # warm-up
+    _forward(model, calib[:1])  # warm-up (one batch: a bf16 pass over all of them takes minutes)
     for rep in range(repeats):
         t0 = time.perf_counter()
         _forward(model, calib)
