@@ -20,6 +20,7 @@ that are entirely zero, whose quantized value is zero for any scale.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -125,7 +126,9 @@ def is_fixed(section: SectionSpec) -> bool:
 
 
 def check_finite(t: torch.Tensor, where: str, shown: object) -> None:
-    if not bool(torch.isfinite(t).all()):
+    # One element (every per-tensor scale path): a host float is ~10x cheaper than isfinite+all.
+    finite = math.isfinite(float(t)) if t.numel() == 1 else bool(torch.isfinite(t).all())
+    if not finite:
         raise NonFiniteStatsError(where, shown)
 
 

@@ -129,7 +129,9 @@ def convert_model(
         scales = scales_for(f, plan, modules.get(f.name), (weight_scales or {}).get(f.name))
         qmod: QuantModule = factory(f.module, scales, qctx)
         device = _device_of(f.module)
-        set_submodule(model, f.path, qmod.to(device) if device is not None else qmod)
+        # Built from the source's tensors, with scales made on the host: only another device moves.
+        moved = device is not None and device.type != "cpu"
+        set_submodule(model, f.path, qmod.to(device) if moved else qmod)
         quantized.append(f.name)
     return ConvertResult(tuple(quantized), tuple(missing))
 
