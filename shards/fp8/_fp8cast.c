@@ -47,13 +47,14 @@ static inline __attribute__((always_inline)) float widen(const void *restrict sr
 /* The FP8 code of y. Non-negative floats order like their bit patterns, so the clamp and the
  * exponent floor below are integer min/max on |y|'s bits. The FP8 step at |y| is 2**(e - p), e =
  * max(exponent of |y|, smallest normal exponent), p = mantissa bits; adding big = 2**(e + 23 - p),
- * whose fp32 ulp is that step, makes the FPU round to nearest even, and q = bits(|y| + big) -
- * bits(big) counts whole steps. The code is q plus the exponent's offset: one formula for normals,
- * subnormals and a carry into the next binade. Selects are masks or min/max, never a ?: around a
+ * whose fp32 ulp is that step, makes the FPU round to nearest even (the default rounding mode,
+ * which torch's own multiply and divide assume too), and q = bits(|y| + big) - bits(big) counts
+ * whole steps. The code is q plus the exponent's offset: one formula for normals, subnormals and a
+ * carry into the next binade. Selects are masks or min/max, never a ?: around a
  * float op: gcc turns those into branches, and a (trapping) float op in a branch is not vectorized. */
 static inline __attribute__((always_inline)) uint32_t encode(float y, const uint32_t fs_bits, const int e5m2)
 {
-    const int p = e5m2 ? 2 : 3;
+    const unsigned p = e5m2 ? 2u : 3u;
     const int32_t emin = e5m2 ? (127 - 14) << 23 : (127 - 6) << 23; /* smallest normal, fp32 bits */
 
     uint32_t b = to_bits(y);

@@ -9,8 +9,9 @@ It applies to contiguous CPU tensors of fp32, bf16 or fp16, cast to ``float8_e4m
 ``float8_e5m2``, with one scale for the whole tensor or one per row (axis 0). :func:`cast`
 answers None for anything else, and the caller takes torch's path.
 
-Large tensors are split over ``torch.get_num_threads()`` threads (at most ``MAX_THREADS``, parts of
-at least ``MIN_PART`` elements); the kernel runs without the GIL, so Python threads run in parallel.
+One thread per call: the kernel runs without the GIL and takes row ranges, so splitting a tensor
+over threads would be a few lines here; on the shared 2-core development box it measured no gain,
+so it was left out.
 
 The kernel is built by ``pip install -e .`` / ``python setup.py build_ext --inplace`` (setup.py)
 and is optional: without a compiler the install succeeds and torch's cast is used.
@@ -23,7 +24,6 @@ else: the fastest loops the CPU has (``_fp8cast.ISA``).
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -39,20 +39,6 @@ _SRC_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # storage dtype -> (is e5m2, largest finite value): the kernel's integer rounding stays on the grid
 # only up to that value, so a larger full scale goes through torch.
 _STORAGE = {torch.float8_e4m3fn: (False, 448.0), torch.float8_e5m2: (True, 57344.0)}
-# One thread casts ~3 elements/ns (AVX2): a part below 2**18 elements (~0.1 ms) would not repay
-# the hand-off, and beyond a few threads the cast is memory-bound.
-MIN_PART = 1 << 18
-MAX_THREADS = 8
-_pool: ThreadPoolExecutor | None = None
-
-
-def _forget_pool() -> None:
-    # A forked child inherits the pool object but not its threads: submitting would wait forever.
-    global _pool
-    _pool = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
 
 
 def available() -> bool:
@@ -97,36 +83,6 @@ def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, ful
     else:
         value = float(scale)
     out = torch.empty(x.shape, dtype=storage)
-    fixed = (value, e5m2, float(fullscale), _mode() == "baseline")
-    calls = [(x.data_ptr() + x.element_size() * first, _SRC_KIND[x.dtype], out.data_ptr() + first, n_rows, n_cols,
-              scale_ptr + 4 * row if scale_ptr else 0, *fixed)
-             for first, row, n_rows, n_cols in _parts(rows, cols, scale_ptr != 0)]
-    _run(calls)
+    _fp8cast.cast(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, scale_ptr, value, e5m2,
+                  float(fullscale), _mode() == "baseline")
     return out
-
-
-def _parts(rows: int, cols: int, per_row: bool) -> list[tuple[int, int, int, int]]:
-    """(first element, first row, rows, cols) of each thread's share: whole rows of a per-row scale,
-    else a flat range of elements (then ``rows`` is 1)."""
-    total = rows * cols
-    n = max(1, min(torch.get_num_threads(), MAX_THREADS, total // MIN_PART))
-    if per_row:
-        bounds = [rows * i // n for i in range(n + 1)]
-        return [(b * cols, b, e - b, cols) for b, e in zip(bounds, bounds[1:]) if e > b]
-    bounds = [total * i // n // 64 * 64 for i in range(n)] + [total]  # cache-line aligned starts
-    return [(b, 0, 1, e - b) for b, e in zip(bounds, bounds[1:]) if e > b]
-
-
-def _run(calls: list[tuple]) -> None:
-    """Run the kernel calls: the first on this thread, the others on the pool; return when all ended
-    (the buffers must outlive every call, also when one raises)."""
-    global _pool
-    if len(calls) > 1 and _pool is None:  # threads start on demand, up to MAX_THREADS - 1
-        _pool = ThreadPoolExecutor(MAX_THREADS - 1, thread_name_prefix="fp8cast")
-    futures = [_pool.submit(_fp8cast.cast, *c) for c in calls[1:]]
-    try:
-        _fp8cast.cast(*calls[0])
-    finally:
-        wait(futures)
-    for f in futures:
-        f.result()

@@ -143,24 +143,6 @@ def test_random_fp32_per_row(monkeypatch, mode, fmt, kind) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["pow2", "mixed"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_threaded_split_matches(monkeypatch, kind, dtype) -> None:
-    """Split over threads (small parts forced), per tensor and per row, odd sizes: same codes."""
-    monkeypatch.setattr(native_cast, "MIN_PART", 1000)
-    x = random_fp32(97 * 1001 // 3 + 1, seed=3)[: 97 * 1001].reshape(97, 1001).to(dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        assert len(native_cast._parts(1, x.numel(), False)) == 3
-        assert len(native_cast._parts(97, 1001, True)) == 3
-        assert_same_as_torch(monkeypatch, "best", x, 2.0**-4, E4M3)
-        assert_same_as_torch(monkeypatch, "best", x, row_scales(kind, 97), E5M2, axis=0)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@needs_kernel
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_cast_to_fp8_uses_the_kernel_and_matches(monkeypatch, fmt) -> None:
     x = fp32_probes(fmt)
