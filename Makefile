@@ -13,7 +13,7 @@ PEER_STAMP := $(PEER_VENV)/.installed
 
 # torch is pinned and installed first: this exact version is served as a CPU build;
 # any other spec pulls gigabytes of CUDA wheels.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile setup.py shards/fp8/_fp8cast.c  # the C kernel is built by the install
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

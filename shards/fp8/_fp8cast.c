@@ -1,0 +1,212 @@
+/* _fp8cast: the CPU FP8 cast of shards.fp8.numerics.quantize as one pass over memory.
+ *
+ * codes = fp8(clamp(widen(x) / s, +-fullscale)), where s is one fp32 scale for the whole tensor or
+ * one per row, the division is fp32 (x * (1/s) where s is a power of two: the same bits, cheaper),
+ * and fp8() rounds to nearest even onto the e4m3fn or e5m2 grid (subnormals included).
+ * Bit-identical to torch's path (fp32 widen, fp32 multiply/divide, clamp, c10's fp32->float8
+ * conversion) for every input, NaN and -0.0 codes included.
+ *
+ * torch's CPU fp32->float8 conversion is scalar code (~1 ns/element); here every step is
+ * branch-free integer/float arithmetic with fixed shifts, which gcc -O3 vectorizes. The loops are
+ * compiled twice: for the baseline ISA (SSE2 on x86-64; no -march flags, clusters mix CPUs) and,
+ * on x86 with gcc/clang, with AVX2 (8 lanes, integer min/max), picked at run time. Plain C and the
+ * CPython API only: tensors arrive as (data_ptr, rows, cols) from Python, which checks dtypes,
+ * devices and contiguity (shards/fp8/native_cast.py).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+enum { SRC_F32 = 0, SRC_BF16 = 1, SRC_F16 = 2 };
+
+static inline float from_bits(uint32_t b) { float f; memcpy(&f, &b, sizeof f); return f; }
+static inline uint32_t to_bits(float f) { uint32_t b; memcpy(&b, &f, sizeof b); return b; }
+
+/* The exact fp32 value of element i (bf16 and fp16 are subsets of fp32). */
+static inline __attribute__((always_inline)) float widen(const void *restrict src, size_t i, const int kind)
+{
+    if (kind == SRC_F32)
+        return ((const float *)src)[i];
+    uint32_t h = ((const uint16_t *)src)[i];
+    if (kind == SRC_BF16)
+        return from_bits(h << 16);
+    /* fp16: rebias the exponent (15 -> 127) and move the mantissa up 13 bits; inf/NaN need
+     * exponent 255, and subnormals (exponent 0) are mantissa * 2**-24, exact in fp32. NaN payloads
+     * keep their quiet bit, as in every other conversion. */
+    uint32_t sign = (h & 0x8000u) << 16;
+    uint32_t mag = h & 0x7fffu;
+    uint32_t normal = (mag << 13) + ((127u - 15u) << 23);
+    normal += (0u - (uint32_t)(mag >= 0x7c00u)) & ((128u - 16u) << 23);
+    uint32_t sub = to_bits((float)(int32_t)mag * 0x1p-24f);
+    uint32_t is_sub = 0u - (uint32_t)(mag < 0x0400u); /* a mask, see encode() */
+    return from_bits(sign | (sub & is_sub) | (normal & ~is_sub));
+}
+
+/* The FP8 code of y. Non-negative floats order like their bit patterns, so the clamp and the
+ * exponent floor below are integer min/max on |y|'s bits. The FP8 step at |y| is 2**(e - p), e =
+ * max(exponent of |y|, smallest normal exponent), p = mantissa bits; adding big = 2**(e + 23 - p),
+ * whose fp32 ulp is that step, makes the FPU round to nearest even (the default rounding mode,
+ * which torch's own multiply and divide assume too), and q = bits(|y| + big) - bits(big) counts
+ * whole steps. The code is q plus the exponent's offset: one formula for normals, subnormals and a
+ * carry into the next binade. Selects are masks or min/max, never a ?: around a
+ * float op: gcc turns those into branches, and a (trapping) float op in a branch is not vectorized. */
+static inline __attribute__((always_inline)) uint32_t encode(float y, const uint32_t fs_bits, const int e5m2)
+{
+    const unsigned p = e5m2 ? 2u : 3u;
+    const int32_t emin = e5m2 ? (127 - 14) << 23 : (127 - 6) << 23; /* smallest normal, fp32 bits */
+
+    uint32_t b = to_bits(y);
+    int32_t a = (int32_t)(b & 0x7fffffffu);
+    int32_t m = a < (int32_t)fs_bits ? a : (int32_t)fs_bits; /* +inf saturates; NaN is fixed below */
+    int32_t ex = m & 0x7f800000;
+    ex = ex > emin ? ex : emin;
+    uint32_t big = (uint32_t)ex + ((23u - p) << 23);
+    uint32_t q = to_bits(from_bits((uint32_t)m) + from_bits(big)) - big;
+    uint32_t code = q + ((uint32_t)(ex - emin) >> (23 - p));
+    /* NaN: 0x7f, the code c10 gives both formats, with the sign. */
+    code |= 0u - (uint32_t)(a > 0x7f800000);
+    return (code & 0x7fu) | ((b >> 24) & 0x80u);
+}
+
+/* Elements per inner block: codes are computed as 32-bit lanes into a small buffer and narrowed
+ * to bytes in a second loop. Narrowing inside the arithmetic loop makes gcc pack every
+ * intermediate separately (about twice the instructions). */
+#define BLOCK 512
+
+static inline __attribute__((always_inline)) void
+cast_row(const void *restrict src, uint8_t *restrict dst, size_t n, float v, float fs,
+         const int kind, const int divide, const int e5m2)
+{
+    const uint32_t fs_bits = to_bits(fs);
+    uint32_t codes[BLOCK];
+    for (size_t start = 0; start < n; start += BLOCK) {
+        size_t len = n - start < BLOCK ? n - start : BLOCK;
+        for (size_t i = 0; i < len; i++) {
+            float x = widen(src, start + i, kind);
+            codes[i] = encode(divide ? x / v : x * v, fs_bits, e5m2);
+        }
+        for (size_t i = 0; i < len; i++)
+            dst[start + i] = (uint8_t)codes[i];
+    }
+}
+
+typedef void (*row_fn)(const void *restrict, uint8_t *restrict, size_t, float, float);
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define HAVE_AVX2 1
+#define AVX2_TARGET __attribute__((target("avx2")))
+#else
+#define HAVE_AVX2 0
+#define AVX2_TARGET
+#endif
+
+/* One specialized loop per (input dtype, multiply/divide, format): constants fold, loops vectorize.
+ * Each exists for the baseline ISA (prefix b_) and, where available, for AVX2 (prefix a_). */
+#define ROW_FN(isa_attr, name, kind, divide, e5m2) \
+    static isa_attr void name(const void *restrict s, uint8_t *restrict d, size_t n, float v, float fs) \
+    { cast_row(s, d, n, v, fs, kind, divide, e5m2); }
+#define ROW_FNS_FOR(isa_attr, p) \
+    ROW_FN(isa_attr, p##f32_mul_e4, SRC_F32, 0, 0) ROW_FN(isa_attr, p##f32_mul_e5, SRC_F32, 0, 1) \
+    ROW_FN(isa_attr, p##f32_div_e4, SRC_F32, 1, 0) ROW_FN(isa_attr, p##f32_div_e5, SRC_F32, 1, 1) \
+    ROW_FN(isa_attr, p##bf16_mul_e4, SRC_BF16, 0, 0) ROW_FN(isa_attr, p##bf16_mul_e5, SRC_BF16, 0, 1) \
+    ROW_FN(isa_attr, p##bf16_div_e4, SRC_BF16, 1, 0) ROW_FN(isa_attr, p##bf16_div_e5, SRC_BF16, 1, 1) \
+    ROW_FN(isa_attr, p##f16_mul_e4, SRC_F16, 0, 0) ROW_FN(isa_attr, p##f16_mul_e5, SRC_F16, 0, 1) \
+    ROW_FN(isa_attr, p##f16_div_e4, SRC_F16, 1, 0) ROW_FN(isa_attr, p##f16_div_e5, SRC_F16, 1, 1)
+#define TABLE_FOR(p) { \
+    {{p##f32_mul_e4, p##f32_mul_e5}, {p##f32_div_e4, p##f32_div_e5}}, \
+    {{p##bf16_mul_e4, p##bf16_mul_e5}, {p##bf16_div_e4, p##bf16_div_e5}}, \
+    {{p##f16_mul_e4, p##f16_mul_e5}, {p##f16_div_e4, p##f16_div_e5}}}
+
+ROW_FNS_FOR(, b_)
+#if HAVE_AVX2
+ROW_FNS_FOR(AVX2_TARGET, a_)
+static const row_fn ROW_FNS[2][3][2][2] = {TABLE_FOR(b_), TABLE_FOR(a_)};
+#else
+static const row_fn ROW_FNS[1][3][2][2] = {TABLE_FOR(b_)};
+#endif
+static const size_t ITEM_SIZE[3] = {4, 2, 2};
+static int best_isa = 0; /* index into ROW_FNS: 1 = AVX2, set at import from the CPU's flags */
+
+/* 1/s when s is a positive power of two whose inverse is a normal fp32 (then x * (1/s) == x / s bit
+ * for bit, and a multiply is cheaper than a divide), else 0 (divide). */
+static float exact_inverse(float s)
+{
+    uint32_t b = to_bits(s), e = b >> 23; /* a set sign bit makes e > 255 */
+    return (b & 0x7fffffu) == 0 && e >= 1 && e <= 253 ? from_bits((254u - e) << 23) : 0.0f;
+}
+
+PyDoc_STRVAR(cast_doc,
+"cast(src_ptr, src_kind, dst_ptr, rows, cols, scale_ptr, scale, e5m2, fullscale, baseline=False)\n\n"
+"Write rows*cols FP8 codes (uint8) of the contiguous source (src_kind 0 fp32, 1 bf16, 2 fp16):\n"
+"clamp(x / s, +-fullscale) in fp32, rounded to nearest even on the e4m3fn (e5m2=False) or e5m2\n"
+"grid. s is scale (an fp32 value) for every row when scale_ptr is 0, else the fp32 scale_ptr[row].\n"
+"Rows whose s is a power of two are multiplied by 1/s (bit-identical). baseline=True runs the\n"
+"baseline-ISA loops even where AVX2 is available (tests). Runs without the GIL; the caller keeps\n"
+"the buffers alive and unchanged.");
+
+static PyObject *cast(PyObject *self, PyObject *args)
+{
+    unsigned long long src, dst, scales;
+    int kind, e5m2, baseline = 0;
+    Py_ssize_t rows, cols;
+    double scale, fullscale;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiKnnKdpd|p:cast", &src, &kind, &dst, &rows, &cols, &scales, &scale, &e5m2,
+                          &fullscale, &baseline))
+        return NULL;
+    if (kind < 0 || kind > 2)
+        return PyErr_Format(PyExc_ValueError, "src_kind must be 0 (fp32), 1 (bf16) or 2 (fp16), got %d", kind);
+    if (rows < 0 || cols < 0)
+        return PyErr_Format(PyExc_ValueError, "rows and cols must be >= 0, got %zd x %zd", rows, cols);
+    /* Above the format's largest finite value the rounding would leave the grid. */
+    if (!(fullscale > 0.0 && fullscale <= (e5m2 ? 57344.0 : 448.0)))
+        return PyErr_Format(PyExc_ValueError, "fullscale must be in (0, %s], got %R", e5m2 ? "57344" : "448",
+                            PyTuple_GET_ITEM(args, 8));
+    if (rows > 0 && cols > 0 && (src == 0 || dst == 0))
+        return PyErr_Format(PyExc_ValueError, "null src or dst pointer for %zd x %zd elements", rows, cols);
+
+    const row_fn(*fns)[2][2] = ROW_FNS[baseline ? 0 : best_isa];
+    const char *sp = (const char *)(uintptr_t)src;
+    uint8_t *dp = (uint8_t *)(uintptr_t)dst;
+    const float *sv = (const float *)(uintptr_t)scales;
+    const float one = (float)scale, fs = (float)fullscale;
+    const size_t row_bytes = (size_t)cols * ITEM_SIZE[kind];
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float s = sv ? sv[r] : one, inv = exact_inverse(s);
+        fns[kind][inv == 0.0f][e5m2](sp + (size_t)r * row_bytes, dp + (size_t)r * (size_t)cols, (size_t)cols,
+                                     inv == 0.0f ? s : inv, fs);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef METHODS[] = {
+    {"cast", cast, METH_VARARGS, cast_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT, "_fp8cast",
+    "Saturating round-to-nearest-even fp32/bf16/fp16 -> FP8 cast (see shards.fp8.native_cast).", -1, METHODS,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fp8cast(void)
+{
+    PyObject *m = PyModule_Create(&MODULE);
+    if (m == NULL)
+        return NULL;
+#if HAVE_AVX2
+    __builtin_cpu_init();
+    best_isa = __builtin_cpu_supports("avx2") ? 1 : 0;
+#endif
+    /* Which loops cast() runs by default: "avx2" or "baseline". */
+    if (PyModule_AddStringConstant(m, "ISA", best_isa ? "avx2" : "baseline") < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

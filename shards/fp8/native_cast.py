@@ -1,0 +1,88 @@
+"""The CPU FP8 cast through the optional C kernel ``shards.fp8._fp8cast``, when it was built.
+
+torch's fp32 -> float8 conversion on CPU is scalar code (~1 ns/element, far below memory speed).
+The kernel widens, scales, clamps, rounds to nearest even and encodes in one vectorized pass,
+bit-identical to the torch path of :func:`shards.fp8.numerics.quantize` for every input (NaN and
+-0.0 codes included; ``tests/shards/test_native_cast.py`` compares every bf16 and fp16 pattern).
+
+It applies to contiguous CPU tensors of fp32, bf16 or fp16, cast to ``float8_e4m3fn`` or
+``float8_e5m2``, with one scale for the whole tensor or one per row (axis 0). :func:`cast`
+answers None for anything else, and the caller takes torch's path.
+
+One thread per call: the kernel runs without the GIL and takes row ranges, so splitting a tensor
+over threads would be a few lines here; on the shared 2-core development box it measured no gain,
+so it was left out.
+
+The kernel is built by ``pip install -e .`` / ``python setup.py build_ext --inplace`` (setup.py)
+and is optional: without a compiler the install succeeds and torch's cast is used.
+``FP8_ORCH_NATIVE_CAST`` (read at every call, so tests and workers can switch it without
+re-importing): ``0`` forces torch's path; ``baseline`` runs the kernel's baseline-ISA loops (SSE2
+on x86-64) even where its AVX2 loops would be picked, so tests can check both; unset or anything
+else: the fastest loops the CPU has (``_fp8cast.ISA``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import shards.fp8._fp8cast as _fp8cast
+except ModuleNotFoundError as e:  # not built (no compiler at install): torch's cast instead
+    if e.name != "shards.fp8._fp8cast":
+        raise  # a broken build (ImportError) is not hidden either
+    _fp8cast = None
+
+ENV_FLAG = "FP8_ORCH_NATIVE_CAST"
+_SRC_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# storage dtype -> (is e5m2, largest finite value): the kernel's integer rounding stays on the grid
+# only up to that value, so a larger full scale goes through torch.
+_STORAGE = {torch.float8_e4m3fn: (False, 448.0), torch.float8_e5m2: (True, 57344.0)}
+
+
+def available() -> bool:
+    """Whether the kernel was built and is imported."""
+    return _fp8cast is not None
+
+
+def _mode() -> str:
+    return os.environ.get(ENV_FLAG, "1")
+
+
+def enabled() -> bool:
+    """Whether :func:`cast` may use the kernel: built, and not switched off by ``FP8_ORCH_NATIVE_CAST=0``."""
+    return _fp8cast is not None and _mode() != "0"
+
+
+def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, fullscale: float) -> torch.Tensor | None:
+    """FP8 codes (dtype ``storage``) of ``clamp(x / scale, +-fullscale)`` computed in fp32, or None.
+
+    ``scale`` is an fp32 tensor with one element or one per row of ``x`` (shape ``[rows, 1, ...]``),
+    or a float that fp32 holds exactly. Rows whose scale is a power of two are multiplied by its
+    inverse instead, which gives the same bits (``numerics._inverse_scale``). None means the kernel
+    does not apply (switched off, not built, another device, dtype or layout); the caller then
+    computes the same codes with torch.
+    """
+    if not enabled() or storage not in _STORAGE or x.dtype not in _SRC_KIND:
+        return None
+    e5m2, top = _STORAGE[storage]
+    if not 0.0 < fullscale <= top or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+        return None
+    rows, cols, value, scale_ptr = 1, x.numel(), 1.0, 0
+    if isinstance(scale, torch.Tensor):
+        if scale.device.type != "cpu" or scale.dtype != torch.float32 or scale.ndim > x.ndim:
+            return None
+        if scale.numel() == 1:
+            value = float(scale)
+        elif scale.ndim == x.ndim and scale.numel() == scale.shape[0] == x.shape[0]:
+            scale = scale.contiguous()  # kept referenced until the kernel returns
+            rows, cols, scale_ptr = x.shape[0], x.numel() // x.shape[0], scale.data_ptr()
+        else:
+            return None
+    else:
+        value = float(scale)
+    out = torch.empty(x.shape, dtype=storage)
+    _fp8cast.cast(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, scale_ptr, value, e5m2,
+                  float(fullscale), _mode() == "baseline")
+    return out

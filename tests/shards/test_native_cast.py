@@ -1,0 +1,215 @@
+"""The C kernel of the CPU FP8 cast (``shards.fp8.native_cast``) against torch's path, bit for bit.
+
+torch's path of :func:`shards.fp8.numerics.quantize` (``FP8_ORCH_NATIVE_CAST=0``) is the reference
+here: the kernel must give the same codes for every input, NaN and -0.0 codes included (the
+torch path itself is checked against a pure-Python FP8 decoder in ``test_numerics``). Every
+comparison runs the kernel twice: with the fastest loops the CPU has and with its baseline-ISA
+loops (``FP8_ORCH_NATIVE_CAST=baseline``), so the SSE2 build is checked on AVX2 machines too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+
+from shards.fp8 import native_cast
+from shards.fp8.numerics import E4M3, E4M3_GAUDI2, E5M2, Fp8Format, _broadcast_scale, cast_to_fp8, quantize
+from tests.shards.test_numerics import codes_of, nearest_code
+
+FORMATS = [E4M3, E4M3_GAUDI2, E5M2]
+MODES = ["best", "baseline"]  # FP8_ORCH_NATIVE_CAST values: fastest loops, baseline-ISA loops
+# Powers of two (multiplied by their inverse), arbitrary values (divided), and values whose
+# quotients overflow, underflow, go subnormal in fp32 or are inf/NaN.
+SCALES = [1.0, 2.0**-3, 2.0**5, 0.3711, 1e-30, 1e30, 2.0**-140, 2.0**100, 2.0**-126, 2.0**127, 3e-39,
+          0.0, math.inf, math.nan]
+needs_kernel = pytest.mark.skipif(not native_cast.available(),
+                                  reason="shards.fp8._fp8cast is not built (python setup.py build_ext --inplace)")
+
+
+def _codes(monkeypatch: pytest.MonkeyPatch, mode: str, fn) -> torch.Tensor:
+    monkeypatch.setenv(native_cast.ENV_FLAG, mode)
+    return fn().view(torch.uint8)
+
+
+def assert_same_as_torch(monkeypatch: pytest.MonkeyPatch, mode: str, x: torch.Tensor, scale, fmt: Fp8Format,
+                         axis: int | None = None) -> None:
+    """quantize() through the kernel (also called directly, so it cannot silently decline) equals
+    quantize() through torch, bit for bit; a failure names the first differing inputs."""
+    want = _codes(monkeypatch, "0", lambda: quantize(x, scale, fmt, axis))
+    direct = _codes(monkeypatch, mode, lambda: native_cast.cast(x, _broadcast_scale(scale, x, axis), fmt.storage,
+                                                                fmt.fullscale))
+    wired = _codes(monkeypatch, mode, lambda: quantize(x, scale, fmt, axis))
+    for got in (direct, wired):
+        bad = (got != want).nonzero()
+        if len(bad):
+            shown = [(tuple(i.tolist()), float(x[tuple(i)]), hex(got[tuple(i)]), hex(want[tuple(i)])) for i in bad[:5]]
+            raise AssertionError(f"{len(bad)} codes differ from torch's; (index, x, kernel, torch): {shown}")
+
+
+def all_16bit(dtype: torch.dtype) -> torch.Tensor:
+    """Every bit pattern of a 16-bit float type, NaNs, infinities, subnormals and -0.0 included."""
+    return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale", SCALES, ids=repr)
+def test_every_16bit_pattern_per_tensor(monkeypatch, mode, fmt, dtype, scale) -> None:
+    assert_same_as_torch(monkeypatch, mode, all_16bit(dtype), scale, fmt)
+
+
+def row_scales(kind: str, rows: int) -> torch.Tensor:
+    """One scale per row: all powers of two (torch multiplies every row by its inverse), or a mix
+    (torch divides every row; the kernel still multiplies the power-of-two rows)."""
+    pool = [s for s in SCALES if kind == "mixed" or (s > 0 and math.isfinite(s) and math.frexp(s)[0] == 0.5)]
+    return torch.tensor([pool[i % len(pool)] for i in range(rows)], dtype=torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["pow2", "mixed"])
+def test_every_16bit_pattern_per_row(monkeypatch, mode, fmt, dtype, kind) -> None:
+    x = all_16bit(dtype).reshape(256, 256)
+    for shift in range(3):  # every pattern meets several scales
+        assert_same_as_torch(monkeypatch, mode, x.roll(shift * 85, 0), row_scales(kind, 256), fmt, axis=0)
+
+
+def fp32_probes(fmt: Fp8Format) -> torch.Tensor:
+    """Both signs of: every FP8 value up to the full scale, the midpoints between neighbours (the
+    ties) and both of their fp32 neighbours, the full scale and the midpoint to the next e4m3fn/e5m2
+    value above it +-1 ulp, fp32 subnormals and extremes, +-inf, NaNs with payloads and +-0."""
+    all_codes = torch.arange(128, dtype=torch.uint8).view(fmt.storage).to(torch.float64)
+    finite = all_codes[torch.isfinite(all_codes)].sort().values
+    grid = finite[finite <= fmt.fullscale]
+    above = finite[finite > fmt.fullscale][:1]
+    mids = (torch.cat([grid, above])[1:] + torch.cat([grid, above])[:-1]) / 2  # exact in fp32
+    points = torch.cat([grid, mids, above]).to(torch.float32)
+    up, down = torch.full_like(points, math.inf), torch.full_like(points, -math.inf)
+    tiny = torch.tensor([1e-45, 1.1754942e-38, 1.1754944e-38, 3.4028235e38, math.inf], dtype=torch.float32)
+    values = torch.cat([points, torch.nextafter(points, up), torch.nextafter(points, down), tiny])
+    values = torch.cat([values, -values])
+    nans = torch.tensor([0x7FC00000, 0x7F800001, 0x7FFFFFFF, -0x400000, -0x7FFFFF, -1], dtype=torch.int32)
+    return torch.cat([values, nans.view(torch.float32)])
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("scale", [1.0, 2.0**-3, 0.3711, 2.0**6])
+def test_fp32_code_points_ties_and_specials(monkeypatch, mode, fmt, scale) -> None:
+    x = fp32_probes(fmt)
+    # The scale multiplies the probes back, so the quotients land on the same ties and boundaries.
+    assert_same_as_torch(monkeypatch, mode, (x.double() * scale).float() if scale != 1.0 else x, scale, fmt)
+    assert_same_as_torch(monkeypatch, mode, x, 1.0, fmt)
+
+
+@lru_cache(maxsize=4)
+def random_fp32(n: int, seed: int) -> torch.Tensor:
+    """Uniform bit patterns (the whole exponent range, NaN/inf/subnormals), normals in the FP8 range,
+    and log-uniform magnitudes across the range where the FP8 codes change."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(1 << 31), 1 << 31, (n,), dtype=torch.int64, generator=g).to(torch.int32)
+    normal = torch.randn(n, generator=g, dtype=torch.float64) * 100
+    magnitude = 2.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 60 - 30)
+    signs = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    return torch.cat([bits.view(torch.float32), normal.float(), (magnitude * signs).float()])
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("scale", [1.0, 2.0**-7, 0.3711], ids=repr)
+def test_random_fp32_per_tensor(monkeypatch, mode, fmt, scale) -> None:
+    assert_same_as_torch(monkeypatch, mode, random_fp32(1 << 20, seed=7), scale, fmt)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("kind", ["pow2", "mixed"])
+def test_random_fp32_per_row(monkeypatch, mode, fmt, kind) -> None:
+    x = random_fp32(1 << 18, seed=11).reshape(768, 1024)
+    assert_same_as_torch(monkeypatch, mode, x, row_scales(kind, 768), fmt, axis=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_cast_to_fp8_uses_the_kernel_and_matches(monkeypatch, fmt) -> None:
+    x = fp32_probes(fmt)
+    want = _codes(monkeypatch, "0", lambda: cast_to_fp8(x, fmt))
+    for mode in MODES:
+        assert torch.equal(_codes(monkeypatch, mode, lambda: cast_to_fp8(x, fmt)), want)
+        assert native_cast.cast(x, 1.0, fmt.storage, fmt.fullscale) is not None
+
+
+def test_layouts_the_kernel_does_not_cover_take_torchs_path() -> None:
+    """The kernel declines (None) and quantize still gives the exact codes of x / s."""
+    x = torch.randn(64, 48) * 30
+    s = torch.rand(48) + 0.1
+    cases = [
+        (x.t(), 0.5, None),  # not contiguous
+        (x.double(), 0.5, None),  # float64
+        (x, s, 1),  # per-column scale
+        (x[0], torch.tensor([[0.5]]), None),  # a scale of more dims than x (the result broadcasts)
+    ]
+    for xi, si, axis in cases:
+        assert native_cast.cast(xi, _broadcast_scale(si, xi, axis), E4M3.storage, E4M3.fullscale) is None
+        got = codes_of(quantize(xi, si, E4M3, axis))
+        s_full = torch.as_tensor(si, dtype=torch.float32).reshape([1, -1] if axis == 1 else [-1])[: xi.shape[-1]]
+        want = [nearest_code(float(v), E4M3) for v in (xi.float() / s_full).reshape(-1).tolist()]
+        assert got == want
+
+
+@pytest.fixture
+def not_built(monkeypatch):
+    """native_cast imported as on a machine where the extension was not built, then restored."""
+    monkeypatch.setitem(sys.modules, "shards.fp8._fp8cast", None)  # import raises ModuleNotFoundError
+    importlib.reload(native_cast)
+    yield
+    monkeypatch.undo()
+    importlib.reload(native_cast)
+
+
+def test_fallback_when_not_built_is_exact(not_built) -> None:
+    assert not native_cast.available() and not native_cast.enabled()
+    _assert_torch_path_exact()
+
+
+def test_fallback_when_switched_off_is_exact(monkeypatch) -> None:
+    monkeypatch.setenv(native_cast.ENV_FLAG, "0")
+    assert not native_cast.enabled()
+    _assert_torch_path_exact()
+
+
+def _assert_torch_path_exact() -> None:
+    """The kernel declines and quantize's torch path gives the codes of test_numerics' decoder."""
+    x = (torch.randn(40, 70) * 50).to(torch.bfloat16)
+    s = torch.rand(40) + 0.05
+    assert native_cast.cast(x, _broadcast_scale(s, x, 0), E4M3.storage, E4M3.fullscale) is None
+    got = codes_of(quantize(x, s, E4M3, axis=0))
+    q32 = (x.float().numpy() / s.numpy()[:, None]).astype(np.float32)
+    assert got == [nearest_code(float(v), E4M3) for v in q32.reshape(-1)]
+
+
+@needs_kernel
+def test_kernel_arguments_are_checked() -> None:
+    from shards.fp8 import _fp8cast
+
+    assert _fp8cast.ISA in ("avx2", "baseline")
+    x, out = torch.ones(4), torch.empty(4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="src_kind"):
+        _fp8cast.cast(x.data_ptr(), 3, out.data_ptr(), 1, 4, 0, 1.0, False, 448.0)
+    with pytest.raises(ValueError, match="fullscale"):
+        _fp8cast.cast(x.data_ptr(), 0, out.data_ptr(), 1, 4, 0, 1.0, False, 500.0)
+    with pytest.raises(ValueError, match="null"):
+        _fp8cast.cast(0, 0, out.data_ptr(), 1, 4, 0, 1.0, False, 448.0)
