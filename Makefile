@@ -8,6 +8,11 @@ STAMP := $(VENV)/.installed
 PEER_VENV := .venv-peers
 PEER_PY := $(PEER_VENV)/bin/python
 PEER_STAMP := $(PEER_VENV)/.installed
+# Intel Neural Compressor (fp8_quant, the tool whose config and files we are compatible with), the other
+# peer of bench-peers, in a third virtualenv (bench/peer_inc.py runs there, importing nothing of ours).
+INC_VENV := .venv-inc
+INC_PY := $(INC_VENV)/bin/python
+INC_STAMP := $(INC_VENV)/.installed
 
 .PHONY: test demo bench bench-peers clean
 
@@ -41,8 +46,18 @@ $(PEER_STAMP): Makefile
 	$(PEER_PY) -m pip install -q llmcompressor==0.14.0.1
 	touch $(PEER_STAMP)
 
-bench-peers: $(STAMP) $(PEER_STAMP)
+# Same torch pin first. neural-compressor-pt brings torchao (pinned: the version that works with
+# torch 2.13 on CPU), numpy, pydantic, psutil...; transformers (the project's version) loads the checkpoint.
+$(INC_STAMP): Makefile
+	test -x $(INC_PY) || $(PYTHON) -m venv $(INC_VENV)
+	$(INC_PY) -m pip install -q torch==2.13.0
+	$(INC_PY) -m pip install -q neural-compressor-pt==3.10 torchao==0.18.0 transformers==5.25.0 safetensors
+	touch $(INC_STAMP)
+
+# INC / llm-compressor / us side by side (bench/RESULTS.md), then every recipe next to llm-compressor (bench/RECIPES.md).
+bench-peers: $(STAMP) $(PEER_STAMP) $(INC_STAMP)
+	$(PY) -m bench.bench_peers --inc-python $(INC_PY) --peers-python $(PEER_PY)
 	$(PY) -m bench.bench_recipes --peers $(PEER_PY)
 
 clean:
-	rm -rf $(VENV) $(PEER_VENV) .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) $(INC_VENV) .pytest_cache

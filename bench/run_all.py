@@ -208,6 +208,14 @@ def results_markdown(rows: Sequence[Row], args: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
+def write_results(target: Path, text: str) -> None:
+    """Write ``text`` to ``target``, keeping the side-by-side section ``bench.bench_peers`` wrote there."""
+    from bench.bench_peers import extract_section, replace_section
+
+    kept = extract_section(target.read_text()) if target.exists() else None
+    target.write_text(replace_section(text, kept) if kept else text)
+
+
 def _why(name: str) -> str:
     for prefix, text in WHY_NOT_MET.items():
         if name.startswith(prefix):
@@ -227,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_rows(rows)
     target = args.results or (None if args.quick else RESULTS)
     if target is not None:
-        target.write_text(results_markdown(rows, list(argv if argv is not None else sys.argv[1:])))
+        write_results(target, results_markdown(rows, list(argv if argv is not None else sys.argv[1:])))
         print(f"wrote {target}")
     if failed:
         print(f"benchmarks that raised: {', '.join(failed)}", file=sys.stderr)

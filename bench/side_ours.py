@@ -1,0 +1,177 @@
+"""Measure fp8-orchestrator on the side-by-side workload, exactly as bench/peer_inc.py measures INC.
+
+Run by ``python -m bench.bench_peers`` in a subprocess of the project venv (so peak RSS compares
+with the peers' processes); the same INC-style config dicts as peer_inc.py go through
+``orchestrator.prepare`` / ``finalize_calibration`` / ``convert`` (the CPU emulating backend, bf16).
+
+    .venv/bin/python -m bench.side_ours --model DIR --tokens FILE --out OUTDIR [same options as peer_inc.py]
+
+The helpers below are copies of peer_inc.py's (that script must import nothing of ours, and we
+import nothing of a peer script): every figure is defined the same way in the three processes.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+def rss_bytes() -> int:
+    """Current resident set size (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def pairs(fn_a: Callable[[Any], Any], fn_b: Callable[[Any], Any], inputs: Sequence[Any],
+          warmup_input: Any) -> tuple[list[float], list[float]]:
+    """Seconds of fn_a(x) and fn_b(x) for each x, alternating a, b; one untimed pair first."""
+    fn_a(warmup_input)
+    fn_b(warmup_input)
+    ta, tb = [], []
+    for x in inputs:
+        ta.append(timed(lambda: fn_a(x))[0])
+        tb.append(timed(lambda: fn_b(x))[0])
+    return ta, tb
+
+
+def heldout_summary(model: torch.nn.Module, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: log-probability of the next token (rows x seq-1) and argmax (rows x seq)."""
+    logp, top = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch):
+            ids = rows[i:i + batch]
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            logp.append(torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0])
+            top.append(logits.argmax(-1))
+    return torch.cat(logp).contiguous(), torch.cat(top).contiguous()
+
+
+def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The modules the config selects: every Linear but lm_head."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.side_ours", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--model", required=True, help="HF checkpoint folder (loaded in bf16)")
+    p.add_argument("--tokens", required=True, help="safetensors file with int64 rows `calib` and `heldout`")
+    p.add_argument("--out", required=True, help="folder for the stats store and heldout.safetensors")
+    p.add_argument("--batch", type=int, default=4, help="rows per forward")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--passes", type=int, default=1, help="timed passes over the calibration rows")
+    p.add_argument("--convert-repeats", type=int, default=3, help="warm converts after the cold one")
+    p.add_argument("--qdq-repeats", type=int, default=3)
+    a = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        sys.exit(f"side_ours: no HF checkpoint at {a.model} (config.json missing); bench.bench_peers writes it")
+    if not os.path.isfile(a.tokens):
+        sys.exit(f"side_ours: token file {a.tokens} not found; bench.bench_peers writes it")
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    a = parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    import orchestrator
+    from importlib.metadata import version
+
+    torch.set_num_threads(a.threads)
+    rss_imports = rss_bytes()
+    tokens = load_file(a.tokens)
+    calib, heldout = tokens["calib"].long(), tokens["heldout"].long()
+    batches = list(calib.split(a.batch))
+    os.makedirs(a.out, exist_ok=True)
+    # The same INC config dicts as peer_inc.py's FP8Config.
+    common = dict(dump_stats_path=os.path.join(a.out, "stats", "measure"), use_qdq=True, hp_dtype="bf16",
+                  allowlist={"types": ["Linear"], "names": []}, blocklist={"types": [], "names": ["lm_head"]})
+
+    plain = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, local_files_only=True).eval()
+    linears = quantized_linears(plain)
+    weights = [m.weight for m in linears.values()]
+    plain_logp, plain_top = heldout_summary(plain, heldout, a.batch)
+
+    def forward(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
+        def run(x: torch.Tensor) -> None:
+            with torch.no_grad():
+                model(input_ids=x, use_cache=False)
+        return run
+
+    measured = orchestrator.prepare(copy.deepcopy(plain), dict(mode="MEASURE", observer="maxabs", **common))
+    t_meas, t_plain = pairs(forward(measured), forward(plain), batches * a.passes, batches[0])
+    t_finalize, _ = timed(lambda: orchestrator.finalize_calibration(measured))
+    measured = None
+    gc.collect()
+
+    qcfg = dict(mode="QUANTIZE", scale_method="maxabs_pow2", **common)
+    t_convert: list[float] = []
+    t_clone: list[float] = []
+    quant = fresh = None
+    for i in range(1 + a.convert_repeats):
+        fresh = quant = None
+        gc.collect()
+        fresh = copy.deepcopy(plain)
+        t, quant = timed(lambda: orchestrator.convert(fresh, qcfg))
+        t_convert.append(t)
+        if i:
+            t_clone.append(timed(lambda: [w.clone() for w in weights])[0])
+    assert quant is not None
+    n_quant = len(orchestrator.scales_of(quant))
+
+    t_qdq, t_qdq_plain = pairs(forward(quant), forward(plain), [batches[0]] * a.qdq_repeats, batches[0])
+    quant_logp, quant_top = heldout_summary(quant, heldout, a.batch)
+    scales = os.path.join(a.out, "scales.json")  # INC's scale-file layout, compared with INC's by the driver
+    with open(scales, "w") as f:
+        json.dump({"Nodes": orchestrator.scales_of(quant)}, f, default=float)
+    summary = os.path.join(a.out, "heldout.safetensors")
+    save_file({"plain_logprob": plain_logp, "plain_argmax": plain_top, "quant_logprob": quant_logp,
+               "quant_argmax": quant_top}, summary)
+
+    print(json.dumps({
+        "tool": "ours", "tool_version": f"fp8-orchestrator {version('fp8-orchestrator')}", "torch": torch.__version__,
+        "transformers": transformers.__version__, "threads": torch.get_num_threads(), "batch": a.batch,
+        "calib_shape": list(calib.shape), "heldout_shape": list(heldout.shape), "n_batches": len(batches),
+        "model_bytes": model_bytes(plain), "quant_weight_bytes": sum(w.numel() * w.element_size() for w in weights),
+        "quant_weight_numel": sum(w.numel() for w in weights), "n_selected": len(linears), "n_quantized": n_quant,
+        "observe_s": t_meas, "observe_plain_s": t_plain, "finalize_s": t_finalize,
+        "convert_s": t_convert, "clone_s": t_clone, "qdq_s": t_qdq, "qdq_plain_s": t_qdq_plain,
+        "rss_imports_bytes": rss_imports, "peak_rss_bytes": peak_rss_bytes(), "heldout": summary,
+        "scales": scales,
+        "notes": ["the same INC config dicts (use_qdq=True, hp_dtype bf16) through orchestrator.prepare/convert; "
+                  "CPU emulating backend; each FP8 Linear keeps its dequantized bf16 weight between forwards"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
