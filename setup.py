@@ -1,7 +1,7 @@
-"""The optional C kernel of the CPU FP8 cast (shards/fp8/_fp8cast.c); everything else is in pyproject.toml.
+"""The optional C kernel of the CPU FP8 cast and max-abs (shards/fp8/_fp8cast.c); everything else is in pyproject.toml.
 
 ``optional=True``: without a C compiler the install still succeeds and shards.fp8.native_cast falls
-back to torch's cast. No -march flags: the build must run on every CPU of a cluster (the kernel
+back to torch. No -march flags: the build must run on every CPU of a cluster (the kernel
 picks its AVX2 loops at run time). -ffp-contract=off: the codes must equal torch's separately
 rounded fp32 operations, so no fused multiply-add even if CFLAGS enable FMA.
 """

@@ -1,4 +1,5 @@
-/* _fp8cast: the CPU FP8 cast of shards.fp8.numerics.quantize as one pass over memory.
+/* _fp8cast: the CPU FP8 cast of shards.fp8.numerics.quantize as one pass over memory, and the
+ * max-abs reduction of shards.fp8.scale_math.magnitude_max (at the end of this file).
  *
  * codes = fp8(clamp(widen(x) / s, +-fullscale)), where s is one fp32 scale for the whole tensor or
  * one per row, the division is fp32 (x * (1/s) where s is a power of two: the same bits, cheaper),
@@ -183,14 +184,116 @@ static PyObject *cast(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ---- max |x| per tensor or per row (shards.fp8.scale_math.magnitude_max) ----------------------
+ *
+ * On the bit patterns: with the sign bit cleared, IEEE floats order like their patterns as integers
+ * (+0 < subnormals < normals < inf < NaNs), so the float max-abs is an integer max. That vectorizes
+ * without NaN handling (a NaN pattern is above inf, so one NaN makes the result NaN; -0.0 gives +0)
+ * and reads each element once, with no temporary. The cleared patterns are non-negative as signed
+ * integers, so a signed max does: SSE2 has one for 16-bit lanes (pmaxsw; the unsigned pmaxuw is
+ * SSE4.1); 32-bit lanes are a compare and select there, one vpmaxsd with AVX2. */
+/* One loop per lane width, as a macro so that both widths read the same. Rows of LANES elements or
+ * more keep LANES independent running maxima (64 x 16 or 32 x 32 bits: 4 AVX2 / 8 SSE2 registers):
+ * one accumulator chains every max on the previous one and measured at about half the speed. The
+ * maxima start as the first block (no zeroing, so short rows pay little), and what is left after
+ * the last whole block goes through a plain loop, which gcc vectorizes with its own shorter tails. */
+#define MAXABS_ROW(name, T, U, MASK, LANES) \
+    static inline __attribute__((always_inline)) uint32_t name(const void *restrict src, size_t n) \
+    { \
+        const U *s = (const U *)src; \
+        T m = 0; \
+        size_t i = 0; \
+        if (n >= LANES) { \
+            T acc[LANES]; \
+            for (size_t j = 0; j < LANES; j++) \
+                acc[j] = (T)(s[j] & MASK); \
+            for (i = LANES; i + LANES <= n; i += LANES) \
+                for (size_t j = 0; j < LANES; j++) { \
+                    T v = (T)(s[i + j] & MASK); \
+                    acc[j] = v > acc[j] ? v : acc[j]; \
+                } \
+            for (size_t j = 0; j < LANES; j++) \
+                m = acc[j] > m ? acc[j] : m; \
+        } \
+        for (; i < n; i++) { \
+            T v = (T)(s[i] & MASK); \
+            m = v > m ? v : m; \
+        } \
+        return (uint32_t)(U)m; \
+    }
+MAXABS_ROW(maxabs16_row, int16_t, uint16_t, 0x7fffu, 64)
+MAXABS_ROW(maxabs32_row, int32_t, uint32_t, 0x7fffffffu, 32)
+
+typedef uint32_t (*maxabs_fn)(const void *restrict, size_t);
+
+/* Index [isa][wide], like ROW_FNS: 16-bit (bf16 and fp16 alike) and 32-bit lanes. */
+#define MAXABS_FNS_FOR(isa_attr, p) \
+    static isa_attr uint32_t p##maxabs16(const void *restrict s, size_t n) { return maxabs16_row(s, n); } \
+    static isa_attr uint32_t p##maxabs32(const void *restrict s, size_t n) { return maxabs32_row(s, n); }
+MAXABS_FNS_FOR(, b_)
+#if HAVE_AVX2
+MAXABS_FNS_FOR(AVX2_TARGET, a_)
+static const maxabs_fn MAXABS_FNS[2][2] = {{b_maxabs16, b_maxabs32}, {a_maxabs16, a_maxabs32}};
+#else
+static const maxabs_fn MAXABS_FNS[1][2] = {{b_maxabs16, b_maxabs32}};
+#endif
+
+PyDoc_STRVAR(maxabs_doc,
+"maxabs(src_ptr, src_kind, dst_ptr, rows, cols, baseline=False)\n\n"
+"Write max |x| of each of the rows (cols elements each) of the contiguous source (src_kind 0 fp32,\n"
+"1 bf16, 2 fp16) to dst_ptr[row], in the source's dtype: NaN if the row holds a NaN, +inf if it\n"
+"holds an infinity and no NaN, +0.0 for a row of zeros. A NaN result is, for bf16/fp16, the row's\n"
+"largest sign-cleared NaN pattern (what the int16 amax of the torch route gives), for fp32 the\n"
+"default quiet NaN 0x7fc00000 (what torch's fp32 amax gives for any NaN input). baseline=True runs\n"
+"the baseline-ISA loops even where AVX2 is available (tests). Runs without the GIL; the caller\n"
+"keeps the buffers alive and unchanged.");
+
+static PyObject *maxabs(PyObject *self, PyObject *args)
+{
+    unsigned long long src, dst;
+    int kind, baseline = 0;
+    Py_ssize_t rows, cols;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KiKnn|p:maxabs", &src, &kind, &dst, &rows, &cols, &baseline))
+        return NULL;
+    if (kind < 0 || kind > 2)
+        return PyErr_Format(PyExc_ValueError, "src_kind must be 0 (fp32), 1 (bf16) or 2 (fp16), got %d", kind);
+    /* An empty row has no max (torch's amax raises): the caller declines empty tensors. */
+    if (rows < 0 || cols < 1)
+        return PyErr_Format(PyExc_ValueError, "rows must be >= 0 and cols >= 1, got %zd x %zd", rows, cols);
+    if (rows > 0 && (src == 0 || dst == 0))
+        return PyErr_Format(PyExc_ValueError, "null src or dst pointer for %zd x %zd elements", rows, cols);
+
+    const int wide = kind == SRC_F32;
+    const maxabs_fn fn = MAXABS_FNS[baseline ? 0 : best_isa][wide];
+    const char *sp = (const char *)(uintptr_t)src;
+    const size_t row_bytes = (size_t)cols * ITEM_SIZE[kind];
+    Py_BEGIN_ALLOW_THREADS
+    if (wide) {
+        uint32_t *dp = (uint32_t *)(uintptr_t)dst;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            uint32_t m = fn(sp + (size_t)r * row_bytes, (size_t)cols);
+            dp[r] = m > 0x7f800000u ? 0x7fc00000u : m;
+        }
+    } else {
+        uint16_t *dp = (uint16_t *)(uintptr_t)dst;
+        for (Py_ssize_t r = 0; r < rows; r++)
+            dp[r] = (uint16_t)fn(sp + (size_t)r * row_bytes, (size_t)cols);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef METHODS[] = {
     {"cast", cast, METH_VARARGS, cast_doc},
+    {"maxabs", maxabs, METH_VARARGS, maxabs_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef MODULE = {
     PyModuleDef_HEAD_INIT, "_fp8cast",
-    "Saturating round-to-nearest-even fp32/bf16/fp16 -> FP8 cast (see shards.fp8.native_cast).", -1, METHODS,
+    "Saturating round-to-nearest-even fp32/bf16/fp16 -> FP8 cast and max |x| (see shards.fp8.native_cast).", -1,
+    METHODS,
     NULL, NULL, NULL, NULL,
 };
 
@@ -203,7 +306,7 @@ PyMODINIT_FUNC PyInit__fp8cast(void)
     __builtin_cpu_init();
     best_isa = __builtin_cpu_supports("avx2") ? 1 : 0;
 #endif
-    /* Which loops cast() runs by default: "avx2" or "baseline". */
+    /* Which loops cast() and maxabs() run by default: "avx2" or "baseline". */
     if (PyModule_AddStringConstant(m, "ISA", best_isa ? "avx2" : "baseline") < 0) {
         Py_DECREF(m);
         return NULL;

@@ -1,4 +1,4 @@
-"""The CPU FP8 cast through the optional C kernel ``shards.fp8._fp8cast``, when it was built.
+"""The CPU FP8 cast and max-abs through the optional C kernel ``shards.fp8._fp8cast``, when it was built.
 
 torch's fp32 -> float8 conversion on CPU is scalar code (~1 ns/element, far below memory speed).
 The kernel widens, scales, clamps, rounds to nearest even and encodes in one vectorized pass,
@@ -9,13 +9,17 @@ It applies to contiguous CPU tensors of fp32, bf16 or fp16, cast to ``float8_e4m
 ``float8_e5m2``, with one scale for the whole tensor or one per row (axis 0). :func:`cast`
 answers None for anything else, and the caller takes torch's path.
 
+:func:`maxabs` is the max-abs of weights before quantizing them
+(:func:`shards.fp8.scale_math.magnitude_max`): one pass of integer max over sign-cleared bit
+patterns, where torch's route needs a masked copy and a reduction over it.
+
 One thread per call: the kernel runs without the GIL and takes row ranges, so splitting a tensor
 over threads would be a few lines here; on the shared 2-core development box it measured no gain,
 so it was left out.
 
 The kernel is built by ``pip install -e .`` / ``python setup.py build_ext --inplace`` (setup.py)
 and is optional: without a compiler the install succeeds and torch's cast is used.
-``FP8_ORCH_NATIVE_CAST`` (read at every call, so tests and workers can switch it without
+``FP8_ORCH_NATIVE_CAST`` (for both functions; read at every call, so tests and workers can switch it without
 re-importing): ``0`` forces torch's path; ``baseline`` runs the kernel's baseline-ISA loops (SSE2
 on x86-64) even where its AVX2 loops would be picked, so tests can check both; unset or anything
 else: the fastest loops the CPU has (``_fp8cast.ISA``).
@@ -85,4 +89,23 @@ def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, ful
     out = torch.empty(x.shape, dtype=storage)
     _fp8cast.cast(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, scale_ptr, value, e5m2,
                   float(fullscale), _mode() == "baseline")
+    return out
+
+
+def maxabs(x: torch.Tensor, per_row: bool = False) -> torch.Tensor | None:
+    """``amax(|x|)`` in ``x``'s dtype, over every element (a 0-d tensor) or, ``per_row``, over each
+    row of a 2-D ``x`` (shape ``[rows]``); or None where the kernel does not apply (switched off,
+    not built, another device, dtype or layout, an empty or non-2-D per-row ``x``).
+
+    NaN if the reduced elements hold a NaN, inf if they hold an infinity and no NaN; -0.0 gives
+    +0.0. The NaN's bits are those of the torch route of ``magnitude_max``: for bf16/fp16 the
+    largest sign-cleared NaN pattern (its int16 amax), for fp32 ``0x7fc00000`` (torch's fp32 amax).
+    """
+    if not enabled() or x.dtype not in _SRC_KIND or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    if x.numel() == 0 or (per_row and x.ndim != 2):
+        return None
+    rows, cols = (x.shape[0], x.shape[1]) if per_row else (1, x.numel())
+    out = torch.empty((rows,) if per_row else (), dtype=x.dtype)
+    _fp8cast.maxabs(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, _mode() == "baseline")
     return out

@@ -29,6 +29,7 @@ import torch
 
 from shards.errors import DeviceForScalesError, NonFiniteStatsError, ScaleMethodError
 from stats_store.records import as_maxabs
+from shards.fp8 import native_cast
 from shards.fp8.numerics import HW_TRAITS, Fp8Format, HpDtype, HwScaleTraits, LpDtype, ScaleDevice, fp8_format
 from shards.fp8.methods import (
     INC_DYNAMIC_SCALING,
@@ -173,9 +174,16 @@ def magnitude_codes(w: torch.Tensor) -> torch.Tensor:
 def magnitude_max(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """``amax(|w|)`` over ``dim`` (None: every element) in ``w``'s dtype; NaN if any element is NaN.
 
-    16-bit floats on CPU take the max of :func:`magnitude_codes` instead of abs + amax.
+    Contiguous CPU fp32/bf16/fp16 tensors, per tensor or per row (``dim=1`` of a 2-D tensor), go
+    through the C kernel (:func:`shards.fp8.native_cast.maxabs`: one pass, the same bits, NaNs
+    included); other 16-bit floats on CPU take the max of :func:`magnitude_codes` instead of
+    abs + amax.
     """
     w = w.detach()
+    if dim is None or (w.ndim == 2 and dim in (1, -1)):
+        native = native_cast.maxabs(w, per_row=dim is not None)
+        if native is not None:
+            return native
     if w.dtype in (torch.bfloat16, torch.float16) and w.device.type == "cpu" and w.numel() > 0:
         bits = magnitude_codes(w)
         return (bits.amax() if dim is None else bits.amax(dim=dim)).view(w.dtype)
