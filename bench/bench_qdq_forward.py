@@ -2,7 +2,9 @@
 
 The quantized model is the bf16 Llama of :func:`bench.models.bench_llama` after
 ``orchestrator.quantize`` with ``maxabs_pow2`` (FP8 weights; on CPU the emulating backend
-dequantizes to bf16 and multiplies there, INC's QDQ path). Forwards alternate between the two.
+multiplies the FP8 values in fp32 and rounds once to bf16, as the hardware does; INC's QDQ path,
+a bf16 matmul of dequantized operands, is ``EmulatedBackend(inc_layout=True)``). Forwards alternate
+between the two.
 
 Run alone: ``.venv/bin/python -m bench.bench_qdq_forward [--quick]``.
 """

@@ -70,8 +70,9 @@ WHY_NOT_MET: dict[str, str] = {
         "one memcpy for clone; both are memory-bound, so a busy machine moves the ratio."),
     "QDQ forward": (
         "The emulated forward rounds every activation onto the FP8 grid in fp32 (about ten elementwise passes "
-        "per tensor; attention matmuls quantize both operands) around the same bf16 matmuls as the plain "
-        "model. A fused kernel would remove most of those passes (`shards/fp8/numerics.py`, `fake_quant`)."),
+        "per tensor; attention matmuls quantize both operands), then multiplies the FP8 values in fp32 as the "
+        "hardware does, ~7x faster than the plain model's bf16 matmuls on this AVX2 CPU. A fused kernel would "
+        "remove most of those passes (`shards/fp8/numerics.py`, `quantize_to_float32`)."),
 }
 # Hand-written analysis appended to RESULTS.md after the generated part (kept across runs).
 ANALYSIS = Path(__file__).resolve().parent / "analysis.md"

@@ -251,20 +251,27 @@ def _round_to_grid_(y: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     return y.div_(g).round_().mul_(g)
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, fmt: Fp8Format, out_dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize(quantize(x, s), s)`` in ``out_dtype`` without the FP8 codes: the same values.
+def quantize_to_float32(x: torch.Tensor, scale: torch.Tensor | float, fmt: Fp8Format) -> torch.Tensor:
+    """The FP8 codes of ``x / s`` as fp32 values, ``fp8_to_float32(quantize(x, s, fmt))``, without
+    materializing FP8: the same values (every FP8 value is an fp32 value).
 
-    The emulated forward quantizes every activation and dequantizes it at once; on CPU casting to
-    and from FP8 costs several times the arithmetic, so the grid rounding is done in fp32 instead.
+    The operands of the emulated FP8 gemm: on CPU casting to and from FP8 costs several times the
+    arithmetic, so the grid rounding is done in fp32 instead.
     """
     s = _broadcast_scale(scale, x, None)
     if torch.broadcast_shapes(x.shape, s.shape) != x.shape:
-        return dequantize(quantize(x, s, fmt), s, out_dtype)
+        return fp8_to_float32(quantize(x, s, fmt))
     y = x.to(torch.float32, copy=True)
     inverse = _inverse_scale(s)
     y = y.mul_(inverse) if inverse is not None else y.div_(s)
-    y = _round_to_grid_(y.clamp_(-fmt.fullscale, fmt.fullscale), fmt)
-    return y.mul_(s).to(out_dtype)
+    return _round_to_grid_(y.clamp_(-fmt.fullscale, fmt.fullscale), fmt)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, fmt: Fp8Format, out_dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(quantize(x, s), s)`` in ``out_dtype`` without the FP8 codes: the same values
+    (the codes' fp32 values of :func:`quantize_to_float32` times s in fp32, rounded once)."""
+    s = _broadcast_scale(scale, x, None)
+    return quantize_to_float32(x, s, fmt).mul_(s).to(out_dtype)
 
 
 def quant_dequant(

@@ -5,8 +5,9 @@ Every backend implements the same small interface with the scales of ``shards.fp
 ((qa·s_a) @ (qb·s_b) in the output dtype). Quantized modules call nothing else, so one
 implementation of the math serves every device (decisions §2).
 
-- ``EmulatedBackend`` ("cpu"): dequantize both operands to hp and multiply in hp. This is INC's QDQ
-  path and the reference every other backend is tested against.
+- ``EmulatedBackend`` ("cpu"): the FP8 values of both operands multiplied and accumulated in fp32,
+  scaled and rounded once to hp, as the hardware computes; the reference every other backend is
+  tested against. ``inc_layout=True`` computes INC's CPU QDQ instead (dequantize to hp, multiply in hp).
 - ``CudaBackend`` ("cuda"): ``torch._scaled_mm`` for 2-D gemms whose sizes it accepts; batched
   (attention) matmuls and odd sizes use the emulation.
 - ``HpuBackend`` ("hpu"): ``torch.ops.hpu.cast_to_fp8_v2`` / ``cast_from_fp8`` / ``fp8_gemm_v2``,
@@ -62,23 +63,48 @@ def _as_scale(scale: Scale, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(scale, dtype=torch.float32, device=like.device)
 
 
+def scale_accumulator(acc: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+    """``acc · s_a · s_b`` in fp32, rounded once to ``out_dtype``; ``acc`` is the fp32 product of codes.
+
+    Per-tensor scales are one fp32 factor ``s_a · s_b`` (cuBLASLt's alpha, the descale of Gaudi's
+    fp8_gemm_v2); a row or column scale multiplies element by element, ``acc · s_a[row] · s_b[col]``.
+    """
+    sa, sb = _as_scale(s_a, acc), _as_scale(s_b, acc)
+    if sa.numel() == 1 and sb.numel() == 1:
+        return acc.mul_((sa * sb).reshape(())).to(out_dtype)
+    if torch.broadcast_shapes(acc.shape, sa.shape, sb.shape) == acc.shape:
+        return acc.mul_(sa).mul_(sb).to(out_dtype)  # acc is the gemm's own result: scale it in place
+    return (acc * sa * sb).to(out_dtype)
+
+
 class EmulatedBackend:
-    """Exact emulation: fp32 divide, clamp, round-to-nearest-even cast; gemm in hp on dequantized values.
+    """Exact emulation of the FP8 cast (fp32 divide, clamp, round to nearest even) and of the FP8 gemm.
 
-    ``reuses_dequantized_weights``: the emulated gemm multiplies dequantized weights, so a layer may
-    keep its dequantized weight between forwards (the same values; an hp copy of the weight in
-    memory, ~2x faster CPU forwards). Pass ``reuse_weights=False`` to keep only the FP8 codes.
+    The gemm computes as the hardware does (Gaudi's fp8_gemm_v2, CUDA's ``_scaled_mm``): the FP8
+    values of both operands, exact in fp32, multiplied in fp32 (every product of two FP8 values is
+    exact there, the sums accumulate in fp32), then scaled (:func:`scale_accumulator`) and rounded
+    once to the output dtype. Operands are never rounded to hp first. On CPUs without bf16 units
+    this fp32 gemm is also ~7x faster than a bf16 one.
 
-    ``inc_layout``: the weight operand of a Linear is the dequantized weight made contiguous as
-    [in, out], the layout INC's QDQ multiplies with, instead of a transposed view of [out, in] (the
-    layout of ``F.linear``). Same values, but the CPU gemm kernel, and so the summation order and
-    the last bit of some hp outputs, follows the operand layout: with it, a quantized model's
-    outputs equal INC's bit for bit (measured on SmolLM2-135M, README "Where we differ from INC").
-    Off by default: on CPUs without bf16 units that bf16 gemm is ~7x slower.
+    Modules call the gemm in steps so that they can reuse operands (``emulated_gemm``):
+    ``input_operand`` (shared by sibling Linears, ``shards.quantized.qdq_memo``),
+    ``weight_operand_t`` (kept by a Linear between forwards) and ``gemm_operands``.
+
+    ``reuses_dequantized_weights``: a Linear may keep its weight operand between forwards: the fp32
+    values of its FP8 codes (exact; 4 bytes per parameter, twice a bf16 copy), or with
+    ``inc_layout`` the dequantized hp weight. Pass ``reuse_weights=False`` to keep only the codes.
+
+    ``inc_layout``: compute as INC's CPU QDQ does, bit for bit, instead: both operands dequantized
+    to hp (rounded there, which with scales that are not powers of two the hardware never does),
+    the weight operand of a Linear contiguous as [in, out] (the layout INC multiplies with; the CPU
+    gemm kernel, and so the last bit of some outputs, follows the layout) and ``torch.matmul`` in
+    hp. With it a quantized model's outputs equal INC's bit for bit (measured on SmolLM2-135M,
+    README "Where we differ from INC"). Off by default: on CPUs without bf16 units that bf16 gemm
+    is several times slower.
     """
 
     name = "cpu"
-    # gemm is matmul(dequantize(qa), dequantize(qb)): callers may pass fake_quant values instead.
+    # The gemm is available as input_operand / weight_operand_t / gemm_operands (see above).
     emulated_gemm = True
 
     def __init__(self, reuse_weights: bool = True, inc_layout: bool = False) -> None:
@@ -96,25 +122,47 @@ class EmulatedBackend:
         # The fp32 product rounded once to out_dtype: what torch computes for q.to(hp) * s too.
         return numerics.dequantize(q, _as_scale(scale, q), out_dtype)
 
-    def dequantize_weight_t(self, w: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
-        """The [in, out] operand of a Linear's gemm from its [out, in] FP8 weight (per-channel
-        scales laid out as [1, out]), in the layout ``inc_layout`` asks for."""
-        return self._operand_layout(self.dequantize(w.t(), scale, out_dtype))
+    def input_operand(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format, out_dtype: torch.dtype) -> torch.Tensor:
+        """The gemm operand of an activation: the fp32 values of its FP8 codes (never materialized),
+        or with ``inc_layout`` its QDQ in ``out_dtype``."""
+        if self.inc_layout:
+            return self.fake_quant(x, scale, fmt, out_dtype)
+        return numerics.quantize_to_float32(x, _as_scale(scale, x), fmt)
 
-    def _operand_layout(self, b: torch.Tensor) -> torch.Tensor:
-        return b.contiguous() if self.inc_layout else b
+    def weight_operand_t(self, w: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """The [in, out] gemm operand of a Linear from its [out, in] FP8 weight (per-channel scales
+        laid out as [1, out]): the fp32 values of the codes as a transposed view (``F.linear``'s
+        layout), or with ``inc_layout`` the dequantized weight in ``out_dtype``, contiguous."""
+        if self.inc_layout:
+            return self.dequantize(w.t(), scale, out_dtype).contiguous()
+        return numerics.fp8_to_float32(w).t()
+
+    def gemm_operands(self, a: torch.Tensor, b: torch.Tensor, s_a: Scale, s_b: Scale,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+        """The gemm of operands made by ``input_operand`` / ``weight_operand_t`` / ``code_operand``."""
+        if self.inc_layout:
+            return torch.matmul(a, b)  # the scales are in the operands already
+        return scale_accumulator(torch.matmul(a, b), s_a, s_b, out_dtype)
+
+    def code_operand(self, q: torch.Tensor, scale: Scale, out_dtype: torch.dtype) -> torch.Tensor:
+        """The gemm operand of FP8 codes: their fp32 values, or with ``inc_layout`` their dequantized
+        values in ``out_dtype``."""
+        return self.dequantize(q, scale, out_dtype) if self.inc_layout else numerics.fp8_to_float32(q)
 
     def gemm(self, qa: torch.Tensor, qb: torch.Tensor, s_a: Scale, s_b: Scale, out_dtype: torch.dtype) -> torch.Tensor:
-        return torch.matmul(self.dequantize(qa, s_a, out_dtype), self._operand_layout(self.dequantize(qb, s_b, out_dtype)))
+        b = self.code_operand(qb, s_b, out_dtype)
+        b = b.contiguous() if self.inc_layout else b  # INC's layout of the second operand
+        return self.gemm_operands(self.code_operand(qa, s_a, out_dtype), b, s_a, s_b, out_dtype)
 
 
 class CudaBackend(EmulatedBackend):
-    """``torch._scaled_mm`` (fp32 accumulation) for 2-D gemms; the emulation otherwise.
+    """``torch._scaled_mm`` (fp32 accumulation) for 2-D gemms; the emulation (the same arithmetic)
+    otherwise.
 
     Per-tensor scales go to the kernel directly. Row/column scales (per token, per channel) are
-    applied to the fp32 result of a unit-scaled ``_scaled_mm``: mathematically the same product,
-    and it works for every output dtype and on CPU tensors too (the CPU reference path of
-    ``_scaled_mm`` handles per-tensor scales only).
+    applied to the fp32 result of a unit-scaled ``_scaled_mm`` by :func:`scale_accumulator`:
+    mathematically the same product, and it works for every output dtype and on CPU tensors too
+    (the CPU reference path of ``_scaled_mm`` handles per-tensor scales only).
     """
 
     name = "cuda"
@@ -142,7 +190,7 @@ class CudaBackend(EmulatedBackend):
             one = torch.ones((), dtype=torch.float32, device=qa.device)
             acc = torch._scaled_mm(a2, b2, scale_a=one, scale_b=one, out_dtype=torch.float32)
             row = sa.reshape(-1, 1) if sa.numel() > 1 else sa
-            y = (acc * row * sb.reshape(1, -1)).to(out_dtype)
+            y = scale_accumulator(acc, row, sb.reshape(1, -1), out_dtype)
         return y.reshape(*lead, n)
 
 

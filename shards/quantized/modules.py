@@ -8,7 +8,9 @@ work through a ``shards.quantized.backends.Backend``, so the CPU emulation, CUDA
 Semantics (reference §6, decisions §2):
 - weights are stored as FP8 codes (``weight``, torch float8 dtype) with their scale (per tensor,
   or per output channel);
-- inputs are quantized with their input scale; the gemm runs on (codes, scales) in ``hp_dtype``;
+- inputs are quantized with their input scale; the gemm runs on (codes, scales) and gives
+  ``hp_dtype`` (the emulation multiplies and accumulates in fp32 and rounds once to hp, as the
+  hardware does);
   outputs are not quantized; the bias is added afterwards in its own dtype; the result is returned
   in the input's dtype;
 - scales are held as Python floats (``scale_format`` SCALAR; one-element scales only) or as
@@ -153,7 +155,8 @@ class QuantModule(nn.Module):
         return b.dequantize(b.quantize(x, scale, self.qctx.fmt), scale, self.qctx.hp)
 
     def _emulated_gemm(self) -> bool:
-        """Whether the backend's gemm is a matmul of dequantized operands (so QDQ'd inputs will do)."""
+        """Whether the backend offers its gemm in steps (input_operand, weight_operand_t,
+        gemm_operands: ``EmulatedBackend``), so that operands can be reused."""
         return getattr(self.qctx.backend, "emulated_gemm", False)
 
 
@@ -172,7 +175,11 @@ def _column_scale(s: ScaleValue) -> ScaleValue:
 
 
 class QuantLinear(QuantModule):
-    """``y = (Q(x)·s_in) @ (W8·s_w)ᵀ + b`` in hp.
+    """``y = (Q(x)·s_in) @ (W8·s_w)ᵀ + b`` in hp: the backend's FP8 gemm, then the bias.
+
+    With the emulation (``reuses_dequantized_weights``) the layer keeps its weight operand between
+    forwards: the fp32 values of the FP8 codes of Wᵀ (exact; 4 bytes per parameter besides the
+    codes), or the dequantized hp weight with ``inc_layout``.
 
     Also serves row-parallel shards: with ``all_reduce`` and ``tp_world > 1`` the partial product
     is summed over the tp group before the bias is added once.
@@ -199,31 +206,32 @@ class QuantLinear(QuantModule):
         return self._scale("scale_input_0")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s_in = self.qctx.backend, self.input_scale(x)
+        b, s_in, hp = self.qctx.backend, self.input_scale(x), self.qctx.hp
         s_w = _column_scale(self._scale("scale_weight"))
         if getattr(b, "reuses_dequantized_weights", False) and self._emulated_gemm():
-            # The emulated gemm, with the weight operand dequantized once (same values).
-            qdq = self.qctx.memo.fake_quant(x, s_in, lambda: self._qdq(x, s_in))
-            y = torch.matmul(qdq, self._dequantized_weight_t(s_w))
+            # The emulated gemm with the weight operand kept between forwards and the input operand
+            # shared by sibling Linears (same values as b.gemm).
+            a = self.qctx.memo.input_operand(x, s_in, lambda: b.input_operand(x, s_in, self.qctx.fmt, hp))
+            y = b.gemm_operands(a, self._weight_operand_t(s_w), s_in, s_w, hp)
         else:
-            y = b.gemm(b.quantize(x, s_in, self.qctx.fmt), self.weight.t(), s_in, s_w, self.qctx.hp)
+            y = b.gemm(b.quantize(x, s_in, self.qctx.fmt), self.weight.t(), s_in, s_w, hp)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype)
 
-    def _dequantized_weight_t(self, s_w: ScaleValue) -> torch.Tensor:
-        """``dequantize(Wᵀ, s_w)`` in hp, recomputed only when the codes or the scale change
-        (a state_dict load writes in place and bumps the tensors' versions)."""
+    def _weight_operand_t(self, s_w: ScaleValue) -> torch.Tensor:
+        """The backend's ``weight_operand_t`` of this weight, recomputed only when the codes or the
+        scale change (a state_dict load writes in place and bumps the tensors' versions)."""
         w = self.weight
         s_key = s_w if isinstance(s_w, float) else (s_w.data_ptr(), s_w._version, s_w.device)
         # Inference-mode tensors cannot enter autograd later: one made there is not reused outside.
         key = (w.data_ptr(), w._version, w.device, s_key, torch.is_inference_mode_enabled())
-        cached = self.__dict__.get("_weight_hp")
+        cached = self.__dict__.get("_weight_operand")
         if cached is None or cached[0] != key:
-            cached = (key, self.qctx.backend.dequantize_weight_t(w, s_w, self.qctx.hp))
-            self.__dict__["_weight_hp"] = cached  # a plain attribute: never in state_dict
+            cached = (key, self.qctx.backend.weight_operand_t(w, s_w, self.qctx.hp))
+            self.__dict__["_weight_operand"] = cached  # a plain attribute: never in state_dict
         return cached[1]
 
     def extra_repr(self) -> str:
@@ -268,7 +276,9 @@ class QuantMatmul(QuantModule):
             s_a, s_b = self._scale("scale_input_0"), self._scale("scale_input_1")
         be, fmt = self.qctx.backend, self.qctx.fmt
         if self._emulated_gemm():
-            y = torch.matmul(self._qdq(a, s_a), self._qdq(b, s_b))
+            # Activations only: their operands without materializing FP8 codes.
+            hp = self.qctx.hp
+            y = be.gemm_operands(be.input_operand(a, s_a, fmt, hp), be.input_operand(b, s_b, fmt, hp), s_a, s_b, hp)
         else:
             y = be.gemm(be.quantize(a, s_a, fmt), be.quantize(b, s_b, fmt), s_a, s_b, self.qctx.hp)
         return y.to(torch.promote_types(a.dtype, b.dtype))

@@ -7,8 +7,9 @@ it on every backend case below, against references computed here (never by ``sha
   round to nearest even through torch's float8 cast; codes bit-exact, NaN stays NaN, inf saturates.
 - dequantize: ``codes · s`` in fp32, rounded once to the output dtype; exact.
 - gemm: ``(qa · s_a) @ (qb · s_b)`` with per-tensor, per-row and per-column scales; bit-exact where the
-  backend's gemm is the emulation, within the error bound of a gemm in the output dtype otherwise,
-  and bit-exact for every backend where all the arithmetic is exact.
+  backend's gemm is an emulation (against its definition: the fp32 gemm of the codes, scaled and
+  rounded once, or INC's QDQ for ``inc_layout``), within the error bound of a gemm in the output
+  dtype otherwise, and bit-exact for every backend where all the arithmetic is exact.
 
 The backend-specific tests after it check what only one backend has: which gemms reach
 ``torch._scaled_mm``, the HPU ops' arguments, the registry and device lookup, ``detect_gaudi``.
@@ -84,8 +85,9 @@ class BackendCase:
         device: where the inputs go; results come back to the CPU for the comparisons.
         divides: quantize computes ``x / s``; False: ``x · (1/s)`` in fp32, as the Gaudi kernel takes
             the inverse scale (the two differ in the last bit for scales that are not powers of two).
-        emulated_gemm: gemm is dequantize-then-matmul in the output dtype, so it must equal that
-            reference bit for bit; other gemms accumulate their own way and meet the error bound.
+        gemm_reference: the emulation's definition of its gemm, which it must equal bit for bit
+            (same shapes, same operand layouts); None: the gemm accumulates its own way and meets
+            the error bound.
         skip: why the case cannot run here (None: it runs).
     """
 
@@ -94,7 +96,7 @@ class BackendCase:
     formats: tuple[Fp8Format, ...]
     device: str = "cpu"
     divides: bool = True
-    emulated_gemm: bool = False
+    gemm_reference: Callable[..., torch.Tensor] | None = None
     skip: str | None = None
 
 
@@ -108,10 +110,13 @@ def _real_gaudi_skip() -> str | None:
     return None
 
 
+# The references are defined further down, hence the lambdas.
 CASES = (
-    BackendCase("emulated", EmulatedBackend, ALL_FORMATS, emulated_gemm=True),
-    BackendCase("emulated-no-reuse", lambda: EmulatedBackend(reuse_weights=False), ALL_FORMATS, emulated_gemm=True),
-    BackendCase("emulated-inc-layout", lambda: EmulatedBackend(inc_layout=True), ALL_FORMATS, emulated_gemm=True),
+    BackendCase("emulated", EmulatedBackend, ALL_FORMATS, gemm_reference=lambda *a: ref_gemm_fp32(*a)),
+    BackendCase("emulated-no-reuse", lambda: EmulatedBackend(reuse_weights=False), ALL_FORMATS,
+                gemm_reference=lambda *a: ref_gemm_fp32(*a)),
+    BackendCase("emulated-inc-layout", lambda: EmulatedBackend(inc_layout=True), ALL_FORMATS,
+                gemm_reference=lambda *a: ref_gemm_inc_qdq(*a)),
     # On CPU tensors CudaBackend runs torch._scaled_mm's CPU implementation for aligned 2-D gemms
     # (see test_cuda_backend_routes_aligned_2d_gemms_to_scaled_mm) and the emulation otherwise.
     BackendCase("cuda-on-cpu", CudaBackend, ALL_FORMATS),
@@ -158,7 +163,15 @@ def ref_dequantize(q: torch.Tensor, s: torch.Tensor | float, out_dtype: torch.dt
     return (q.float() * _s32(s)).to(out_dtype)
 
 
-def ref_gemm_emulated(qa: torch.Tensor, qb: torch.Tensor, sa: Any, sb: Any, out_dtype: torch.dtype) -> torch.Tensor:
+def ref_gemm_fp32(qa: torch.Tensor, qb: torch.Tensor, sa: Any, sb: Any, out_dtype: torch.dtype) -> torch.Tensor:
+    """The hardware's FP8 gemm: codes multiplied and accumulated in fp32, then one fp32 factor
+    s_a·s_b (per tensor) or s_a[row]·s_b[col] applied, then one rounding to the output dtype."""
+    acc, a, b = torch.matmul(qa.float(), qb.float()), _s32(sa), _s32(sb)
+    return (acc * (a * b) if a.numel() == b.numel() == 1 else acc * a * b).to(out_dtype)
+
+
+def ref_gemm_inc_qdq(qa: torch.Tensor, qb: torch.Tensor, sa: Any, sb: Any, out_dtype: torch.dtype) -> torch.Tensor:
+    """INC's CPU QDQ: both operands dequantized to the output dtype, multiplied there."""
     return torch.matmul(ref_dequantize(qa, sa, out_dtype), ref_dequantize(qb, sb, out_dtype))
 
 
@@ -329,8 +342,8 @@ class TestBackendConformance:
         for out_dtype in OUT_DTYPES:
             got = backend.gemm(qa.to(d), qb.to(d), _to(sa, d), _to(sb, d), out_dtype).cpu()
             assert got.dtype == out_dtype and got.shape == torch.matmul(qa.float(), qb.float()).shape
-            if case.emulated_gemm:
-                assert torch.equal(got, ref_gemm_emulated(qa, qb, sa, sb, out_dtype)), f"out_dtype {out_dtype}"
+            if case.gemm_reference is not None:
+                assert torch.equal(got, case.gemm_reference(qa, qb, sa, sb, out_dtype)), f"out_dtype {out_dtype}"
             assert_within_gemm_bound(got, qa, qb, sa, sb)
 
     @pytest.mark.parametrize("scales", ["tensor", "row", "row-col"])
@@ -414,13 +427,16 @@ def test_hpu_backend_without_habana_is_a_clear_error() -> None:
 
 
 @pytest.mark.parametrize("inc_layout", [False, True])
-def test_emulated_weight_operand_layout(inc_layout: bool) -> None:
-    """dequantize_weight_t (emulation only): the [in, out] operand of a Linear from its [out, in]
-    codes and per-output-channel scales, contiguous exactly when inc_layout asks for INC's layout."""
+def test_emulated_weight_operand(inc_layout: bool) -> None:
+    """weight_operand_t (emulation only): the [in, out] operand of a Linear from its [out, in] codes
+    and per-output-channel scales: the codes' fp32 values as a transposed view (``F.linear``'s
+    layout; the scales are applied to the accumulator), or with inc_layout the dequantized weight
+    in hp, contiguous as INC multiplies it."""
     w = _codes(9, (6, 10), F8)
     s = torch.rand(1, 6, generator=torch.Generator().manual_seed(9)) + 0.1
-    got = EmulatedBackend(inc_layout=inc_layout).dequantize_weight_t(w, s, torch.bfloat16)
-    assert torch.equal(got, (w.float().t() * s).to(torch.bfloat16))
+    got = EmulatedBackend(inc_layout=inc_layout).weight_operand_t(w, s, torch.bfloat16)
+    want = (w.float().t() * s).to(torch.bfloat16) if inc_layout else w.float().t()
+    assert got.dtype == want.dtype and torch.equal(got, want)
     assert got.is_contiguous() == inc_layout
 
 

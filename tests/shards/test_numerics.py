@@ -32,6 +32,7 @@ from shards.fp8.numerics import (
     fp8_to_float32,
     quant_dequant,
     quantize,
+    quantize_to_float32,
 )
 
 FORMATS = [E4M3, E4M3_GAUDI2, E5M2]
@@ -315,3 +316,18 @@ def test_fake_quant_per_channel_and_fp32_inputs_equal_quantize_then_dequantize(f
         want = dequantize(quantize(x, scale, fmt), scale, torch.float16)
         got = fake_quant(x, scale, fmt, torch.float16)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("scale", [1.0, 2.0**-9, 0.048095703125, 3.7e-30])
+def test_quantize_to_float32_is_the_codes_values_for_every_bf16_value(fmt: Fp8Format, scale: float) -> None:
+    """The FP8 gemm's operand: the grid rounding of fake_quant before the multiply by s."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    got = quantize_to_float32(x, scale, fmt)
+    want = _reference_qdq(x, 1.0, fmt, torch.float32) if scale == 1.0 else fp8_to_float32(quantize(x, scale, fmt))
+    nan = torch.isnan(want)
+    assert got.dtype == torch.float32 and torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan], want[~nan]) and torch.equal(torch.signbit(got[~nan]), torch.signbit(want[~nan]))
+    s = torch.rand(1, 48, generator=torch.Generator().manual_seed(1)) + 0.5  # per column
+    y = torch.randn(64, 48, generator=torch.Generator().manual_seed(2)) * 100
+    assert torch.equal(quantize_to_float32(y, s, fmt), fp8_to_float32(quantize(y, s, fmt)))

@@ -1,4 +1,5 @@
-"""Sibling Linears fed one tensor share its QDQ; anything that could change the values does not."""
+"""Sibling Linears fed one tensor share its gemm operand (its FP8 grid rounding); anything that could
+change the values does not."""
 
 from __future__ import annotations
 
@@ -32,13 +33,13 @@ def _siblings(scale_format: ScaleFormat, scales: tuple[float, ...] = (2.0**-4, 2
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = EmulatedBackend.fake_quant
+    real = EmulatedBackend.input_operand
 
     def counted(self: EmulatedBackend, *args: object) -> torch.Tensor:
         calls.append(1)
         return real(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(EmulatedBackend, "fake_quant", counted)
+    monkeypatch.setattr(EmulatedBackend, "input_operand", counted)
     return calls
 
 
@@ -107,7 +108,7 @@ def test_a_memo_entry_is_never_copied_or_serialized() -> None:
 def test_memo_holds_its_input_weakly() -> None:
     memo = SharedInputMemo()
     x = torch.ones(3)
-    memo.fake_quant(x, 1.0, lambda: torch.full((3,), 2.0))
+    memo.input_operand(x, 1.0, lambda: torch.full((3,), 2.0))
     ref = memo._entry[1]  # type: ignore[index]
     del x
     assert ref() is None

@@ -1,4 +1,10 @@
-"""Patched modules: bit-exact against explicit dequantize-then-compute references."""
+"""Patched modules: bit-exact against explicit references.
+
+Linear and Matmul compute the FP8 gemm as the hardware does (:func:`fp32_gemm`: the codes multiplied
+and accumulated in fp32, scaled, rounded once to hp); with ``EmulatedBackend(inc_layout=True)`` a
+Linear computes INC's CPU QDQ (dequantize to hp, multiply in hp). Conv2d, KV cache and softmax are
+dequantize-then-compute.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +47,15 @@ def q(x: torch.Tensor, s: torch.Tensor | float, fullscale: float) -> torch.Tenso
     return (x.float() / torch.as_tensor(s, dtype=torch.float32)).clamp(-fullscale, fullscale).to(torch.float8_e4m3fn)
 
 
+def fp32_gemm(a8: torch.Tensor, b8: torch.Tensor, s_a: torch.Tensor | float, s_b: torch.Tensor | float,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """The hardware's FP8 gemm of codes ``a8 @ b8``: fp32 products and sums, then ``s_a·s_b`` (one
+    fp32 factor per tensor) or ``s_a[row]·s_b[col]``, rounded once to ``out_dtype``."""
+    acc = torch.matmul(a8.float(), b8.float())
+    sa, sb = torch.as_tensor(s_a, dtype=torch.float32), torch.as_tensor(s_b, dtype=torch.float32)
+    return (acc * (sa * sb) if sa.numel() == sb.numel() == 1 else acc * sa * sb).to(out_dtype)
+
+
 def test_every_op_type_has_a_class_or_a_reason() -> None:
     for name in OP_TYPES:
         entry = QUANT_OPS.get(name)
@@ -60,7 +75,7 @@ CASES = [
 @pytest.mark.parametrize("s_in, s_w, device", CASES)
 @pytest.mark.parametrize("hp", [HpDtype.BF16, HpDtype.FP32])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_is_dequantize_then_matmul(s_in: torch.Tensor, s_w: torch.Tensor, device: ScaleDevice | None,
+def test_linear_is_the_fp32_gemm_of_the_codes(s_in: torch.Tensor, s_w: torch.Tensor, device: ScaleDevice | None,
                                           hp: HpDtype, bias: bool) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(16, 24, bias=bias)
@@ -72,10 +87,7 @@ def test_linear_is_dequantize_then_matmul(s_in: torch.Tensor, s_w: torch.Tensor,
     assert fs == (240.0 if device is ScaleDevice.GAUDI2 else 448.0)
     wq = q(lin.weight, s_w.reshape(-1, 1) if s_w.numel() > 1 else s_w, fs)
     assert ql.weight.dtype == torch.float8_e4m3fn and torch.equal(ql.weight.view(torch.uint8), wq.view(torch.uint8))
-    hpd = HP[hp]
-    xd = (q(x, s_in, fs).float() * s_in.float()).to(hpd)
-    wd_t = (wq.t().float() * (s_w.float().reshape(1, -1) if s_w.numel() > 1 else s_w.float())).to(hpd)
-    ref = torch.matmul(xd, wd_t)
+    ref = fp32_gemm(q(x, s_in, fs), wq.t(), s_in, s_w.reshape(1, -1) if s_w.numel() > 1 else s_w, HP[hp])
     if bias:
         ref = ref + lin.bias
     assert torch.equal(ql(x), ref.to(x.dtype))
@@ -85,9 +97,10 @@ def test_linear_is_dequantize_then_matmul(s_in: torch.Tensor, s_w: torch.Tensor,
 @pytest.mark.parametrize("inc_layout", [False, True])
 @pytest.mark.parametrize("hp", [HpDtype.BF16, HpDtype.FP32])
 def test_linear_weight_operand_layout(reuse_weights: bool, inc_layout: bool, hp: HpDtype) -> None:
-    """The gemm's weight operand is a transposed view of the [out, in] weight (``F.linear``'s
-    layout), or with ``inc_layout`` the contiguous [in, out] tensor INC's QDQ multiplies with. The
-    values are the same; the CPU kernel, and so the last bit of some hp outputs, follows the layout."""
+    """By default the fp32 gemm of the codes, the weight operand a transposed view of the [out, in]
+    codes (``F.linear``'s layout); with ``inc_layout`` INC's QDQ, a bf16/fp32 matmul of dequantized
+    operands with the contiguous [in, out] weight INC multiplies with (the CPU kernel, and so the
+    last bit of some hp outputs, follows the layout)."""
     torch.manual_seed(5)
     lin = nn.Linear(576, 192, bias=False).to(HP[hp])
     backend = EmulatedBackend(reuse_weights=reuse_weights, inc_layout=inc_layout)
@@ -95,12 +108,15 @@ def test_linear_weight_operand_layout(reuse_weights: bool, inc_layout: bool, hp:
     ql = QuantLinear(lin, ModuleScales((s_in,), (s_in * s_w,), s_w),
                      QuantContext(ScaleContext(LpDtype.E4M3, hp, None), backend))
     x = torch.randn(4, 64, 576).to(HP[hp])
-    xd = (q(x, s_in, 448).float() * s_in.float()).to(HP[hp])
-    wd_t = (q(lin.weight, s_w, 448).float() * s_w.float()).to(HP[hp]).t()
-    ref = torch.matmul(xd, wd_t.contiguous() if inc_layout else wd_t)
+    if inc_layout:
+        xd = (q(x, s_in, 448).float() * s_in.float()).to(HP[hp])
+        ref = torch.matmul(xd, (q(lin.weight, s_w, 448).float() * s_w.float()).to(HP[hp]).t().contiguous())
+    else:
+        ref = fp32_gemm(q(x, s_in, 448), q(lin.weight, s_w, 448).t(), s_in, s_w, HP[hp])
     assert torch.equal(ql(x), ref)
     if reuse_weights:
-        assert ql._dequantized_weight_t(ql.scale_weight).is_contiguous() == inc_layout
+        kept = ql._weight_operand_t(ql.scale_weight)
+        assert kept.is_contiguous() == inc_layout and kept.dtype == (HP[hp] if inc_layout else torch.float32)
 
 
 def test_gaudi2_linear_saturates_input_at_240() -> None:
@@ -194,9 +210,8 @@ def test_dynamic_linear_uses_per_token_pow2_scales(hp: HpDtype) -> None:
     x = torch.randn(4, 16) * torch.tensor([[0.01], [1.0], [30.0], [500.0]])
     # s = 2**ceil(log2(amax_row / (448 * 0.5))): one scale per token (row), backoff 0.5.
     s_tok = torch.exp2(torch.ceil(torch.log2(x.abs().amax(dim=-1, keepdim=True) / 224.0)))
-    xd = (q(x, s_tok, 448).float() * s_tok).to(HP[hp])
-    wd_t = (q(lin.weight, s_w, 448).t().float() * s_w.float()).to(HP[hp])
-    assert torch.equal(ql(x), torch.matmul(xd, wd_t).to(x.dtype))
+    ref = fp32_gemm(q(x, s_tok, 448), q(lin.weight, s_w, 448).t(), s_tok, s_w, HP[hp])
+    assert torch.equal(ql(x), ref.to(x.dtype))
     assert ql.to_inc_node() == {"inputs": [], "outputs": [], "params": {"weight": 2.0**-6}}
 
 
@@ -258,18 +273,19 @@ def test_conv2d_arbitrary_scales_quantize_and_dequantize_with_the_same_scale() -
     assert moved == 31 and 0.01 < gap < 0.05, (moved, gap)  # INC 3.10 measured: 2.3 % of max|y|
 
 
+@pytest.mark.parametrize("hp", [HpDtype.BF16, HpDtype.FP32])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_matmul_reference(dynamic: bool) -> None:
+def test_matmul_reference(dynamic: bool, hp: HpDtype) -> None:
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 8, 5, generator=g) * 4
     s_a, s_b = t(2.0**-6), t(2.0**-4)
     scales = ModuleScales(() if dynamic else (s_a, s_b), () if dynamic else (s_a * s_b,))
-    qm = QuantMatmul(qctx(HpDtype.FP32, fmt=ScaleFormat.CONST, dynamic=dynamic), scales)
-    if dynamic:
+    qm = QuantMatmul(qctx(hp, fmt=ScaleFormat.CONST, dynamic=dynamic), scales)
+    if dynamic:  # per row of a, per column of b
         s_a = torch.exp2(torch.ceil(torch.log2(a.abs().amax(-1, keepdim=True) / 224.0)))
         s_b = torch.exp2(torch.ceil(torch.log2(b.abs().amax(-2, keepdim=True) / 224.0)))
-    ref = torch.matmul(q(a, s_a, 448).float() * s_a.float(), q(b, s_b, 448).float() * s_b.float())
-    assert torch.equal(qm(a, b), ref)
+    ref = fp32_gemm(q(a, s_a, 448), q(b, s_b, 448), s_a, s_b, HP[hp])
+    assert torch.equal(qm(a, b), ref.to(a.dtype))
 
 
 def test_kv_cache_and_softmax_reference() -> None:
@@ -284,8 +300,8 @@ def test_kv_cache_and_softmax_reference() -> None:
 
 
 @pytest.mark.parametrize("fmt", [ScaleFormat.SCALAR, ScaleFormat.CONST])
-def test_reused_dequantized_weight_gives_the_same_output_and_follows_state_dict_loads(fmt: ScaleFormat) -> None:
-    """The emulation may keep a layer's dequantized weight; outputs equal the plain gemm path, and a
+def test_kept_weight_operand_gives_the_same_output_and_follows_state_dict_loads(fmt: ScaleFormat) -> None:
+    """The emulation may keep a layer's weight operand; outputs equal the plain gemm path, and a
     state_dict load of other codes and scales is picked up (never a stale weight)."""
     torch.manual_seed(4)
     ctx_keep, ctx_plain = qctx(fmt=fmt), QuantContext(qctx(fmt=fmt).scale_ctx, EmulatedBackend(reuse_weights=False), fmt)
