@@ -15,7 +15,8 @@ safetensors file this driver writes) and prints one JSON line:
 - llm-compressor: ``bench/peer_llmcompressor.py --tokens`` in ``.venv-peers`` (``--peers-python``),
 - us: ``python -m bench.side_ours`` in this venv.
 
-The peers' scripts import nothing of ours and we import nothing of theirs. Every figure is a ratio
+The peers' scripts import nothing of the project's packages and we import nothing of theirs; all three take
+their measurements with bench/peer_measures.py (standard library and torch only). Every figure is a ratio
 of two quantities measured in the same process (see the scripts' docstrings for what each times);
 the driver only divides and writes the section "Side by side with INC and llm-compressor" of
 ``bench/RESULTS.md`` between markers (the rest of the file is kept; ``bench.run_all`` keeps the

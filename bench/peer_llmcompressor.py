@@ -39,9 +39,13 @@ import copy
 import gc
 import json
 import os
-import resource
 import sys
 import time
+
+# The measurements every side-by-side process takes (bench/peer_measures.py, beside this script;
+# it imports only the standard library and torch).
+from peer_measures import (heldout_summary, model_bytes, pairs, peak_rss_bytes,  # noqa: E402
+                           quantized_linears, rss_bytes, timed)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -131,58 +135,7 @@ def quantize_and_save(a) -> None:
     print(json.dumps({"scheme": a.scheme, "out": a.out, "seconds": round(time.perf_counter() - t0, 3)}))
 
 
-# ---- side by side: the helpers are copies of bench/peer_inc.py's (same definitions in every process)
-
-
-def rss_bytes() -> int:
-    """Current resident set size (VmRSS)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def pairs(fn_a, fn_b, inputs, warmup_input):
-    """Seconds of fn_a(x) and fn_b(x) for each x, alternating a, b; one untimed pair first."""
-    fn_a(warmup_input)
-    fn_b(warmup_input)
-    ta, tb = [], []
-    for x in inputs:
-        ta.append(timed(lambda: fn_a(x))[0])
-        tb.append(timed(lambda: fn_b(x))[0])
-    return ta, tb
-
-
-def heldout_summary(torch, model, rows, batch):
-    """Per position: log-probability of the next token (rows x seq-1) and argmax (rows x seq)."""
-    logp, top = [], []
-    with torch.no_grad():
-        for i in range(0, len(rows), batch):
-            ids = rows[i:i + batch]
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            logp.append(torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0])
-            top.append(logits.argmax(-1))
-    return torch.cat(logp).contiguous(), torch.cat(top).contiguous()
-
-
-def quantized_linears(torch, model):
-    """The modules the recipe selects: every Linear but lm_head."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-
-
-def model_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+# ---- side by side: the measurements are bench/peer_measures.py's (the same in every process)
 
 
 def side_by_side(a) -> None:
@@ -208,9 +161,9 @@ def side_by_side(a) -> None:
     os.makedirs(a.out, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(a.model, local_files_only=True)
     plain = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, local_files_only=True).eval()
-    linears = quantized_linears(torch, plain)
+    linears = quantized_linears(plain)
     weights = [m.weight for m in linears.values()]
-    plain_logp, plain_top = heldout_summary(torch, plain, heldout, a.batch)
+    plain_logp, plain_top = heldout_summary(plain, heldout, a.batch)
 
     def recipe():
         return QuantizationModifier(targets="Linear", scheme="FP8", ignore=list(a.ignore))
@@ -239,7 +192,7 @@ def side_by_side(a) -> None:
         session.finalize()
 
     t_finalize, _ = timed(end)
-    step_logp, step_top = heldout_summary(torch, work, heldout, a.batch)
+    step_logp, step_top = heldout_summary(work, heldout, a.batch)
     work = None
     session.reset()
     gc.collect()
@@ -255,7 +208,7 @@ def side_by_side(a) -> None:
     work.eval()
     n_quant = sum(1 for m in work.modules() if getattr(m, "quantization_scheme", None) is not None)
     t_qdq, t_qdq_plain = pairs(forward(work), forward(plain), [batches[0]] * a.qdq_repeats, batches[0])
-    quant_logp, quant_top = heldout_summary(torch, work, heldout, a.batch)
+    quant_logp, quant_top = heldout_summary(work, heldout, a.batch)
 
     # The FP8 codes: compressed-tensors' compression of the oneshot model (copies), clone paired.
     t_convert, t_clone = [], []

@@ -6,8 +6,8 @@ with the peers' processes); the same INC-style config dicts as peer_inc.py go th
 
     .venv/bin/python -m bench.side_ours --model DIR --tokens FILE --out OUTDIR [same options as peer_inc.py]
 
-The helpers below are copies of peer_inc.py's (that script must import nothing of ours, and we
-import nothing of a peer script): every figure is defined the same way in the three processes.
+The measurements are bench/peer_measures.py's, which the peer scripts import too: every figure is
+defined the same way in the three processes.
 Prints one JSON line.
 """
 
@@ -18,64 +18,13 @@ import copy
 import gc
 import json
 import os
-import resource
 import sys
-import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-
-def rss_bytes() -> int:
-    """Current resident set size (VmRSS)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def pairs(fn_a: Callable[[Any], Any], fn_b: Callable[[Any], Any], inputs: Sequence[Any],
-          warmup_input: Any) -> tuple[list[float], list[float]]:
-    """Seconds of fn_a(x) and fn_b(x) for each x, alternating a, b; one untimed pair first."""
-    fn_a(warmup_input)
-    fn_b(warmup_input)
-    ta, tb = [], []
-    for x in inputs:
-        ta.append(timed(lambda: fn_a(x))[0])
-        tb.append(timed(lambda: fn_b(x))[0])
-    return ta, tb
-
-
-def heldout_summary(model: torch.nn.Module, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: log-probability of the next token (rows x seq-1) and argmax (rows x seq)."""
-    logp, top = [], []
-    with torch.no_grad():
-        for i in range(0, len(rows), batch):
-            ids = rows[i:i + batch]
-            logits = model(input_ids=ids, use_cache=False).logits.float()
-            logp.append(torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0])
-            top.append(logits.argmax(-1))
-    return torch.cat(logp).contiguous(), torch.cat(top).contiguous()
-
-
-def quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The modules the config selects: every Linear but lm_head."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
-
-
-def model_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+from bench.peer_measures import (heldout_summary, model_bytes, pairs, peak_rss_bytes, quantized_linears, rss_bytes,
+                                 timed)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
