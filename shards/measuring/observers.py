@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from shards.errors import DuplicateRegistrationError, ShardError
+from shards.fp8 import native_cast
+from shards.fp8.scale_math import magnitude_max
 from stats_store.records import Measurement
 from stats_store.reduce import get_merge
 
@@ -106,19 +108,24 @@ def _fast_cpu_maxabs(x: torch.Tensor, channel_dim: int | None) -> "torch.Tensor 
 
     A CPU tensor has no device queue to stall, so looking at the result costs nothing; it saves the
     isfinite/where/count passes that the accelerator path runs on every tensor to stay sync-free.
-    Per tensor it is one ``aminmax`` pass (no |x| temporary; max|x| = max(-min, max)) read back as
-    two Python floats; per channel, |x| reduced along the contiguous axis. NaN propagates and inf
+    Per tensor it is one pass of the C kernel's max-abs (``shards.fp8.native_cast.maxabs``; else one
+    ``aminmax`` pass, max|x| = max(-min, max)) read back as a Python float; per channel, |x| reduced
+    along the contiguous axis (per row through the kernel). NaN propagates and inf
     stays, so a finite result proves every element finite.
     """
     if x.device.type != "cpu":
         return None
     x = _upcast_fp8(x)
     if channel_dim is None or x.ndim == 0:
-        lo, hi = torch.aminmax(x)
-        m = max(-float(lo), float(hi))
+        native = native_cast.maxabs(x)  # one integer-max pass over the bits (contiguous fp32/bf16/fp16)
+        if native is not None:
+            m = float(native)
+        else:
+            lo, hi = torch.aminmax(x)
+            m = max(-float(lo), float(hi))
         return m if math.isfinite(m) else None
     rows, axis = _channel_rows(x, channel_dim)
-    m = rows.abs().amax(dim=1 - axis)
+    m = magnitude_max(rows, dim=1) if axis == 0 else rows.abs().amax(dim=0)  # weights: the per-row kernel
     return m if bool(torch.isfinite(m).all()) else None
 
 
@@ -150,7 +157,8 @@ class ReductionMemo:
     def reduce(self, x: torch.Tensor, channel_dim: int | None) -> Reduction:
         if x.is_inference() or x.requires_grad:
             return _reduce(x, channel_dim)  # inference tensors have no version counter
-        key = (x._version, x.shape, x.stride(), x.storage_offset(), x.dtype, x.device, channel_dim)
+        # Identity is checked below, so dtype and device cannot differ; in-place view changes can.
+        key = (x._version, x.shape, x.stride(), x.storage_offset(), channel_dim)
         entry = self._entry
         if entry is not None and entry[0] == key and entry[1]() is x:
             return entry[2]

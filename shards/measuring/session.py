@@ -132,6 +132,12 @@ class ModuleObservers:
             if isinstance(x, torch.Tensor):
                 obs.update(x)
 
+    def pre_hook(self, _module: nn.Module, args: Args, kwargs: Kwargs) -> None:
+        self.observe_inputs(args, kwargs)
+
+    def post_hook(self, _module: nn.Module, _args: Args, _kwargs: Kwargs, out: Any) -> None:
+        self.observe_outputs(out)
+
     def observe_outputs(self, out: Any) -> None:
         for obs, y in zip(self.outputs or [], self.behaviour.outputs_of(out)):
             if isinstance(y, torch.Tensor):
@@ -213,15 +219,10 @@ class MeasureSession:
         self._handles.append(model.register_forward_hook(self._count_sample))
 
     def _attach(self, module: nn.Module, obs: ModuleObservers) -> None:
-        def pre(_m: nn.Module, args: Args, kwargs: Kwargs) -> None:
-            obs.observe_inputs(args, kwargs)
-
-        def post(_m: nn.Module, _args: Args, _kwargs: Kwargs, out: Any) -> None:
-            obs.observe_outputs(out)
-
-        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        # Bound methods as hooks: no wrapper call per forward of every observed module.
+        self._handles.append(module.register_forward_pre_hook(obs.pre_hook, with_kwargs=True))
         if obs.outputs is not None:
-            self._handles.append(module.register_forward_hook(post, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(obs.post_hook, with_kwargs=True))
 
     def _count_sample(self, _m: nn.Module, _args: Args, _out: Any) -> None:
         self.num_samples += 1
