@@ -65,6 +65,18 @@ WHY_NOT_MET: dict[str, str] = {
         "The OPT search histograms the bf16 codes of each tensor once and scores every candidate from exact "
         "lookup sums; small tensors that stay in cache make the per-candidate loop cheap, so their ratio is "
         "lowest (named in the row's note). See `shards/fp8/opt_search.py`."),
+    "convert (": (
+        "The copy baseline is a clone of weights the allocator already holds (~18-28 GB/s, in cache and "
+        "without page faults). The FP8 cast and the weight max-abs are C kernels at 8-16 GB/s "
+        "(`shards/fp8/_fp8cast.c`); what is left is per-module Python and torch scalar work, about 0.8 ms per "
+        "Linear: the store read and the model fingerprint check (`orchestrator/api.py`), the scale formulas "
+        "(`shards/fp8/scale_math.py`, a dozen 0-d tensor ops per scale) and the module swap "
+        "(`shards/quantized/swap.py`). Batching the scale formulas of all modules into vector ops is the next "
+        "step; INC's convert takes longer (side-by-side section)."),
+    "e2e ": (
+        "Ray start, actor start (each worker imports torch and transformers) and shutdown cost ~15-25 s on two "
+        "cores whatever the model; the measure phase itself is below the plain forward (a blocklisted lm_head's "
+        "logits are skipped). See the row's phases."),
     "weight quantization": (
         "`shards.fp8.numerics.quantize` works in cache-sized row blocks (bf16->fp32, divide, clamp, cast) against "
         "one memcpy for clone; both are memory-bound, so a busy machine moves the ratio."),
