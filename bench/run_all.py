@@ -52,7 +52,7 @@ WHY_NOT_MET: dict[str, str] = {
         "(json.load baseline 0.018 s vs 0.008 s); the ratio to json.load improved (144 -> 123). Batching "
         "the per-tensor scalars into one vectorised pass is the fix (issue 18, speed)."),
     "observers ": (
-        "On CPU a max-abs observer is one aminmax pass per distinct tensor (q/k/v and gate/up share theirs "
+        "On CPU a max-abs observer is one pass of the C max-abs kernel per distinct tensor (q/k/v and gate/up share theirs "
         "through the session memo; the NaN/Inf-skipping path runs only when that result is not finite) plus "
         "forward-hook dispatch per observed module. In fp32 the matmuls leave the elementwise passes a larger "
         "share; the hook CPU time also inflates when other processes share the cores' caches: rerun on an "

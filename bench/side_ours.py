@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "rss_imports_bytes": rss_imports, "peak_rss_bytes": peak_rss_bytes(), "heldout": summary,
         "scales": scales,
         "notes": ["the same INC config dicts (use_qdq=True, hp_dtype bf16) through orchestrator.prepare/convert; "
-                  "CPU emulating backend; each FP8 Linear keeps its dequantized bf16 weight between forwards"],
+                  "CPU emulating backend: FP8 values multiplied and accumulated in fp32, rounded once to bf16; each FP8 Linear keeps the fp32 values of its weight codes between forwards"],
     }))
 
 
