@@ -26,35 +26,19 @@ layers only, lm_head blocked. Every time is paired with its baseline in this pro
 Prints one JSON line (the keys bench/bench_peers.py reads).
 """
 
-import argparse
 import copy
 import gc
 import json
 import os
-import sys
 
 # The measurements every side-by-side process takes (bench/peer_measures.py, beside this script;
 # it imports only the standard library and torch).
-from peer_measures import (heldout_summary, model_bytes, pairs, peak_rss_bytes,  # noqa: E402
-                           quantized_linears, rss_bytes, timed)
+from peer_measures import (heldout_summary, inc_style_config, load_rows, model_bytes, pairs, peak_rss_bytes,  # noqa: E402
+                           plain_reference, rss_bytes, side_args, timed)
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--model", required=True, help="HF checkpoint folder (loaded in bf16)")
-    p.add_argument("--tokens", required=True, help="safetensors file with int64 rows `calib` and `heldout`")
-    p.add_argument("--out", required=True, help="folder for the measurement files and heldout.safetensors")
-    p.add_argument("--batch", type=int, default=4, help="rows per forward")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--passes", type=int, default=1, help="timed passes over the calibration rows")
-    p.add_argument("--convert-repeats", type=int, default=3, help="warm converts after the cold one")
-    p.add_argument("--qdq-repeats", type=int, default=3)
-    a = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(a.model, "config.json")):
-        sys.exit(f"peer_inc: no HF checkpoint at {a.model} (config.json missing); bench.bench_peers writes it")
-    if not os.path.isfile(a.tokens):
-        sys.exit(f"peer_inc: token file {a.tokens} not found; bench.bench_peers writes it")
-    return a
+    return side_args(argv, "peer_inc", "folder for the measurement files and heldout.safetensors")
 
 
 def main(argv=None) -> None:
@@ -64,22 +48,15 @@ def main(argv=None) -> None:
     import torch
     import transformers
     from neural_compressor.torch.quantization import FP8Config, convert, finalize_calibration, prepare
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import save_file
 
     torch.set_num_threads(a.threads)
     rss_imports = rss_bytes()
-    tokens = load_file(a.tokens)
-    calib, heldout = tokens["calib"].long(), tokens["heldout"].long()
-    batches = list(calib.split(a.batch))
+    calib, heldout, batches = load_rows(a.tokens, a.batch)
     os.makedirs(a.out, exist_ok=True)
-    common = dict(dump_stats_path=os.path.join(a.out, "inc_stats", "measure"), use_qdq=True, hp_dtype="bf16",
-                  allowlist={"types": ["Linear"], "names": []}, blocklist={"types": [], "names": ["lm_head"]})
+    common = inc_style_config(os.path.join(a.out, "inc_stats", "measure"))
 
-    plain = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, local_files_only=True).eval()
-    linears = quantized_linears(plain)
-    weights = [m.weight for m in linears.values()]
-    plain_logp, plain_top = heldout_summary(plain, heldout, a.batch)
+    plain, weights, plain_logp, plain_top = plain_reference(a.model, heldout, a.batch)
 
     def forward(model):
         def run(x):
@@ -122,7 +99,7 @@ def main(argv=None) -> None:
         "transformers": transformers.__version__, "threads": torch.get_num_threads(), "batch": a.batch,
         "calib_shape": list(calib.shape), "heldout_shape": list(heldout.shape), "n_batches": len(batches),
         "model_bytes": model_bytes(plain), "quant_weight_bytes": sum(w.numel() * w.element_size() for w in weights),
-        "quant_weight_numel": sum(w.numel() for w in weights), "n_selected": len(linears), "n_quantized": n_quant,
+        "quant_weight_numel": sum(w.numel() for w in weights), "n_selected": len(weights), "n_quantized": n_quant,
         "observe_s": t_meas, "observe_plain_s": t_plain, "finalize_s": t_finalize,
         "convert_s": t_convert, "clone_s": t_clone, "qdq_s": t_qdq, "qdq_plain_s": t_qdq_plain,
         "rss_imports_bytes": rss_imports, "peak_rss_bytes": peak_rss_bytes(), "heldout": summary,

@@ -63,3 +63,53 @@ def quantized_linears(model):
 
 def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+
+
+def side_args(argv, prog, out_help):
+    """The command line every side-by-side script takes, checked: a missing checkpoint or token file
+    exits with one line naming it (bench.bench_peers writes both)."""
+    import argparse
+    import os
+    import sys
+
+    p = argparse.ArgumentParser(prog=prog, description="one tool on the bench_peers workload (prints one JSON line)")
+    p.add_argument("--model", required=True, help="HF checkpoint folder (loaded in bf16)")
+    p.add_argument("--tokens", required=True, help="safetensors file with int64 rows `calib` and `heldout`")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--batch", type=int, default=4, help="rows per forward")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--passes", type=int, default=1, help="timed passes over the calibration rows")
+    p.add_argument("--convert-repeats", type=int, default=3, help="warm converts after the cold one")
+    p.add_argument("--qdq-repeats", type=int, default=3)
+    a = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(a.model, "config.json")):
+        sys.exit(f"{prog}: no HF checkpoint at {a.model} (config.json missing); bench.bench_peers writes it")
+    if not os.path.isfile(a.tokens):
+        sys.exit(f"{prog}: token file {a.tokens} not found; bench.bench_peers writes it")
+    return a
+
+
+def load_rows(tokens_path, batch):
+    """The calibration rows, the held-out rows and the calibration batches of ``batch`` rows."""
+    from safetensors.torch import load_file
+
+    tokens = load_file(tokens_path)
+    calib, heldout = tokens["calib"].long(), tokens["heldout"].long()
+    return calib, heldout, list(calib.split(batch))
+
+
+def inc_style_config(dump_stats_path):
+    """The INC config keys INC's FP8Config and our prepare/convert both take in this workload."""
+    return dict(dump_stats_path=dump_stats_path, use_qdq=True, hp_dtype="bf16",
+                allowlist={"types": ["Linear"], "names": []}, blocklist={"types": [], "names": ["lm_head"]})
+
+
+def plain_reference(model_dir, heldout, batch):
+    """The bf16 model, its selected Linears' weights and its held-out log-probabilities and argmax."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, local_files_only=True).eval()
+    weights = [m.weight for m in quantized_linears(plain).values()]
+    logp, top = heldout_summary(plain, heldout, batch)
+    return plain, weights, logp, top

@@ -18,31 +18,16 @@ import copy
 import gc
 import json
 import os
-import sys
 from typing import Callable, Sequence
 
 import torch
 
-from bench.peer_measures import (heldout_summary, model_bytes, pairs, peak_rss_bytes, quantized_linears, rss_bytes,
-                                 timed)
+from bench.peer_measures import (heldout_summary, inc_style_config, load_rows, model_bytes, pairs, peak_rss_bytes,
+                                 plain_reference, rss_bytes, side_args, timed)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.side_ours", description=__doc__.split("\n", 1)[0])
-    p.add_argument("--model", required=True, help="HF checkpoint folder (loaded in bf16)")
-    p.add_argument("--tokens", required=True, help="safetensors file with int64 rows `calib` and `heldout`")
-    p.add_argument("--out", required=True, help="folder for the stats store and heldout.safetensors")
-    p.add_argument("--batch", type=int, default=4, help="rows per forward")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--passes", type=int, default=1, help="timed passes over the calibration rows")
-    p.add_argument("--convert-repeats", type=int, default=3, help="warm converts after the cold one")
-    p.add_argument("--qdq-repeats", type=int, default=3)
-    a = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(a.model, "config.json")):
-        sys.exit(f"side_ours: no HF checkpoint at {a.model} (config.json missing); bench.bench_peers writes it")
-    if not os.path.isfile(a.tokens):
-        sys.exit(f"side_ours: token file {a.tokens} not found; bench.bench_peers writes it")
-    return a
+    return side_args(argv, "python -m bench.side_ours", "folder for the stats store and heldout.safetensors")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -50,26 +35,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import transformers
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
+    from safetensors.torch import save_file
 
     import orchestrator
     from importlib.metadata import version
 
     torch.set_num_threads(a.threads)
     rss_imports = rss_bytes()
-    tokens = load_file(a.tokens)
-    calib, heldout = tokens["calib"].long(), tokens["heldout"].long()
-    batches = list(calib.split(a.batch))
+    calib, heldout, batches = load_rows(a.tokens, a.batch)
     os.makedirs(a.out, exist_ok=True)
     # The same INC config dicts as peer_inc.py's FP8Config.
-    common = dict(dump_stats_path=os.path.join(a.out, "stats", "measure"), use_qdq=True, hp_dtype="bf16",
-                  allowlist={"types": ["Linear"], "names": []}, blocklist={"types": [], "names": ["lm_head"]})
+    common = inc_style_config(os.path.join(a.out, "stats", "measure"))
 
-    plain = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16, local_files_only=True).eval()
-    linears = quantized_linears(plain)
-    weights = [m.weight for m in linears.values()]
-    plain_logp, plain_top = heldout_summary(plain, heldout, a.batch)
+    plain, weights, plain_logp, plain_top = plain_reference(a.model, heldout, a.batch)
 
     def forward(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
         def run(x: torch.Tensor) -> None:
@@ -112,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "transformers": transformers.__version__, "threads": torch.get_num_threads(), "batch": a.batch,
         "calib_shape": list(calib.shape), "heldout_shape": list(heldout.shape), "n_batches": len(batches),
         "model_bytes": model_bytes(plain), "quant_weight_bytes": sum(w.numel() * w.element_size() for w in weights),
-        "quant_weight_numel": sum(w.numel() for w in weights), "n_selected": len(linears), "n_quantized": n_quant,
+        "quant_weight_numel": sum(w.numel() for w in weights), "n_selected": len(weights), "n_quantized": n_quant,
         "observe_s": t_meas, "observe_plain_s": t_plain, "finalize_s": t_finalize,
         "convert_s": t_convert, "clone_s": t_clone, "qdq_s": t_qdq, "qdq_plain_s": t_qdq_plain,
         "rss_imports_bytes": rss_imports, "peak_rss_bytes": peak_rss_bytes(), "heldout": summary,
