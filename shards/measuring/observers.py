@@ -12,7 +12,6 @@ and left out of the max. Reference ``inc-fp8-semantics.md`` §3.3; decisions §3
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -22,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from shards.errors import DuplicateRegistrationError, ShardError
-from shards.fp8 import native_cast
 from shards.fp8.scale_math import magnitude_max
+from shards.model.input_memo import InputMemo
 from stats_store.records import Measurement
 from stats_store.reduce import get_merge
 
@@ -108,21 +107,16 @@ def _fast_cpu_maxabs(x: torch.Tensor, channel_dim: int | None) -> "torch.Tensor 
 
     A CPU tensor has no device queue to stall, so looking at the result costs nothing; it saves the
     isfinite/where/count passes that the accelerator path runs on every tensor to stay sync-free.
-    Per tensor it is one pass of the C kernel's max-abs (``shards.fp8.native_cast.maxabs``; else one
-    ``aminmax`` pass, max|x| = max(-min, max)) read back as a Python float; per channel, |x| reduced
-    along the contiguous axis (per row through the kernel). NaN propagates and inf
+    Per tensor it is :func:`shards.fp8.scale_math.magnitude_max` (one pass of the C kernel where it
+    applies) read back as a Python float; per channel, |x| reduced along the contiguous axis (per
+    row through the kernel). NaN propagates and inf
     stays, so a finite result proves every element finite.
     """
     if x.device.type != "cpu":
         return None
     x = _upcast_fp8(x)
     if channel_dim is None or x.ndim == 0:
-        native = native_cast.maxabs(x)  # one integer-max pass over the bits (contiguous fp32/bf16/fp16)
-        if native is not None:
-            m = float(native)
-        else:
-            lo, hi = torch.aminmax(x)
-            m = max(-float(lo), float(hi))
+        m = float(magnitude_max(x))  # the C kernel's one pass where it applies, else torch's route
         return m if math.isfinite(m) else None
     rows, axis = _channel_rows(x, channel_dim)
     m = magnitude_max(rows, dim=1) if axis == 0 else rows.abs().amax(dim=0)  # weights: the per-row kernel
@@ -142,32 +136,13 @@ def _reduce(x: torch.Tensor, channel_dim: int | None) -> Reduction:
     return rows.amax(dim=1 - axis), bad
 
 
-class ReductionMemo:
-    """One-entry memo of the last tensor's reduction, shared by the observers of one session.
-
-    Sibling modules fed the same tensor (q/k/v projections, gate/up) each observe it; the memo
-    reduces it once. The tensor is held weakly and matched by identity, version counter, layout
-    and reduction kind, so a tensor changed in place (or freed and its memory reused) is never
-    matched.
-    """
-
-    def __init__(self) -> None:
-        self._entry: tuple[object, weakref.ref[torch.Tensor], Reduction] | None = None
+class ReductionMemo(InputMemo[Reduction]):
+    """The session's memo of the last tensor's reduction (``shards.model.input_memo``): sibling
+    modules fed the same tensor (q/k/v projections, gate/up) each observe it, and it is reduced once
+    per reduction kind."""
 
     def reduce(self, x: torch.Tensor, channel_dim: int | None) -> Reduction:
-        if x.is_inference() or x.requires_grad:
-            return _reduce(x, channel_dim)  # inference tensors have no version counter
-        # Identity is checked below, so dtype and device cannot differ; in-place view changes can.
-        key = (x._version, x.shape, x.stride(), x.storage_offset(), channel_dim)
-        entry = self._entry
-        if entry is not None and entry[0] == key and entry[1]() is x:
-            return entry[2]
-        r = _reduce(x, channel_dim)
-        self._entry = (key, weakref.ref(x), r)
-        return r
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"_entry": None}
+        return self.get(x, channel_dim, lambda: _reduce(x, channel_dim))
 
 
 class _CountingObserver:

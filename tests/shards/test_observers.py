@@ -184,7 +184,7 @@ def test_save_needs_a_directory() -> None:
 @pytest.mark.parametrize("channel_dim", [None, 0, 1, -1])
 @pytest.mark.parametrize("sign", [1.0, -1.0, 0.0])
 def test_cpu_fast_maxabs_equals_the_max_of_abs(dtype: torch.dtype, channel_dim: int | None, sign: float) -> None:
-    """The aminmax shortcut gives torch.abs(x).amax exactly, also for all-negative / all-positive tensors."""
+    """The CPU shortcut (C kernel or torch route) gives torch.abs(x).amax exactly, also for all-negative / all-positive tensors."""
     from shards.measuring.observers import _fast_cpu_maxabs
 
     g = torch.Generator().manual_seed(11)
