@@ -218,8 +218,9 @@ def _get(ref: Any, dp_rank: int, tp_rank: int, method: str | None = None, timeou
     try:
         return ray.get(ref, timeout=timeout_s)
     except GetTimeoutError as e:
-        raise WorkerStartError(f"shard actor dp_rank={dp_rank}, tp_rank={tp_rank} did not answer {method} within "
-                               f"{timeout_s:.0f} s; check that its node is up and has memory, or raise timeout_s") from e
+        raise WorkerStartError(f"shard actor dp_rank={dp_rank}, tp_rank={tp_rank} did not answer {method} "
+                               f"within {timeout_s:.0f} s; check that its node is up and has memory, or raise "
+                               "timeout_s") from e
     except RayActorError as e:
         died = actor_error(e, rank=(dp_rank, tp_rank), method=method)
         if not isinstance(died, ShardActorError):

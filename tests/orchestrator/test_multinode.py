@@ -36,8 +36,8 @@ from tests.orchestrator.test_faults import N_BATCHES, SIM_CARD, _assert_same_sta
 from tests.ray_fixtures import multinode_cluster  # noqa: F401  (module fixture)
 from tests.shards.tp_fixtures import make_tiny_llama
 
-pytestmark = [pytest.mark.ray, pytest.mark.external_cluster, pytest.mark.usefixtures("multinode_cluster"),
-              pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.external_cluster,
+              pytest.mark.usefixtures("multinode_cluster"), pytest.mark.timeout(300)]
 
 DP, TP = 2, 2
 FLUSH_EVERY = 2
