@@ -113,7 +113,9 @@ class Calibration:
         overwrite: replace an existing store of a different run at dump_stats_path.
         progress: show progress bars.
         resources: per-shard resources override (e.g. ``{"HPU": 1}`` to place simulated cards).
-        timeout_s: how long to wait for placement and collectives.
+        timeout_s: how long to wait for placement, an actor's start and collectives.
+        placement_timeout_s: how long a (re)started tp group waits for a node with room for it
+            (None: ``timeout_s``); a group that lost its node and finds none stops the measure.
         uncovered: what to do with selected modules that saw no data: ``fail``, ``warn``,
             ``unit_scale`` or ``expert_max`` (see ``orchestrator.driver.coverage``; None: ``warn`` if the
             config sets ignore_modules_wo_measures, else ``fail``).
@@ -127,6 +129,7 @@ class Calibration:
                  address: str | None = None, device: str = "cpu", num_cpus: int | None = None, flush_every: int = 8,
                  hpu_device: ScaleDevice | None = None, overwrite: bool = False, progress: bool = True,
                  resources: WorkerResources | None = None, timeout_s: float = 300.0,
+                 placement_timeout_s: float | None = None,
                  uncovered: str | UncoveredPolicy | None = None, max_restarts: int = 3,
                  runner_cls: type[ShardRunner] = CalibrationRunner) -> None:
         self.config = Fp8Config.load(config)
@@ -147,7 +150,7 @@ class Calibration:
         self.uncovered = uncovered
         self.max_restarts = max_restarts
         self._resources = resources or worker_resources(self.device)
-        self._runner_cls, self._timeout_s = runner_cls, timeout_s
+        self._runner_cls, self._timeout_s, self._placement_timeout_s = runner_cls, timeout_s, placement_timeout_s
         self._address, self._num_cpus = address, num_cpus if num_cpus is not None else max(2, tp * dp)
         self._workers: WorkerGroups | None = None
 
@@ -170,7 +173,8 @@ class Calibration:
             ensure_ray(self._address, self._num_cpus)
             with self.report.timer.phase("start shards"):
                 self._workers = make_workers(self.checkpoint, self.dp, self.tp, self.device, resources=self._resources,
-                                             runner_cls=self._runner_cls, timeout_s=self._timeout_s)
+                                             runner_cls=self._runner_cls, timeout_s=self._timeout_s,
+                                             placement_timeout_s=self._placement_timeout_s)
         return self._workers
 
     @property

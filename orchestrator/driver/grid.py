@@ -1,9 +1,13 @@
 """``ShardWorker``: the Ray actor around ``ShardRunner``, and the factory that starts a dp x tp grid.
 
-Each tp group gets its own placement group (STRICT_PACK: one node, so its ranks meet on loopback),
-one bundle per rank holding that rank's card: ``{"HPU": 1}`` on Gaudi, one GPU on CUDA, a CPU
-otherwise. ``WorkerGroups.restart_group`` replaces a whole tp group after one of its actors died:
-its process group must be rebuilt anyway, and the survivors' in-memory state is lost with it.
+Each tp group gets its own placement group, one bundle per rank holding that rank's card:
+``{"HPU": 1}`` on Gaudi, one GPU on CUDA, a CPU otherwise. Placement (``orchestrator.driver.placement``):
+a tp group's placement group is STRICT_PACK, so all its ranks sit on one node and meet on loopback;
+the dp groups are spread, each pinned (``ray.io/node-id`` label) to the node with room that hosts the
+fewest of the run's groups, so they land on distinct nodes while such nodes are left.
+``WorkerGroups.restart_group`` replaces a whole tp group after one of its actors died: its process
+group must be rebuilt anyway, and the survivors' in-memory state is lost with it. The group gets a
+new placement group, on another node when one has room (its node may be gone).
 """
 
 from __future__ import annotations
@@ -16,19 +20,17 @@ from typing import Any, Mapping
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shards.card.actor_errors import ShardActorError, actor_error, forget_actor, register_actor
+from orchestrator.driver.placement import WorkerStartError, reserve_group
 from shards.tp.dist import DeviceKind
-from shards.errors import ShardError
 from shards.card.runner import ShardRunner, Topology
 
+__all__ = ["ShardWorker", "WorkerGroups", "WorkerResources", "WorkerStartError", "make_workers", "worker_resources"]
+
 ShardWorker = ray.remote(ShardRunner)
-
-
-class WorkerStartError(ShardError, RuntimeError):
-    """A shard actor died or could not be placed while the workers were starting."""
 
 
 @dataclass(frozen=True)
@@ -70,16 +72,18 @@ class _Spawn:
     res: WorkerResources
     runner_kwargs: Mapping[str, Any]
     timeout_s: float
+    placement_timeout_s: float
 
 
 @dataclass
 class WorkerGroups:
-    """The started shard actors, ``groups[dp_rank][tp_rank]``, and their placement groups."""
+    """The started shard actors, ``groups[dp_rank][tp_rank]``, their placement groups and nodes."""
 
     groups: list[list[Any]]
-    placement_groups: list[PlacementGroup]
+    placement_groups: list[PlacementGroup | None]
     _spawn: _Spawn | None = None
     restarts: int = 0
+    nodes: list[str] = field(default_factory=list)  # the node id of each tp group, by dp rank
 
     @property
     def actors(self) -> list[Any]:
@@ -92,28 +96,38 @@ class WorkerGroups:
             ray.kill(actor, no_restart=True)
             forget_actor(actor)
         for pg in self.placement_groups:
-            remove_placement_group(pg)
-        self.groups, self.placement_groups = [], []
+            if pg is not None:
+                remove_placement_group(pg)
+        self.groups, self.placement_groups, self.nodes = [], [], []
 
     def restart_group(self, dp_rank: int) -> list[Any]:
-        """Kill every actor of tp group ``dp_rank`` and start and load fresh ones in its placement group.
+        """Kill every actor of tp group ``dp_rank`` and start and load fresh ones in a new placement group.
 
-        The new actors hold a freshly loaded shard and nothing else (no observers, no statistics).
+        The new group goes to another node when one has room (its actors may have died with their
+        node), else wherever room appears within the start timeout. The new actors hold a freshly
+        loaded shard and nothing else (no observers, no statistics).
 
         Raises:
-            WorkerStartError: a new actor died while starting, or these groups cannot be restarted.
+            WorkerStartError: no node had room for the group in time (the message names its old
+                node), a new actor died while starting, or these groups cannot be restarted.
         """
         if self._spawn is None or not 0 <= dp_rank < len(self.groups):
             raise WorkerStartError(f"dp group {dp_rank}: cannot restart it (started groups: {len(self.groups)})")
         for actor in self.groups[dp_rank]:
             ray.kill(actor, no_restart=True)  # also ends a survivor blocked in a collective with the dead rank
             forget_actor(actor)
+        old_pg, self.placement_groups[dp_rank] = self.placement_groups[dp_rank], None
+        if old_pg is not None:
+            remove_placement_group(old_pg)  # its room is free for the new group (a live node's, at least)
         sp = self._spawn
-        group = _start_group(sp.worker_cls, sp.checkpoint, sp.dp, sp.tp, dp_rank, sp.kind, sp.res,
-                             self.placement_groups[dp_rank], sp.runner_kwargs)
+        others = [n for i, n in enumerate(self.nodes) if i != dp_rank]
+        pg, node = reserve_group(sp.res.bundle(), sp.tp, dp_rank, others, sp.placement_timeout_s,
+                                 lost_node=self.nodes[dp_rank])
+        self.placement_groups[dp_rank], self.nodes[dp_rank] = pg, node
+        group = _start_group(sp.worker_cls, sp.checkpoint, sp.dp, sp.tp, dp_rank, sp.kind, sp.res, pg, sp.runner_kwargs)
         self.groups[dp_rank] = group
         self.restarts += 1
-        _load_all(WorkerGroups([group], []), first_dp_rank=dp_rank)
+        _load_all(WorkerGroups([group], []), first_dp_rank=dp_rank, timeout_s=sp.timeout_s)
         return group
 
 
@@ -135,7 +149,7 @@ def _start_group(worker_cls: Any, checkpoint: Path, dp: int, tp: int, dp_rank: i
 def make_workers(checkpoint: str | Path, dp: int = 1, tp: int = 1, device_kind: DeviceKind = DeviceKind.CPU, *,
                  resources: WorkerResources | None = None, runner_cls: type[ShardRunner] = ShardRunner,
                  dtype: torch.dtype | None = None, num_threads: int | None = 1,
-                 timeout_s: float = 120.0) -> WorkerGroups:
+                 timeout_s: float = 120.0, placement_timeout_s: float | None = None) -> WorkerGroups:
     """Start ``dp * tp`` shard actors, one placement group per tp group, and load every shard.
 
     Args:
@@ -148,7 +162,9 @@ def make_workers(checkpoint: str | Path, dp: int = 1, tp: int = 1, device_kind: 
         runner_cls: the plain class to wrap (a subclass injects faults in tests).
         dtype: cast floating weights to this dtype; None keeps the stored dtypes.
         num_threads: torch threads per actor.
-        timeout_s: how long to wait for placement and for the process groups.
+        timeout_s: how long to wait for an actor to start and for the process groups.
+        placement_timeout_s: how long a (re)started tp group waits for a node with room for it
+            (an autoscaler may be adding one); None: ``timeout_s``.
 
     Raises:
         WorkerStartError: an actor died or its placement group could not be reserved in time.
@@ -157,35 +173,32 @@ def make_workers(checkpoint: str | Path, dp: int = 1, tp: int = 1, device_kind: 
     res = resources or worker_resources(kind)
     worker_cls = ray.remote(runner_cls) if runner_cls is not ShardRunner else ShardWorker
     kwargs = dict(dtype=dtype, num_threads=num_threads, timeout_s=timeout_s)
-    started = WorkerGroups([], [], _Spawn(worker_cls, Path(checkpoint), dp, tp, kind, res, kwargs, timeout_s))
+    placement_timeout_s = timeout_s if placement_timeout_s is None else placement_timeout_s
+    started = WorkerGroups([], [], _Spawn(worker_cls, Path(checkpoint), dp, tp, kind, res, kwargs, timeout_s,
+                                          placement_timeout_s))
     try:
         for dp_rank in range(dp):
-            pg = placement_group([res.bundle() for _ in range(tp)], strategy="STRICT_PACK")
+            pg, node = reserve_group(res.bundle(), tp, dp_rank, started.nodes, placement_timeout_s)
             started.placement_groups.append(pg)
-            try:
-                ray.get(pg.ready(), timeout=timeout_s)
-            except GetTimeoutError as e:
-                raise WorkerStartError(
-                    f"dp group {dp_rank}: could not reserve {tp} x {res.bundle()} on one node within "
-                    f"{timeout_s:.0f} s; lower tp/dp or add resources to the cluster"
-                ) from e
+            started.nodes.append(node)
             started.groups.append(_start_group(worker_cls, Path(checkpoint), dp, tp, dp_rank, kind, res, pg, kwargs))
-        _load_all(started)
+        _load_all(started, timeout_s=timeout_s)
     except BaseException:
         started.shutdown()
         raise
     return started
 
 
-def _load_all(started: WorkerGroups, first_dp_rank: int = 0) -> None:
+def _load_all(started: WorkerGroups, first_dp_rank: int = 0, timeout_s: float | None = None) -> None:
     """Rank 0 of each group picks the rendezvous; all ranks of all groups then load concurrently.
 
     Results are taken as they finish, so a rank that dies fails the start at once instead of after
-    its peers' rendezvous timeout.
+    its peers' rendezvous timeout. Rank 0 must be up within ``timeout_s``: an actor whose node has
+    just gone (before Ray noticed) would otherwise never answer.
     """
     where: dict[Any, tuple[int, int]] = {}
     for dp_rank, group in enumerate(started.groups, first_dp_rank):
-        rendezvous = _get(group[0].pick_rendezvous.remote(), dp_rank, 0, "pick_rendezvous")
+        rendezvous = _get(group[0].pick_rendezvous.remote(), dp_rank, 0, "pick_rendezvous", timeout_s)
         where.update({a.load.remote(rendezvous): (dp_rank, tp_rank) for tp_rank, a in enumerate(group)})
     pending = list(where)
     while pending:
@@ -193,16 +206,21 @@ def _load_all(started: WorkerGroups, first_dp_rank: int = 0) -> None:
         _get(ready[0], *where[ready[0]], "load")
 
 
-def _get(ref: Any, dp_rank: int, tp_rank: int, method: str | None = None) -> Any:
+def _get(ref: Any, dp_rank: int, tp_rank: int, method: str | None = None, timeout_s: float | None = None) -> Any:
     """``ray.get`` of one start-up call, its errors as one line (see ``shards.card.actor_errors``).
 
     Raises:
-        WorkerStartError: the actor died (the message names its rank and a log of Ray's report).
+        WorkerStartError: the actor died (the message names its rank and a log of Ray's report),
+            or did not answer within ``timeout_s``.
         ShardError: the actor raised one (as itself), or raised another exception
             (``ShardTaskError``, naming the exception type, the rank and the log of its traceback).
     """
     try:
-        return ray.get(ref)
+        return ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError as e:
+        raise WorkerStartError(f"shard actor dp_rank={dp_rank}, tp_rank={tp_rank} did not answer {method} "
+                               f"within {timeout_s:.0f} s; check that its node is up and has memory, or raise "
+                               "timeout_s") from e
     except RayActorError as e:
         died = actor_error(e, rank=(dp_rank, tp_rank), method=method)
         if not isinstance(died, ShardActorError):

@@ -3,15 +3,17 @@ groups, periodic flushes, resume from commit records, and recovery from dead sha
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.driver.data import Batch
+from orchestrator.driver.placement import WorkerStartError
 from orchestrator.errors import CalibrationError, Fp8OrchestratorError
 from orchestrator.driver.progress import BatchProgress
 from shards.card.actor_errors import actor_error
@@ -23,6 +25,8 @@ from stats_store.metadata import CommitRecord
 
 if TYPE_CHECKING:
     from orchestrator.driver.calibration import Calibration
+
+log = logging.getLogger(__name__)
 
 
 def done_batches(commits: dict[int, CommitRecord], tp: int) -> set[int]:
@@ -111,7 +115,9 @@ class MeasureLoop:
     group must be rebuilt, and the survivors hold uncommitted statistics that would count twice),
     and the batches ``g`` ran since its last complete flush go back to ``g``'s own queue, minus
     those every rank of ``g`` committed. A rank whose commit record has a requeued batch runs it
-    uncounted, so the store ends up exactly as without the fault.
+    uncounted, so the store ends up exactly as without the fault. The new group goes to another node
+    when one has room (an actor dies with its node, too); when no node has room for it, the other
+    groups finish and flush what they ran and the run stops with one error: a rerun resumes.
     """
 
     #: seconds to wait for the other ranks of a group after one raised: a peer that died makes a
@@ -124,6 +130,7 @@ class MeasureLoop:
         self.shared, self.own = shared, own
         self.state = [_GroupRun() for _ in range(cal.dp)]
         self.waiting: dict[Any, int] = {}
+        self.stopping = False  # a group could not be replaced: finish and flush the others, then raise
         self.bar = BatchProgress(len(shared) + sum(map(len, own)), cal.dp, enabled=cal.progress)
 
     def run(self) -> None:
@@ -190,23 +197,35 @@ class MeasureLoop:
         raise actor_failure(error) from error
 
     def _recover(self, g: int, error: RayActorError) -> None:
-        """Replace group ``g`` and requeue (to ``g`` itself) the batches not every rank committed."""
+        """Replace group ``g`` and requeue (to ``g`` itself) the batches not every rank committed.
+
+        When ``g`` cannot be replaced (it died too often, or no node has room for it: its node left
+        the cluster), the run stops cleanly: see :meth:`_stop`.
+        """
         st, cal = self.state[g], self.cal
         for r in st.refs:
             self.waiting.pop(r, None)
+        if self.stopping:
+            return  # already stopping: the group's uncommitted batches are redone by a rerun
         st.restarts += 1
         if st.restarts > cal.max_restarts:
-            raise CalibrationError(
+            self._stop(CalibrationError(
                 f"dp group {g}: a shard actor died {st.restarts} times while measuring into {self.store.path} "
                 f"(last: {type(error).__name__}); fix the cause (memory? device?) and rerun the same command to "
                 "resume, or raise max_restarts"
-            ) from error
+            ), error)
         lost = [b for b, _ in st.unflushed] + ([st.batch] if st.batch is not None else [])
         for _, tokens in st.unflushed:
             cal.report.batches -= 1
             cal.report.tokens -= tokens
+        try:
+            actors = cal.workers.restart_group(g)
+        except WorkerStartError as e:
+            self._stop(CalibrationError(
+                f"measure stopped: {e}; every batch committed so far stays in {self.store.path}: then rerun the "
+                "same command to resume"
+            ), e)
         cal.report.restarts += 1
-        actors = cal.workers.restart_group(g)
         get_all([a.start_measure.remote(self.plan, str(self.store.path)) for a in actors])
         records = [self.store.commits().get(g * cal.tp + r) for r in range(cal.tp)]
         committed = set.intersection(*(set(rec.batch_ids) if rec else set() for rec in records))
@@ -214,3 +233,22 @@ class MeasureLoop:
         self.own[g].extendleft(reversed(redo))
         st.refs, st.results, st.batch, st.unflushed = [], [], None, []
         self._dispatch(g)
+
+    def _stop(self, error: CalibrationError, cause: BaseException) -> NoReturn:
+        """Raise ``error`` after the other groups finished their calls in flight and flushed what they ran.
+
+        No new batch is handed out; so a rerun redoes only what the failed group had not committed.
+        An error while draining is logged (one line) and ``error`` is raised all the same.
+        """
+        self.stopping = True
+        self.shared.clear()
+        for q in self.own:
+            q.clear()
+        try:
+            while self.waiting:
+                ready, _ = ray.wait(list(self.waiting), num_returns=1)
+                self._resolve(ready[0])
+        except Exception as drain_error:  # the first error is the one to report; this one is logged
+            log.warning("while stopping after %s: %s: %s", type(cause).__name__, type(drain_error).__name__,
+                        " ".join(str(drain_error).split()))
+        raise error from cause
