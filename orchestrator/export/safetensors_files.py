@@ -6,15 +6,18 @@ names, dtypes and shapes alone (:class:`TensorSpec`), written first, and each te
 as it is fetched, so a writer holds one tensor at a time.
 
 The files read back exactly as ``save_file``'s: the same header entries (dtype, shape, offsets),
-tensors laid out by element size, largest first, then by name (as safetensors does, so every tensor
-starts aligned to its element size), the header padded with spaces to 8 bytes. Only the order of the
+tensors laid out by dtype (element size, largest first) then name as safetensors does, so every
+tensor starts aligned to its element size; the header padded with spaces to 8 bytes. Only the order of the
 ``__metadata__`` keys differs (sorted here; ``save_file``'s is a Rust hash map's, random per process).
 
-Shards follow ``huggingface_hub.split_torch_state_dict_into_shards`` (what ``save_pretrained``
-uses): tensors in name order, a new file when the next tensor would push the current one above
-``max_shard_bytes``, a tensor bigger than that alone in its file; one file is ``model.safetensors``,
-several are ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``
-(``{"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}``).
+Shards: tensors in name order, a new file when the next tensor would push the current one above
+``max_shard_bytes`` (a bigger tensor alone in its file); one file is ``model.safetensors``, several
+are ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json`` (``{"metadata":
+{"total_size": bytes}, "weight_map": {tensor: file}}``), the names and index ``save_pretrained``
+writes. Up to tensors bigger than the limit this is ``huggingface_hub.split_torch_state_dict_into_shards``
+on the name-sorted tensors; that one keeps the current file open past a too-big tensor, here the
+too-big tensor closes it (the split the in-memory export always made; any split loads, the index
+says where each tensor is).
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # safetensors refuses headers above 100 MB (its loaders' limit).
 _MAX_HEADER_BYTES = 100_000_000
 
-# The safetensors dtype codes of the dtypes a checkpoint holds.
+# The safetensors dtype codes of the dtypes a checkpoint holds, in the order safetensors lays a
+# file's tensors out (its dtype enum, descending: element size first; checked against save_file).
 DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16",
+    torch.float16: "F16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(DTYPE_CODES)}
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,9 @@ def read_specs(path: Path) -> dict[str, TensorSpec]:
 
 
 def file_layout(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
-    """The order of the tensors' bytes in a file: element size descending, then name."""
-    return sorted(specs, key=lambda s: (-s.dtype.itemsize, s.name))
+    """The order of the tensors' bytes in a file: by dtype as safetensors orders them (element size
+    descending, so every tensor starts aligned to its element size), then by name."""
+    return sorted(specs, key=lambda s: (_LAYOUT_RANK[s.dtype], s.name))
 
 
 def _header(layout: Sequence[TensorSpec], metadata: Mapping[str, str]) -> bytes:

@@ -66,6 +66,7 @@ class SourceTensors:
         self.specs: dict[str, TensorSpec] = {}
         self._where: dict[str, tuple[Path, str, str]] = {}  # on-disk name -> (file, stored key, in-model part)
         self._fused: OrderedDict[tuple[Path, str], torch.Tensor] = OrderedDict()
+        self.fused_reads = 0  # fused tensors read from disk (each once when experts come in name order)
         for f in sorted(Path(checkpoint).glob("*.safetensors")):
             for key, spec in read_specs(f).items():
                 if key.startswith(skip):
@@ -97,6 +98,7 @@ class SourceTensors:
         while len(self._fused) >= _FUSED_KEPT:
             self.held.release(nbytes(self._fused.popitem(last=False)[1]))
         t = self._fused[(f, key)] = _read(f, key)
+        self.fused_reads += 1
         self.held.hold(nbytes(t))
         return t
 
