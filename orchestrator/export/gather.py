@@ -36,16 +36,13 @@ from shards.fp8.numerics import fp8_from_bytes
 from shards.tp.rules import Parallel, rule_for
 
 
-def _cat(name: str, parts: Sequence[torch.Tensor], column_dim: int) -> torch.Tensor:
-    rule = rule_for(name)
-    if rule is None or len(parts) == 1:
-        return parts[0]
-    return torch.cat(list(parts), dim=column_dim if rule.parallel is Parallel.COLUMN else 1 - column_dim)
-
-
 def assemble_weight(name: str, codes: Sequence[torch.Tensor], dtype_name: str) -> torch.Tensor:
-    """Module ``name``'s whole FP8 weight from each tp rank's codes (uint8), in rank order."""
-    return fp8_from_bytes(_cat(name, codes, 0), dtype_name)
+    """Module ``name``'s whole FP8 weight from each tp rank's codes (uint8), in rank order:
+    column-parallel slices join along the output channels, row-parallel ones along the inputs."""
+    rule = rule_for(name)
+    if rule is None or len(codes) == 1:
+        return fp8_from_bytes(codes[0], dtype_name)
+    return fp8_from_bytes(torch.cat(list(codes), dim=0 if rule.parallel is Parallel.COLUMN else 1), dtype_name)
 
 
 def assemble_bias(name: str, biases: Sequence[torch.Tensor]) -> torch.Tensor:
