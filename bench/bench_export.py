@@ -7,7 +7,8 @@ Two synthetic bf16 Llama checkpoints of different depth (full size: ~114 MB and 
 - *streamed*: ``Calibration.export`` (``orchestrator.export.streamed``: the driver asks the ranks
   for one tensor at a time and writes it);
 - *in-memory* (the baseline, what export did before): every rank's full ``quantized_state()`` pulled
-  into the driver, ``gather_checkpoint`` and ``write_compressed_tensors``.
+  into the driver, ``gather_checkpoint`` and ``write_compressed_tensors`` (today's file writer: the
+  old ``save_file`` also turned every tensor into bytes first, so the old funnel peaked higher still).
 
 Each (checkpoint, way) runs in a fresh process (own Ray cluster), so memory one export freed cannot
 hide another's. The peak resident memory *of the export alone* is measured per process: its high-water

@@ -33,6 +33,7 @@ from shards.fp8.methods import Granularity, ValueType
 from shards.fp8.scale_math import opt_candidates
 from shards.tp.rules import ModelDims, Parallel, axis_slice, rule_for
 from shards.errors import ShardError
+from shards.quantized.modules import QuantModule
 
 
 class ExportPartError(ShardError, LookupError):
@@ -202,11 +203,11 @@ class ShardCalibration:
         for name, m in self._fp8_modules().items():
             scales = m.module_scales()
             out[name] = {
-                "codes": self._part(name, m, "weight", data),
+                "codes": self._part(m, "weight", data),
                 "dtype": str(m.weight.dtype).removeprefix("torch."),
                 "weight_scale": scales.weight.detach().cpu() if scales.weight is not None else None,
                 "input_scale": scales.inputs[0].detach().cpu() if scales.inputs else None,
-                "bias": None if getattr(m, "bias", None) is None else self._part(name, m, "bias", data),
+                "bias": None if getattr(m, "bias", None) is None else self._part(m, "bias", data),
             }
         return out
 
@@ -218,18 +219,18 @@ class ShardCalibration:
         """
         m = self._fp8_modules().get(name)
         if m is None or part not in ("weight", "bias") or getattr(m, part, None) is None:
-            raise ExportPartError(f"shard tp rank {self.tp_rank}: no quantized module {name!r} with a {part!r} tensor; "
-                             "quantize() before exporting, and export the names quantized_state() lists")
-        return self._part(name, m, part, True)
+            raise ExportPartError(f"shard tp rank {self.tp_rank}: no quantized module {name!r} with a {part!r} "
+                                  "tensor; quantize() before exporting, and export the names quantized_state() lists")
+        return self._part(m, part, True)
 
-    def _fp8_modules(self) -> dict[str, nn.Module]:
+    def _fp8_modules(self) -> dict[str, QuantModule]:
         """The quantized modules whose weight is an FP8 tensor (what the export writes)."""
         return {name: m for name, m in quantized_modules(self.model).items()
                 if isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.dtype.is_floating_point
                 and w.element_size() == 1}
 
     @staticmethod
-    def _part(name: str, m: nn.Module, part: str, data: bool) -> torch.Tensor:
+    def _part(m: QuantModule, part: str, data: bool) -> torch.Tensor:
         t = getattr(m, part).detach()
         if not data:
             return torch.empty(t.shape, dtype=torch.uint8 if part == "weight" else t.dtype, device="meta")

@@ -16,6 +16,7 @@ import torch
 from orchestrator.export.compressed_tensors import checkpoint_layout, write_compressed_tensors
 from orchestrator.export.gather import gather_checkpoint
 from orchestrator.export.safetensors_files import INDEX_FILE, SINGLE_FILE
+from shards.card.calibration import ExportPartError
 from shards.plan import Mode
 from tests.family_models import tiny_model
 from tests.orchestrator.test_export import read_all
@@ -33,6 +34,7 @@ def calibrated_exports(tmp: Path, fam: str, tp: int, layers: int, types: tuple[s
     the in-memory checkpoint gathered from the same shards' full states."""
     from orchestrator.driver.calibration import Calibration
     from orchestrator.driver.grid import WorkerResources
+    from orchestrator.driver.measure_loop import get_all
 
     src = tmp / "src"
     tiny_model(fam, num_hidden_layers=layers).save_pretrained(src)
@@ -45,6 +47,8 @@ def calibrated_exports(tmp: Path, fam: str, tp: int, layers: int, types: tuple[s
         single = cal.export(tmp / "single")
         summary = cal.exported
         sharded = cal.export(tmp / "sharded", max_shard_bytes=SHARD_BYTES)
+        with pytest.raises(ExportPartError, match="no quantized module 'model.norm' with a 'weight' tensor"):
+            get_all([a.quantized_part.remote("model.norm", "weight") for a in cal.groups[0]])
         plan = cal.config.to_plan(Mode.QUANTIZE)
         gathered = gather_checkpoint(src, cal.quantized_state_by_rank(), scales.weight_scales, dynamic=plan.dynamic,
                                      scale_method=plan.scale_plan.name, nodes=scales.nodes)
