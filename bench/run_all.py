@@ -39,6 +39,7 @@ MODULES: tuple[str, ...] = (
     "bench_inc_import",
     "bench_moe",
     "bench_e2e",
+    "bench_export",
 )
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
