@@ -156,9 +156,9 @@ def measured_max(maxabs: MaxAbsLike, where: str) -> tuple[float, torch.dtype]:
     INC does (reference §2.2); an empty or non-finite measurement raises, naming ``where``."""
     if isinstance(maxabs, torch.Tensor):
         return float(maxabs_vector(maxabs, maxabs.dtype, where).max()), maxabs.dtype
-    a = as_maxabs(maxabs)
+    a = maxabs if isinstance(maxabs, np.ndarray) and maxabs.dtype == np.float32 else as_maxabs(maxabs)
     if a.size == 1:  # the usual per-tensor measurement: no numpy reductions
-        value = float(a[0])
+        value = float(a.item())
         if not math.isfinite(value):
             raise NonFiniteStatsError(where, abs(value))
         return value, torch.float32
