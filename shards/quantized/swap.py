@@ -17,6 +17,7 @@ from torch import nn
 from shards.quantized.backends import Backend
 from shards.model.discovery import FoundModule, clean_name, discover, set_submodule
 from shards.errors import ShardError
+from stats_store.gc_pause import without_gc_pauses
 from stats_store.records import Measurement, ModuleStats
 from shards.fp8.module_scales import ScaleRequest, modules_scales, planned_request
 from shards.plan import RunPlan
@@ -90,6 +91,9 @@ def _request(found: FoundModule, plan: RunPlan, stats: ModuleStats | None,
                            weight=_weight(found), weight_scale=weight_scale)
 
 
+# Paused: the conversion builds thousands of small objects that all live until it returns, and
+# each pile-up would make the collector rescan the whole model (see stats_store.gc_pause).
+@without_gc_pauses
 def convert_model(
     model: nn.Module,
     plan: RunPlan,
