@@ -1,4 +1,8 @@
-"""All scales of one module: inputs, outputs and weight, per op type (reference §2.5, §4.2).
+"""All scales of a module: inputs, outputs and weight, per op type (reference §2.5, §4.2).
+
+:func:`modules_scales` computes them for many modules at once (convert: a whole model), queueing
+every max-abs in one :class:`shards.fp8.scale_batch.ScaleBatch`; :func:`module_scales` is the same
+for one module.
 
 Where each scale comes from is read from the op-type table (``OpType.input_scales`` and
 ``OpType.output_rule``); this module never branches on op-type names. Rules INC applies:

@@ -13,6 +13,9 @@ in the dtype INC uses, so the results are bit-identical to INC's for the same ma
   ceil, so a raw scale just above a power of two can round *down*. That is INC's behaviour and we
   keep it on purpose.
 
+The formulas are elementwise: :func:`pts_scales` computes many per-tensor scales as one vector
+(what :mod:`shards.fp8.scale_batch` does for a whole model), each the bits the formula gives alone.
+
 Zero max-abs: INC would produce a zero scale (and NaN on division). We replace a zero raw scale
 by the smallest positive normal of its dtype (2**-126 for bf16/fp32). This only changes tensors
 that are entirely zero, whose quantized value is zero for any scale.
@@ -188,6 +191,7 @@ def pts_scales(values: Sequence[float], dtype: torch.dtype, backoff: float, roun
 
 
 def require_maxabs(section: SectionSpec, where: str) -> None:
+    """Activation scales come from a max-abs (or a fixed value, handled before this check)."""
     if section.value_type is not ValueType.MAXABS:
         raise ScaleMethodError(f"{where}: activations support MAXABS or FIXED_VALUE, got {section.value_type.value}")
 

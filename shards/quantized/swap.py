@@ -137,7 +137,7 @@ def convert_model(
     # Taken one by one and dropped, so that a replaced module (and its high-precision weight,
     # unless the caller holds it) is freed as soon as it is swapped out: the conversion does not
     # hold both copies of the weights, and the allocator hands their memory to the next FP8 codes
-    # (fresh pages cost more than the cast itself).
+    # (fresh pages cost about as much as the cast itself on the development VM).
     jobs = list(zip(todo, factories, all_scales))[::-1]
     del found, todo
     while jobs:
