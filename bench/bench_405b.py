@@ -10,8 +10,8 @@ store bytes, peak RSS of the writer processes and of the coordinator, on local d
 on an S3-protocol server (moto, ``tests.s3_server``) side by side.
 
 Goals: write + reduce + scales < 10 s on local disk, store < 1 GB, S3 within 3x of local disk.
-The baseline of the time row is the I/O floor on the same disk: the same number of chunk bytes
-written as plain files by one thread, read back and merged with ``np.fmax`` into one vector.
+The baseline of the time rows is the I/O floor on the same disk: files of the store's chunk sizes
+written by one thread, read back and merged with ``np.fmax`` into one vector.
 
 A full run writes ~1.6 GB and takes minutes on the 2-core development machine, so ``make bench``
 leaves it out: ``make bench-405b`` (or ``python -m bench.run_all --sim405``) runs it.
@@ -36,7 +36,7 @@ import numpy as np
 
 from bench.sim_coordinator import CoordinatorFigures, coordinate
 from bench.sim_report import BEGIN, END, rows_for, section
-from bench.sim_shapes import LLAMA_405B, TINY, SimShape, shard_bytes
+from bench.sim_shapes import LLAMA_405B, TINY, SimShape
 from bench.sim_writers import WriteFigures, run_writers
 from stats_store.metadata import RunMeta
 from stats_store.zarr_store import ZarrStatsStore
@@ -53,6 +53,7 @@ class StoreFigures:
     write: WriteFigures
     coordinator: CoordinatorFigures
     store_bytes: dict[str, int]  # by top-level entry of the store (shards, reduced, _commits, ...)
+    chunk_bytes: tuple[int, ...]  # each shard's committed chunk (float32 bytes)
 
 
 @dataclass(frozen=True)
@@ -80,24 +81,26 @@ def simulate(root: str, shape: SimShape, where: str, *, flushes: int = 1, procs:
     """Create the run's store under ``root`` (a directory or URL), write it from every shard, coordinate."""
     meta = RunMeta("bench-405b", {"model": "Llama-3.1-405B (simulated)", "layers": shape.layers}, shape.dp, shape.tp,
                    "gaudi3", "maxabs")
-    location = ZarrStatsStore.open_run(f"{root.rstrip('/')}/llama405b", meta).location
-    write = run_writers(location, shape, flushes, seed, procs or shape.dp)
+    store = ZarrStatsStore.open_run(f"{root.rstrip('/')}/llama405b", meta)
+    write = run_writers(store.location, shape, flushes, seed, procs or shape.dp)
     with tempfile.TemporaryDirectory(prefix="bench405b-inc-") as inc_dir, \
             ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        coordinator = pool.submit(coordinate, location, shape, flushes, seed, inc_dir).result()
-    return StoreFigures(where, write, coordinator, store_bytes(location))
+        coordinator = pool.submit(coordinate, store.location, shape, flushes, seed, inc_dir).result()
+    chunks = tuple(4 * rec.size for _, rec in sorted(store.commits().items()))
+    return StoreFigures(where, write, coordinator, store_bytes(store.location), chunks)
 
 
-def io_floor(directory: str, shape: SimShape, flushes: int) -> IoFloor:
-    """Write ``num_shards x flushes`` chunk-sized files, read them back and fmax them into one vector."""
-    chunk = np.full(shard_bytes(shape) // 4, 1.5, dtype=np.float32)
-    merged = np.full(chunk.size, np.nan, dtype=np.float32)
+def io_floor(directory: str, chunk_bytes: Sequence[int]) -> IoFloor:
+    """Write files of the store's chunk sizes with one thread, read them back, fmax each into one vector."""
+    data = np.full(max(chunk_bytes) // 4, 1.5, dtype=np.float32)
+    merged = np.full(data.size, np.nan, dtype=np.float32)
     wall, cpu = time.perf_counter(), time.process_time()
-    paths = [Path(directory) / f"chunk-{k}" for k in range(shape.num_shards * flushes)]
+    paths = [Path(directory) / f"chunk-{k}" for k in range(len(chunk_bytes))]
+    for p, n in zip(paths, chunk_bytes):
+        data[: n // 4].tofile(p)
     for p in paths:
-        chunk.tofile(p)
-    for p in paths:
-        np.fmax(merged, np.fromfile(p, dtype=np.float32), out=merged)
+        part = np.fromfile(p, dtype=np.float32)
+        np.fmax(merged[: part.size], part, out=merged[: part.size])
     return IoFloor(time.perf_counter() - wall, time.process_time() - cpu)
 
 
@@ -120,7 +123,7 @@ def run_sides(shape: SimShape, *, s3: bool, flushes: int = 1, procs: int | None 
         sides.append(simulate(tmp, shape, "local disk", flushes=flushes, procs=procs, seed=seed))
         floor_dir = Path(tmp) / "floor"
         floor_dir.mkdir()
-        floor = io_floor(str(floor_dir), shape, flushes)
+        floor = io_floor(str(floor_dir), sides[0].chunk_bytes)
     if s3:
         reason = s3_unavailable()
         if reason:
