@@ -7,16 +7,16 @@ computes the global scales for ``maxabs_hw`` and ``act_maxabs_hw_weights_pcs_max
 GAUDI3 and exports INC measurement and scale files for world 8 (``bench.sim_coordinator``), and
 checks every reduced value against the known answer. Reported: wall and CPU seconds of each phase,
 store bytes, peak RSS of the writer processes and of the coordinator, on local disk and (``--s3``)
-on an S3-protocol server (moto, ``tests.s3_server``) side by side.
+on an S3-protocol server (moto, ``tests.s3_server``, when the store supports ``s3://``) side by side.
 
 Goals: write + reduce + scales < 10 s on local disk, store < 1 GB, S3 within 3x of local disk.
 The baseline of the time rows is the I/O floor on the same disk: files of the store's chunk sizes
 written by one thread, read back and merged with ``np.fmax`` into one vector.
 
-A full run writes ~1.6 GB and takes minutes on the 2-core development machine, so ``make bench``
+A full run writes ~0.3 GB and takes a few minutes on the 2-core development machine, so ``make bench``
 leaves it out: ``make bench-405b`` (or ``python -m bench.run_all --sim405``) runs it.
 
-    python -m bench.bench_405b [--layers N] [--procs P] [--flushes F] [--dir DIR] [--s3] [--results PATH]
+    python -m bench.bench_405b [--layers N] [--procs P] [--flushes F] [--dir DIR] [--s3 auto|yes|no] [--results PATH]
 """
 
 from __future__ import annotations
@@ -169,17 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, help="writer processes (default: one per node, i.e. dp)")
     parser.add_argument("--flushes", type=int, default=1, help="flushes (generations) per shard")
     parser.add_argument("--dir", help="where the local store goes (default: the system temp dir)")
-    parser.add_argument("--s3", action="store_true", help="also run on a moto S3 server (needs s3:// support)")
+    parser.add_argument("--s3", choices=("auto", "yes", "no"), default="auto",
+                        help="also run on a moto S3 server; auto: when the store supports s3:// here")
     parser.add_argument("--results", type=Path, help=f"write the section into this markdown file (e.g. {RESULTS})")
     parser.add_argument("--toy", action="store_true", help="the smoke-test shapes (seconds)")
     args = parser.parse_args(argv)
     shape = TINY if args.toy else LLAMA_405B.with_layers(args.layers)
-    sides, floor = run_sides(shape, s3=args.s3, flushes=args.flushes, procs=args.procs, directory=args.dir)
-    rows = rows_for(sides, floor, shape, s3_reason=None if args.s3 else "not asked (--s3)")
+    reason = "not asked (--s3 no)" if args.s3 == "no" else s3_unavailable() if args.s3 == "auto" else None
+    sides, floor = run_sides(shape, s3=reason is None, flushes=args.flushes, procs=args.procs, directory=args.dir)
     from bench.run_all import print_rows
 
-    print_rows([r for r in rows])
-    text = section(sides, floor, shape, args.flushes, list(argv if argv is not None else sys.argv[1:]))
+    print_rows(rows_for(sides, floor, shape, s3_reason=reason))
+    text = section(sides, floor, shape, args.flushes, list(argv if argv is not None else sys.argv[1:]), s3_reason=reason)
     print(text)
     if args.results:
         write_section(args.results, text)

@@ -79,7 +79,7 @@ def _cell(wall: float, cpu: float) -> str:
 
 
 def section(sides: Sequence["StoreFigures"], floor: "IoFloor", shape: SimShape, flushes: int,
-            args: Sequence[str], date: str | None = None) -> str:
+            args: Sequence[str], date: str | None = None, s3_reason: str | None = None) -> str:
     """The markdown section (markers included): one column per kind of store."""
     date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = " ".join(["python -m bench.bench_405b", *args])
@@ -115,7 +115,7 @@ def section(sides: Sequence["StoreFigures"], floor: "IoFloor", shape: SimShape, 
         f"outputs, per-output-channel weights); scales on GAUDI3. Wall seconds, CPU seconds of the processes "
         f"involved in parentheses (the machine is shared: CPU time is the steadier figure). Load average at the "
         f"end: {load} on {os.cpu_count()} cores.", "",
-        *lines, "",
+        *lines, "", *([f"S3 column not run: {s3_reason}.", ""] if len(sides) < 2 and s3_reason else []),
         f"I/O floor on the local disk (the time rows' baseline): {_cell(floor.wall_s, floor.cpu_s)} to write "
         f"{len(sides[0].chunk_bytes)} files of the store's chunk sizes ({sum(sides[0].chunk_bytes) / 1e6:.1f} MB) "
         "with one thread, read them back and np.fmax them into one vector. Every reduced value and count was "
