@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,6 +54,7 @@ class StoreFigures:
     coordinator: CoordinatorFigures
     store_bytes: dict[str, int]  # by top-level entry of the store (shards, reduced, _commits, ...)
     chunk_bytes: tuple[int, ...]  # each shard's committed chunk (float32 bytes)
+    server_cpu_s: float | None = None  # CPU seconds of the S3 server process over the run (S3 only)
 
 
 @dataclass(frozen=True)
@@ -139,12 +140,20 @@ def _simulate_s3(shape: SimShape, *, flushes: int, procs: int | None, seed: int)
     try:
         with S3Server.start() as server:
             os.environ.update(server.env())  # the writer and coordinator processes inherit it
-            return simulate(f"s3://{server.new_bucket('bench405b')}", shape, "S3 (moto)", flushes=flushes,
-                            procs=procs, seed=seed)
+            bucket, cpu = server.new_bucket("bench405b"), _process_cpu_s(server.proc.pid)
+            side = simulate(f"s3://{bucket}", shape, "S3 (moto)", flushes=flushes, procs=procs, seed=seed)
+            # The server shares the cores with the writers and the coordinator: its CPU is part of the story.
+            return replace(side, server_cpu_s=_process_cpu_s(server.proc.pid) - cpu)
     finally:
         for k in AWS_KEYS:
             os.environ.pop(k, None)
         os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (``/proc/<pid>/stat`` fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(size: str = "full", s3: bool | None = None) -> list[dict[str, Any]]:

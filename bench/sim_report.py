@@ -69,7 +69,8 @@ def rows_for(sides: Sequence["StoreFigures"], floor: "IoFloor", shape: SimShape,
         s3, t = sides[1], total_s(local, METHODS[0])
         r = total_s(s3, METHODS[0]) / t
         out.append(row(name, f"{total_s(s3, METHODS[0]):.2f} s", f"local {t:.2f} s", r, f"<= {GOAL_S3_RATIO:g}",
-                       r <= GOAL_S3_RATIO, f"store {_gb(sum(s3.store_bytes.values()))}; peak RSS per writer "
+                       r <= GOAL_S3_RATIO, f"store {_gb(sum(s3.store_bytes.values()))}; S3 server CPU "
+                       f"{s3.server_cpu_s:.1f} s on the same cores; peak RSS per writer "
                        f"process {s3.write.max_rss_mb:.0f} MB, coordinator {s3.coordinator.max_rss_mb:.0f} MB"))
     return out
 
@@ -102,6 +103,8 @@ def section(sides: Sequence["StoreFigures"], floor: "IoFloor", shape: SimShape, 
     add("store bytes by entry", [_breakdown(s) for s in sides])
     add("peak RSS, largest writer process", [f"{s.write.max_rss_mb:.0f} MB" for s in sides])
     add("peak RSS, coordinator process", [f"{s.coordinator.max_rss_mb:.0f} MB" for s in sides])
+    if len(sides) > 1:
+        add("CPU of the S3 server process (same cores), whole run", ["-", *(f"{s.server_cpu_s:.1f} s" for s in sides[1:])])
     if len(sides) > 1:
         for m in METHODS:
             ratio = total_s(sides[1], m) / total_s(sides[0], m)
