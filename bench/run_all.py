@@ -87,6 +87,16 @@ WHY_NOT_MET: dict[str, str] = {
         "Ray start, actor start (each worker imports torch and transformers) and shutdown cost ~15-25 s on two "
         "cores whatever the model; the measure phase itself is below the plain forward (a blocklisted lm_head's "
         "logits are skipped). See the row's phases."),
+    "405B sim: write+reduce+scales": (
+        "Measured on 2 cores shared with other jobs (load 5-16 during the run, 8 of it the bench's own writer "
+        "processes): CPU time is ~7 s with maxabs_hw, ~10 s with the PCS method. What is left is per-module "
+        "Python: parsing 64 commit records of ~900 modules into frozen objects (~0.9 s of the ~1.9 s reduce, "
+        "`stats_store/metadata.py` CommitRecord.from_json; a columnar record would cut it), building them at "
+        "each flush (`stats_store/commit.py`), and for PCS turning 60 M per-channel scales into Python lists "
+        "(`ModuleScales.to_inc_node`; GlobalScales could keep tensors until an INC export). See analysis.md."),
+    "405B sim: S3": (
+        "The S3 server (moto, one Python process) runs on the same 2 cores as the 64 writers and the "
+        "coordinator; its CPU is shown in the section. See analysis.md."),
     "weight quantization": (
         "`shards.fp8.numerics.quantize` works in cache-sized row blocks (bf16->fp32, divide, clamp, cast) against "
         "one memcpy for clone; both are memory-bound, so a busy machine moves the ratio."),
