@@ -14,7 +14,7 @@ INC_VENV := .venv-inc
 INC_PY := $(INC_VENV)/bin/python
 INC_STAMP := $(INC_VENV)/.installed
 
-.PHONY: test demo bench bench-peers clean
+.PHONY: test demo bench bench-peers bench-405b clean
 
 # torch is pinned and installed first: this exact version is served as a CPU build;
 # any other spec pulls gigabytes of CUDA wheels.
@@ -38,6 +38,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all --smollm2
+
+# Llama-3.1-405B by simulation (64 writers, reduce, scales, INC export; minutes, ~0.3 GB of temp disk):
+# its own section of bench/RESULTS.md, with the S3 column when the store supports s3:// here.
+bench-405b: $(STAMP)
+	$(PY) -m bench.bench_405b --results bench/RESULTS.md
 
 # Same torch pin, installed first, as in $(STAMP): any other spec pulls CUDA wheels.
 $(PEER_STAMP): Makefile

@@ -323,18 +323,19 @@ def section(runs: Sequence[ToolRun], args: Sequence[str], calib_rows: int, heldo
     return "\n".join(out) + "\n"
 
 
-def replace_section(text: str, new_section: str) -> str:
-    """``text`` with the marked section replaced by ``new_section`` (appended when there is none)."""
-    start, stop = text.find(BEGIN), text.find(END)
+def replace_section(text: str, new_section: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with the section marked by ``begin``/``end`` (this module's by default) replaced by
+    ``new_section`` (appended when there is none)."""
+    start, stop = text.find(begin), text.find(end)
     if start != -1 and stop > start:
-        return text[:start] + new_section.rstrip("\n") + text[stop + len(END):]
+        return text[:start] + new_section.rstrip("\n") + text[stop + len(end):]
     return text.rstrip("\n") + "\n\n" + new_section
 
 
-def extract_section(text: str) -> str | None:
-    """The marked section of ``text`` (markers included), or None."""
-    start, stop = text.find(BEGIN), text.find(END)
-    return text[start:stop + len(END)] + "\n" if start != -1 and stop > start else None
+def extract_section(text: str, begin: str = BEGIN, end: str = END) -> str | None:
+    """The section of ``text`` marked by ``begin``/``end`` (markers included), or None."""
+    start, stop = text.find(begin), text.find(end)
+    return text[start:stop + len(end)] + "\n" if start != -1 and stop > start else None
 
 
 # ---- running the tools ----------------------------------------------------------------------------------

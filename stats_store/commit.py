@@ -6,6 +6,12 @@ readers see the old record or the new one, never half.
 A flush merges the shard's committed values with the new ones (each tensor by its declared merge),
 so later flushes only raise max-abs values, and packs the result into one float32 chunk: the
 shard's own channels of every tensor, back to back, indexed by the commit record.
+
+Parameters (``params.*``, the weights' max-abs) are stored by data-parallel group 0 only. Every
+dp group holds the same weights, so the other groups' copies would change no reduced value (the
+max over groups of equal vectors) while multiplying the store's largest tensors by dp: for
+Llama-3.1-405B at dp=8 x tp=8 they are 7/8 of 1.6 GB (``bench/bench_405b.py``). A shard of
+group 0 keeps its params in every generation, so once it has committed they stay readable.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 
 from stats_store.records import Measurement, ModuleStats
 from stats_store.metadata import CommitRecord, ModuleCommit, TensorCommit, row_checksum
-from stats_store.reduce import VALUE_MERGE, get_merge
+from stats_store.reduce import MERGES, VALUE_MERGE, get_merge
 from stats_store.shard_map import ChannelSlice, ShardSpec
 from stats_store.errors import DuplicateBatchError, ShardSpecError
 
@@ -64,6 +70,16 @@ def _check_batches(prev: CommitRecord | None, shard: int, batch_ids: Sequence[in
             "a flush must hold only new batches (or exactly a committed set, when retried)"
         )
     return False
+
+
+PARAMS_PREFIX = "params."  # labels of a module's parameters (``ModuleStats.tensors``)
+
+
+def _stored(tensors: Mapping[str, np.ndarray], spec: ShardSpec) -> Mapping[str, np.ndarray]:
+    """The tensors this shard stores: all of them in dp group 0, all but the parameters elsewhere."""
+    if spec.dp_rank == 0:
+        return tensors
+    return {label: v for label, v in tensors.items() if not label.startswith(PARAMS_PREFIX)}
 
 
 # (label, merge name, global_len, slice, stored values) of one tensor of the next generation
@@ -143,14 +159,14 @@ def _flush_module(
         raise ShardSpecError(
             f"shard {spec.index}: module {name} was committed as op type {old.op_type!r}, now {new.op_type!r}"
         )
-    new_tensors = new.tensors() if new else {}
+    new_tensors = _stored(new.tensors(), spec) if new else {}
     labels = list(old.tensors) if old else []
     labels += [lb for lb in new_tensors if lb not in labels]
     tensors: list[_Tensor] = []
     for label in labels:
         committed = old.tensors.get(label) if old else None
         merge_name = committed.merge if committed else merges.get(label, VALUE_MERGE)
-        merge = get_merge(merge_name, f"{name} {label}")
+        merge = MERGES.get(merge_name) or get_merge(merge_name, f"{name} {label}")  # the message only when unknown
         sl = spec.slice_of(name, label)
         row: np.ndarray | None = None
         global_len = committed.global_len if committed else 0

@@ -84,16 +84,17 @@ def reduce_over_shards(rows: Mapping[int, np.ndarray], merge: Merge, tp: int) ->
 
 
 def reduce_count(counts: Mapping[int, int], tp: int) -> int:
-    """Combine per-shard counts with the ``count`` merge (max within a tp group, sum over groups)."""
-    merge = MERGES[COUNT_MERGE]
+    """Combine per-shard counts with the ``count`` merge (max within a tp group, sum over groups).
+
+    The merge's operations applied to plain ints with Python's ``max`` and ``+`` (the same results
+    as ``np.maximum`` / ``np.add``, without a numpy scalar per call): this runs per module and
+    count over every shard, ~170 k times per reduce of a 64-shard Llama-405B run.
+    """
     groups: dict[int, int] = {}
-    for index in sorted(counts):  # plain ints: this runs per module, thousands of times per reduce
-        value, dp_rank = int(counts[index]), index // tp
-        groups[dp_rank] = value if dp_rank not in groups else int(merge.same_batches(groups[dp_rank], value))
-    result = 0
-    for i, dp_rank in enumerate(sorted(groups)):
-        result = groups[dp_rank] if i == 0 else int(merge.other_batches(result, groups[dp_rank]))
-    return result
+    for index, value in counts.items():
+        dp_rank, v = index // tp, int(value)
+        groups[dp_rank] = max(groups.get(dp_rank, v), v)
+    return sum(groups.values())
 
 
 def is_nan_max(merge: Merge) -> bool:

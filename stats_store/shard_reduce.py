@@ -3,9 +3,10 @@
 The global index is built from the commit records: modules in first-seen order over the shards
 (in shard order), tensors in first-seen label order, each ``global_len`` channels long. A tensor
 whose merge is a NaN-ignoring max (``reduce.is_nan_max``) is merged in place: every shard's stored
-values go through ``np.fmax`` into their global positions (NaN before any shard writes), and
-adjacent tensors are merged as one run, so a shard costs a few numpy calls, not one per tensor.
-This is exactly ``reduce_over_shards`` over NaN-padded global rows, because ``fmax`` is
+values go through ``np.fmax`` into their global positions (NaN before any shard writes): long
+tensors (per-channel vectors) one slice each, short ones (per-tensor values: thousands per shard)
+gathered into one indexed ``fmax`` per shard, so a shard costs a few numpy calls, not one per
+tensor. This is exactly ``reduce_over_shards`` over NaN-padded global rows, because ``fmax`` is
 commutative, associative and ignores NaN. Other merges go through ``reduce_over_shards``.
 """
 
@@ -28,6 +29,12 @@ class _GlobalTensor:
     merge: str
     global_len: int
     offset: int
+    nan_max: bool  # merged in place by np.fmax (``reduce.is_nan_max``)
+
+
+# Pieces shorter than this are gathered into one indexed fmax per shard; longer ones are fmax'ed
+# as slices (an index array per element would cost more than the call it saves).
+_SLICE_MIN = 256
 
 
 def _global_index(
@@ -54,21 +61,25 @@ def _global_index(
     for name, (op_type, tensors) in seen.items():
         placed = {}
         for label, t in tensors.items():
-            placed[label] = _GlobalTensor(t.merge, t.global_len, offset)
+            placed[label] = _GlobalTensor(t.merge, t.global_len, offset, is_nan_max(get_merge(t.merge, f"{name} {label}")))
             offset += t.global_len
         index[name] = (op_type, placed)
     return index, offset
 
 
-def _runs(pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """(source, destination, length) pieces with adjacent ones joined."""
-    out: list[list[int]] = []
-    for src, dst, n in pieces:
-        if out and out[-1][0] + out[-1][2] == src and out[-1][1] + out[-1][2] == dst:
-            out[-1][2] += n
-        else:
-            out.append([src, dst, n])
-    return [(s, d, n) for s, d, n in out]
+def _fmax_pieces(values: np.ndarray, chunk: np.ndarray, src: list[int], dst: list[int], lengths: list[int]) -> None:
+    """``values[d:d+n] = fmax(values[d:d+n], chunk[s:s+n])`` for every piece (pieces never overlap)."""
+    n = np.asarray(lengths, dtype=np.int64)
+    s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    long = n >= _SLICE_MIN
+    for a, b, m in zip(s[long].tolist(), d[long].tolist(), n[long].tolist()):
+        np.fmax(values[b : b + m], chunk[a : a + m], out=values[b : b + m])
+    short = ~long
+    if short.any():
+        ns = n[short]
+        within = np.arange(int(ns.sum())) - np.repeat(np.cumsum(ns) - ns, ns)  # 0..n-1 inside each piece
+        si, di = np.repeat(s[short], ns) + within, np.repeat(d[short], ns) + within
+        values[di] = np.fmax(values[di], chunk[si])
 
 
 def reduce_shards(
@@ -86,18 +97,20 @@ def reduce_shards(
     values = np.full(total, np.nan, dtype=np.float32)
     other: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for k, rec in commits.items():
-        pieces = []
+        src: list[int] = []
+        dst: list[int] = []
+        lengths: list[int] = []
         for name, mod in rec.modules.items():
             placed = index[name][1]
             for label, t in mod.tensors.items():
                 g = placed[label]
-                stored = chunks[k][t.offset : t.offset + t.length]
-                if is_nan_max(get_merge(g.merge, f"{name} {label}")):
-                    pieces.append((t.offset, g.offset + (t.slice.start if t.slice else 0), t.length))
+                if g.nan_max:
+                    src.append(t.offset)
+                    dst.append(g.offset + (t.slice.start if t.slice else 0))
+                    lengths.append(t.length)
                 else:
-                    other.setdefault((name, label), {})[k] = _global_row(stored, t)
-        for src, dst, n in _runs(pieces):
-            np.fmax(values[dst : dst + n], chunks[k][src : src + n], out=values[dst : dst + n])
+                    other.setdefault((name, label), {})[k] = _global_row(chunks[k][t.offset : t.offset + t.length], t)
+        _fmax_pieces(values, chunks[k], src, dst, lengths)
     for (name, label), rows in other.items():
         g = index[name][1][label]
         values[g.offset : g.offset + g.global_len] = reduce_over_shards(rows, get_merge(g.merge), tp)

@@ -25,7 +25,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from orchestrator.configuration.fp8_config import Fp8Config
 from orchestrator.driver.coverage import (UncoveredPolicy, expert_token_counts, parse_policy, resolve_uncovered,
                                    uncovered_modules, with_expert_siblings)
-from orchestrator.driver.global_scales import GlobalScales, combine_partials, global_nodes, merge_inventories, opt_requests, weight_scales
+from orchestrator.driver.global_scales import (GlobalScales, combine_partials, global_nodes, inc_rank_slicer, merge_inventories,
+                                              opt_requests, weight_scales)
 from orchestrator.errors import CalibrationError
 from orchestrator.driver.measure_loop import get_all, MeasureLoop, actor_failure, resume_queues
 from orchestrator.driver.run_store import inc_export_prefix, read_measured_store
@@ -39,7 +40,6 @@ from stats_store.records import Measurement
 from shards.fp8.methods import DynamicScaling
 from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
-from shards.tp.rules import rule_for
 from shards.card.runner import ShardRunner
 from orchestrator.driver.grid import WorkerGroups, WorkerResources, make_workers, worker_resources
 from stats_store.zarr_store import ZarrStatsStore, store_path
@@ -339,16 +339,7 @@ class Calibration:
 
     def _inc_slicer(self, plan: RunPlan) -> Any:
         """Each rank's part of a per-channel statistic; INC's ``maxabs`` files hold one value each."""
-        from shards.tp.rules import Placement, stat_shard
-
-        def slicer(module: str, label: str, vector: np.ndarray, rank: int, world: int) -> np.ndarray:
-            part = vector
-            if rule_for(module) is not None:
-                s = stat_shard(module, label, self.dims, rank, world)
-                part = vector[s.local] if s.placement is Placement.SLICE else vector
-            return np.array([part.max()], np.float32) if plan.observer == "maxabs" else part
-
-        return slicer
+        return inc_rank_slicer(self.dims, plan.observer)
 
     def scales_by_rank(self) -> list[dict[str, dict[str, Any]]]:
         """Each tp rank's local scale nodes (group 0)."""

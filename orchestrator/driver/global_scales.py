@@ -23,7 +23,8 @@ from shards.plan import RunPlan
 from shards.fp8.methods import Granularity, ValueType
 from shards.fp8.scale_math import round_scale, weight_scale_from_maxabs
 from shards.card.calibration import ModuleInfo, OptRequest, opt_request
-from shards.tp.rules import ModelDims, Parallel, merge_stat, rule_for, stat_shard
+from shards.tp.rules import ModelDims, Parallel, Placement, merge_stat, rule_for, stat_shard
+from stats_store.inc_write import ChannelSlicer
 
 
 class CoordinatorError(Fp8OrchestratorError, ValueError):
@@ -136,3 +137,16 @@ def global_nodes(plan: RunPlan, modules: Mapping[str, ModuleInfo], stats: Measur
         nodes[name] = scales.to_inc_node()
     return nodes
 
+
+def inc_rank_slicer(dims: ModelDims, observer: str) -> ChannelSlicer:
+    """Each rank's part of a global per-channel statistic, for INC measurement files of a world size;
+    INC's ``maxabs`` files hold one value per tensor (the max of that part)."""
+
+    def slicer(module: str, label: str, vector: np.ndarray, rank: int, world: int) -> np.ndarray:
+        part = vector
+        if rule_for(module) is not None:
+            s = stat_shard(module, label, dims, rank, world)
+            part = vector[s.local] if s.placement is Placement.SLICE else vector
+        return np.array([part.max()], np.float32) if observer == "maxabs" else part
+
+    return slicer

@@ -40,7 +40,15 @@ from shards.fp8.weight_scales import weight_scale as compute_weight_scale
 def _to_json(t: torch.Tensor) -> float | list[float]:
     """INC writes scales through float32 arrays: a float for 0-d/1-element, else a list."""
     v = t.detach().to(torch.float32)
-    return float(v.reshape(-1)[0]) if v.ndim == 0 else [float(e) for e in v.reshape(-1).tolist()]
+    if v.ndim == 0:
+        return float(v)
+    flat = v.reshape(-1)
+    bits = flat.view(torch.int32)
+    if flat.numel() > 1 and bool((bits == bits[0]).all()):
+        # A constant vector (PCS's placeholder input-channel scale of ones): one float object
+        # repeated, not one per element (a third of Llama-405B's 60 M per-channel values).
+        return [float(flat[0])] * flat.numel()
+    return flat.tolist()  # already Python floats (a per-element float() doubled the cost)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def test_unknown_merge_lists_the_known_ones() -> None:
 # ---- the packed reducer (stats_store.shard_reduce) against brute force over global rows -------------
 def _packed_run(seed: int, dp: int, tp: int, merge: str):  # type: ignore[no-untyped-def]
     """Commits and chunks of a dp x tp run (random values, NaNs, a split and a replicated tensor,
-    a module only some shards hold) and, per (module, label), each shard's global row."""
+    a module only some shards hold) and, per (module, label), each storing shard's global row."""
     from stats_store.records import Measurement, ModuleStats
     from stats_store.commit import build_flush
     from stats_store.shard_map import ShardSpec, channel_slice
@@ -88,8 +88,10 @@ def _packed_run(seed: int, dp: int, tp: int, merge: str):  # type: ignore[no-unt
         commits[k] = pending.record
         full_w = np.full(7, np.nan, np.float32)
         full_w[sl.start : sl.stop] = w
+        # Parameters are stored by dp group 0 only (the other groups hold the same weights).
         for (name, label), v in {("a", "inputs.0"): x, ("a", "params.weight"): full_w}.items():
-            rows.setdefault((name, label), {})[k] = v
+            if label == "inputs.0" or k < tp:
+                rows.setdefault((name, label), {})[k] = v
         for label, v in m.modules["b"].tensors().items() if "b" in m.modules else []:
             rows.setdefault(("b", label), {})[k] = v
     return commits, chunks, rows
