@@ -7,7 +7,8 @@ with 1.43 against moto). Retries are bounded so a gone endpoint fails the run in
 * botocore, ``standard`` retry mode, ``MAX_ATTEMPTS`` attempts per request (connection refused,
   timeouts, 5xx, throttling), unless ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` set it;
 * ``CONNECT_TIMEOUT_S`` to connect, ``READ_TIMEOUT_S`` for an answer, per attempt;
-* s3fs's own loop around each call (read timeouts, dropped connections): ``S3FS_RETRIES`` tries.
+* s3fs's own loop around each call (read timeouts, dropped connections): ``S3FS_RETRIES`` tries
+  (an attribute of the file system, not an option: ``store_io`` sets it on the instance).
 
 A refused connection fails after the botocore attempts (measured 1-2 s here); a silent endpoint
 after at most S3FS_RETRIES x MAX_ATTEMPTS x READ_TIMEOUT_S.
@@ -40,8 +41,9 @@ def s3_storage_options() -> dict[str, Any]:
         config["retries"] = {"mode": "standard", "max_attempts": MAX_ATTEMPTS}
     # skip_instance_cache: fsspec caches file systems by their arguments, not by the environment,
     # so a cached client would keep credentials the environment no longer has.
-    return {"use_listings_cache": False, "skip_instance_cache": True, "retries": S3FS_RETRIES,
-            "config_kwargs": config}
+    # max_concurrency=1: one GET per object. Above 1, s3fs first HEADs every object to decide on
+    # ranged parallel GETs, doubling the requests; the store's objects are KBs to a few MBs.
+    return {"use_listings_cache": False, "skip_instance_cache": True, "max_concurrency": 1, "config_kwargs": config}
 
 
 def endpoint_text() -> str:
@@ -80,6 +82,8 @@ def remote_error(exc: BaseException, loc: StoreLocation) -> StatsStoreError | No
         return StoreNotFoundError(
             f"{where}: bucket '{loc.bucket}' does not exist at {endpoint}; create it (aws s3 mb s3://{loc.bucket}) "
             "or point dump_stats_path at an existing bucket")
+    if isinstance(exc, FileNotFoundError):
+        return None  # a missing key: the caller decides what absence means
     if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, FSTimeoutError, asyncio.TimeoutError, ConnectionError)):
         return StoreUnreachableError(
             f"{where}: {endpoint} did not answer ({type(exc).__name__}, {MAX_ATTEMPTS} attempts); check "

@@ -14,6 +14,8 @@ for benchmarks comparing local disk with object storage.
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol
 from stats_store.atomic import atomic_write
 from stats_store.errors import StatsStoreError
 from stats_store.location import StoreLocation
-from stats_store.remote_errors import remote_error, s3_storage_options
+from stats_store.remote_errors import S3FS_RETRIES, remote_error, s3_storage_options
 
 if TYPE_CHECKING:
     from zarr.abc.store import ByteRequest, Store
@@ -142,6 +144,40 @@ class LocalIO:
         yield  # local OS errors already name their file
 
 
+# One s3fs file system per process and AWS environment: creating its client costs ~0.4 s (botocore
+# loads its service model), and every shard and CLI command opens stores several times.
+_FILE_SYSTEMS: dict[tuple[Any, ...], Any] = {}
+
+
+def _s3_filesystem() -> Any:
+    """The asynchronous s3fs file system for the current AWS environment (endpoint, keys, profile)."""
+    import s3fs
+
+    key = (os.getpid(), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    fs = _FILE_SYSTEMS.get(key)
+    if fs is None:
+        if not _FILE_SYSTEMS:
+            atexit.register(_close_file_systems)
+        fs = s3fs.S3FileSystem(asynchronous=True, **s3_storage_options())
+        fs.retries = S3FS_RETRIES  # s3fs's own retry loop (a class attribute, default 5)
+        _FILE_SYSTEMS[key] = fs
+    return fs
+
+
+def _close_file_systems() -> None:
+    """Close the clients at exit (asynchronous s3fs instances leave that to their owner)."""
+    from zarr.core.sync import sync
+
+    for fs in _FILE_SYSTEMS.values():
+        creator = getattr(fs, "_s3creator", None)
+        if creator is not None:
+            try:
+                sync(creator.__aexit__(None, None, None), timeout=5)
+            except Exception:  # at exit, a client that cannot close cleanly only costs a warning
+                pass
+    _FILE_SYSTEMS.clear()
+
+
 class S3IO:
     """Objects under an s3:// prefix, through the s3fs file system of zarr's ``FsspecStore``."""
 
@@ -150,8 +186,8 @@ class S3IO:
 
         self.location, self.counts = location, IoCounts()
         with self.errors():
-            self._store = FsspecStore.from_url(f"s3://{location.path}", storage_options=s3_storage_options())
-        self.fs = self._store.fs  # asynchronous; run on zarr's event loop like zarr's own requests
+            self.fs = _s3_filesystem()  # asynchronous: run on zarr's event loop like zarr's own requests
+            self._store = FsspecStore(self.fs, path=location.path)
 
     def zarr_store(self) -> "Store":
         return _counting_store(self._store, self.counts)
