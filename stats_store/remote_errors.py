@@ -7,11 +7,12 @@ with 1.43 against moto). Retries are bounded so a gone endpoint fails the run in
 * botocore, ``standard`` retry mode, ``MAX_ATTEMPTS`` attempts per request (connection refused,
   timeouts, 5xx, throttling), unless ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` set it;
 * ``CONNECT_TIMEOUT_S`` to connect, ``READ_TIMEOUT_S`` for an answer, per attempt;
-* s3fs's own loop around each call (read timeouts, dropped connections): ``S3FS_RETRIES`` tries
-  (an attribute of the file system, not an option: ``store_io`` sets it on the instance).
+* s3fs's own loop around each call: ``S3FS_RETRIES`` = 1 try, no second retry layer (an
+  attribute of the file system, not an option: ``store_io`` sets it on the instance).
 
-A refused connection fails after the botocore attempts (measured 1-2 s here); a silent endpoint
-after at most S3FS_RETRIES x MAX_ATTEMPTS x READ_TIMEOUT_S.
+A refused connection fails after the botocore attempts and their backoff (measured 2.9-6.5 s
+here); an endpoint that accepts but never answers after MAX_ATTEMPTS x READ_TIMEOUT_S plus
+backoff (measured with a 1 s read timeout instead of 20: 8.1 s).
 
 ``remote_error`` turns what s3fs/botocore raise into the store's errors, one line each: the URL,
 the endpoint, what happened and what to do.
@@ -28,9 +29,12 @@ from stats_store.errors import (StatsStoreError, StoreAccessError, StoreNotFound
 from stats_store.location import StoreLocation
 
 CONNECT_TIMEOUT_S = 5
-READ_TIMEOUT_S = 30
+READ_TIMEOUT_S = 20
 MAX_ATTEMPTS = 3
-S3FS_RETRIES = 2
+# s3fs's loop wraps each call, and reads once more around that: with 2 tries a silent endpoint
+# costs 2 x 2 x MAX_ATTEMPTS timeouts (measured). botocore's standard mode already retries
+# connection errors, timeouts and 5xx, so s3fs does not retry again.
+S3FS_RETRIES = 1
 
 
 def s3_storage_options() -> dict[str, Any]:
@@ -64,6 +68,7 @@ def remote_error(exc: BaseException, loc: StoreLocation) -> StatsStoreError | No
     """The store error for an exception of an s3 request; None when ``exc`` is not such a failure."""
     from botocore import exceptions as bx
     from fsspec.exceptions import FSTimeoutError
+    from s3fs.core import S3_RETRYABLE_ERRORS  # what s3fs itself treats as transport failures
 
     if isinstance(exc, StatsStoreError):
         return None
@@ -84,7 +89,7 @@ def remote_error(exc: BaseException, loc: StoreLocation) -> StatsStoreError | No
             "or point dump_stats_path at an existing bucket")
     if isinstance(exc, FileNotFoundError):
         return None  # a missing key: the caller decides what absence means
-    if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, FSTimeoutError, asyncio.TimeoutError, ConnectionError)):
+    if isinstance(exc, (bx.ConnectionError, *S3_RETRYABLE_ERRORS, FSTimeoutError, asyncio.TimeoutError, ConnectionError)):
         return StoreUnreachableError(
             f"{where}: {endpoint} did not answer ({type(exc).__name__}, {MAX_ATTEMPTS} attempts); check "
             "AWS_ENDPOINT_URL and that the server is up, then rerun the same command: committed shards are kept "

@@ -40,7 +40,10 @@ REGION = "us-east-1"
 # or clears every one of them so the machine's own ~/.aws setup never leaks in.
 AWS_KEYS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION",
-            "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+            "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+            "AWS_EC2_METADATA_DISABLED")
+ISOLATED = {"AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true"}
 POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
 
 
@@ -93,10 +96,10 @@ class S3Server:
         return cls(endpoint, key, secret, proc)
 
     def env(self, endpoint: str | None = None) -> dict[str, str]:
-        """The environment a client needs: endpoint, the IAM user's keys, region; no config files."""
-        return {"AWS_ENDPOINT_URL": endpoint or self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": REGION,
-                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        """The environment a client needs: endpoint, the IAM user's keys, region; no config files,
+        and no instance-metadata lookup (it would leave the machine when keys are missing)."""
+        return {**ISOLATED, "AWS_ENDPOINT_URL": endpoint or self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
     def client(self) -> Any:
         """A boto3 S3 client of the IAM user (test set-up and inspection only)."""
@@ -167,6 +170,12 @@ class Gate:
     def close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            # close() alone does not wake a thread blocked in accept(): the socket would keep
+            # accepting. shutdown() does (Linux), and the port then refuses connections.
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             conns, self._conns = self._conns, []
@@ -183,6 +192,9 @@ class Gate:
                 client, _ = listener.accept()
             except OSError:
                 return  # closed
+            if self._listener is not listener:  # accepted while closing
+                client.close()
+                return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._conns += [client, upstream]
