@@ -186,6 +186,23 @@ class Gate:
                 pass
             c.close()
 
+    def close_on_connect(self) -> int:
+        """A loopback port whose every connection closes the gate: another process (a Ray actor)
+        can take the endpoint away at an exact point of its work."""
+        trigger = socket.socket()
+        trigger.bind(("127.0.0.1", 0))
+        trigger.listen(8)
+
+        def serve() -> None:
+            while True:
+                conn, _ = trigger.accept()
+                self.close()
+                conn.sendall(b"closed")  # answered once the gate is shut: the caller may go on
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        return int(trigger.getsockname()[1])
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
