@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import orchestrator
@@ -81,3 +82,12 @@ def test_local_file_features_are_refused_before_anything_changes(s3_bucket: str)
         orchestrator.prepare(saving, s3_cfg(s3_bucket, observer="save", mode="MEASURE",
                                             dump_stats_path=f"s3://{s3_bucket}/tensors/measure"))
     assert saving not in api._CALIBRATING and not saving._forward_pre_hooks
+
+
+def test_the_object_storage_cluster_config_is_the_gaudi2_one_plus_the_aws_setup() -> None:
+    configs = Path(__file__).resolve().parents[2] / "cluster_configs"
+    s3, plain = (yaml.safe_load((configs / f"{n}.yaml").read_text()) for n in ("gaudi2-8card-s3", "gaudi2-8card"))
+    differs = {k for k in s3.keys() | plain.keys() if s3.get(k) != plain.get(k)}
+    assert differs == {"cluster_name", "setup_commands"}
+    assert "endpoint_url = https://" in s3["setup_commands"][0] and "s3fs" in s3["setup_commands"][-1]
+    assert "secret" not in yaml.safe_dump(s3).lower()  # keys never travel in the cluster config

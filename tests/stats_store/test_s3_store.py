@@ -99,13 +99,14 @@ def test_objects_land_on_the_environments_endpoint_in_the_zarr_layout(s3_env: S3
         "shards/zarr.json", "zarr.json")]
 
 
-def test_a_profile_gives_the_credentials(s3_server: S3Server, s3_bucket: str, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    creds = tmp_path / "credentials"
-    creds.write_text(f"[stats]\naws_access_key_id = {s3_server.access_key}\n"
-                     f"aws_secret_access_key = {s3_server.secret_key}\n")
-    point_env_at(monkeypatch, {**ISOLATED, "AWS_ENDPOINT_URL": s3_server.endpoint,
-                               "AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_PROFILE": "stats"})
+def test_a_profile_gives_the_endpoint_and_the_credentials(s3_server: S3Server, s3_bucket: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AWS_ENDPOINT_URL and no keys in the environment: ~/.aws-style files and AWS_PROFILE."""
+    (tmp_path / "config").write_text(f"[profile stats]\nendpoint_url = {s3_server.endpoint}\n")
+    (tmp_path / "credentials").write_text(f"[stats]\naws_access_key_id = {s3_server.access_key}\n"
+                                          f"aws_secret_access_key = {s3_server.secret_key}\n")
+    point_env_at(monkeypatch, {**ISOLATED, "AWS_CONFIG_FILE": str(tmp_path / "config"),
+                               "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"), "AWS_PROFILE": "stats"})
     flush(ZarrStatsStore.open_run(f"s3://{s3_bucket}/m", META), [0])
     assert_same_stats(ZarrStatsStore.open(f"s3://{s3_bucket}/m").merged(), reference(0, [0]))
 
