@@ -1,7 +1,8 @@
 """The one-card API (prepare → finalize_calibration → convert) with ``dump_stats_path`` on a real
 S3-protocol server (moto on 127.0.0.1, ``tests.s3_server``): the same results as a local store,
 and the local-file features (INC files beside the store, the ``save`` observer) refused in one
-line naming the URL before anything is measured or converted."""
+line naming the URL before anything is measured or converted. (Refusing to overwrite a
+measurement runs on both stores in ``test_api.py``.)"""
 
 from __future__ import annotations
 
@@ -36,18 +37,6 @@ def test_measure_on_s3_then_convert_a_fresh_model_from_it(s3_env: S3Server, s3_b
     assert torch.equal(fresh(x), local(x))
     assert ZarrStatsStore.open(f"s3://{s3_bucket}/out/measure").selected_modules() == ["0", "2", "4"]
     assert all(k.startswith("out/measure.zarr/") for k in s3_env.keys(s3_bucket))
-
-
-def test_an_existing_measurement_on_s3_is_kept_unless_overwrite(s3_bucket: str) -> None:
-    orchestrator.quantize(tiny_sequential(), s3_cfg(s3_bucket), sequential_batches(3, 1))
-    model = tiny_sequential()
-    with pytest.raises(FileExistsError, match=f"s3://{s3_bucket}/out/measure.zarr already holds a measurement"):
-        orchestrator.quantize(model, s3_cfg(s3_bucket), sequential_batches(3, 1))
-    assert model not in api._CALIBRATING and not model._forward_pre_hooks
-    big = [x * 1000 for x in sequential_batches(3, 1)]
-    orchestrator.quantize(tiny_sequential(), s3_cfg(s3_bucket), big, overwrite=True)
-    stored = ZarrStatsStore.open(f"s3://{s3_bucket}/out/measure").read_reduced()
-    assert stored.modules["0"].inputs[0][0] == max(float(x.abs().max()) for x in big)
 
 
 def test_no_store_on_s3_names_the_url(s3_bucket: str) -> None:
