@@ -104,8 +104,13 @@ def _tensors_dir(plan: RunPlan) -> Path:
     if plan.observer == "save":
         _local_only(plan, "observer 'save' writes every observed tensor to local files beside it",
                     "measure with a local dump_stats_path")
-    p = Path(plan.dump_stats_path)
+    p = _local_prefix(plan)
     return p.parent / f"{p.name}_tensors"
+
+
+def _local_prefix(plan: RunPlan) -> Path:
+    """``dump_stats_path`` as the local file prefix of INC's files (a file:// URL gives its path)."""
+    return parse_location(plan.dump_stats_path, store=False).local_path
 
 
 def _local_only(plan: RunPlan, what: str, fix: str) -> None:
@@ -167,7 +172,7 @@ def _flush(cal: _Calibration) -> None:
 def _export_inc(cal: _Calibration, m: Measurement) -> list[Path]:
     # INC writes NumSamples only when it dumps at an interval; the files match INC's otherwise.
     num_samples = m.num_samples if cal.plan.calibration_sample_interval > 0 else None
-    return write_measurement(replace(m, num_samples=num_samples), cal.plan.dump_stats_path,
+    return write_measurement(replace(m, num_samples=num_samples), _local_prefix(cal.plan),
                              mod_list=list(cal.session.modules))
 
 
@@ -258,7 +263,7 @@ def _read_store(path: StoreLocation, plan: RunPlan, model: nn.Module) -> Measure
 
 def _read_inc(plan: RunPlan) -> tuple[Measurement | None, str]:
     """INC measurement files at ``dump_stats_path`` (users coming from INC), and where they were looked for."""
-    exact = inc_file_name(plan.dump_stats_path, plan.observer)
+    exact = inc_file_name(_local_prefix(plan), plan.observer)
     target = exact if exact.is_file() else Path(str(exact.with_suffix("")))
     try:
         paths = discover_measurement_files(target)
@@ -294,7 +299,7 @@ def _scale_file_paths(plan: RunPlan) -> list[Path]:
         raise IncFormatError(f"convert(inc_scale_file=True): scale_method {plan.scale_plan.name.lower()} is ours, not "
                              "INC's, and INC's scale files cannot name it; leave inc_scale_file off (the compressed-"
                              "tensors export and scales_of give its scales)")
-    return [inc_file_name(plan.dump_stats_path, plan.observer, plan.scale_plan.name, suffix=s) for s in (".json", ".npz")]
+    return [inc_file_name(_local_prefix(plan), plan.observer, plan.scale_plan.name, suffix=s) for s in (".json", ".npz")]
 
 
 def _refuse_existing_scale_file(plan: RunPlan) -> None:
@@ -349,7 +354,7 @@ def convert(model: nn.Module, config: ConfigLike | None = None, *, backend: Back
                        "(ignore_modules_wo_measures): %s", len(result.left_high_precision), source,
                        ", ".join(result.left_high_precision))
     if inc_scale_file:
-        write_scales(scales_of(model), plan.dump_stats_path, plan.observer, plan.scale_plan.name)
+        write_scales(scales_of(model), _local_prefix(plan), plan.observer, plan.scale_plan.name)
     return model
 
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
@@ -99,7 +99,7 @@ class StoreIO(Protocol):
 
     def remove_all(self) -> None: ...
 
-    def errors(self) -> Any: ...
+    def errors(self) -> AbstractContextManager[None]: ...
 
 
 class LocalIO:

@@ -43,9 +43,10 @@ each module's slice of ``values`` (``read_reduced()``, ``stats-store show MODULE
 
 Every chunk has one writer (its shard), the reduced arrays one writer (the reducer), root
 attributes are written when a run is opened. Nothing relies on a rename: a commit record is
-written after its chunk, into the slot the committed generation does not use, so on object storage
-(no rename) a torn or missing chunk write is never visible as committed either. Consolidated metadata is refreshed after each
-reduce, for other zarr readers; this code always reads the live metadata.
+written after its chunk, into the slot the committed generation does not use, so on object
+storage (no rename) a torn or missing chunk write is never visible as committed either.
+Consolidated metadata is refreshed after each reduce, for other zarr readers; this code always
+reads the live metadata.
 """
 
 from __future__ import annotations
@@ -133,7 +134,6 @@ class ZarrStatsStore(CommittedStore):
 
     def __init__(self, io: StoreIO, meta: RunMeta) -> None:
         self._io = io
-        self.where = io.location
         self.location = io.location.url
         self.path = io.location.local_path if io.location.is_local else None
         if not io.location.is_local:

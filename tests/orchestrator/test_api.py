@@ -104,8 +104,9 @@ def test_store_holds_the_exact_amax_of_the_inputs(tmp_path: Path) -> None:
     assert store.commits()[0].batch_ids == (0, 1, 2)
 
 
-def test_inc_files_on_request(tmp_path: Path) -> None:
-    calibrate(tiny_sequential(), cfg(tmp_path), sequential_batches(5, 2), inc_files=True)
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_inc_files_on_request(tmp_path: Path, scheme: str) -> None:
+    calibrate(tiny_sequential(), cfg(f"{scheme}{tmp_path}"), sequential_batches(5, 2), inc_files=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*INC_FILES, "measure.zarr"])
     doc = json.loads((tmp_path / "out" / "measure_hooks_maxabs.json").read_text())
     assert doc["Mode"] == "DynamicRange" and sorted(doc["Nodes"]) == ["0", "2", "4"]
