@@ -214,7 +214,9 @@ class S3IO:
 
     def put(self, key: str, data: bytes) -> None:
         start = time.perf_counter()
-        self._run(self.fs._pipe_file(self._key(key), data))  # one PUT: visible whole or not at all
+        # One PUT (a multipart upload from 100 MiB, which S3 also publishes only when complete):
+        # the object is visible whole or not at all.
+        self._run(self.fs._pipe_file(self._key(key), data))
         self.counts.add_write(len(data), time.perf_counter() - start)
 
     def exists(self) -> bool:
