@@ -99,11 +99,13 @@ class _Calibration:
 _CALIBRATING: "weakref.WeakKeyDictionary[nn.Module, _Calibration]" = weakref.WeakKeyDictionary()
 
 
-def _tensors_dir(plan: RunPlan) -> Path:
-    """``<dir>/<prefix>_tensors``: where the ``save`` observer writes (a local directory)."""
+def _tensors_dir(plan: RunPlan) -> Path | None:
+    """``<dir>/<prefix>_tensors``: where the ``save`` observer writes (a local directory; None on s3)."""
     if plan.observer == "save":
         _local_only(plan, "observer 'save' writes every observed tensor to local files beside it",
                     "measure with a local dump_stats_path")
+    if not parse_location(plan.dump_stats_path, store=False).is_local:
+        return None  # only the save observer writes there, refused above
     p = _local_prefix(plan)
     return p.parent / f"{p.name}_tensors"
 
