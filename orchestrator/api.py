@@ -42,11 +42,12 @@ from shards.measuring.session import MeasureSession, run_batch
 from stats_store.records import Measurement, SentCounts
 from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
-from stats_store.errors import IncFileExistsError, IncFileNotFoundError, IncFormatError
+from stats_store.errors import IncFileExistsError, IncFileNotFoundError, IncFormatError, StoreLocationError
 from stats_store.inc_names import INC_SCALE_METHODS, inc_file_name
 from stats_store.inc_unify import discover_measurement_files, read_measurement_set
 from stats_store.inc_write import write_measurement, write_scales
-from stats_store.zarr_store import ZarrStatsStore, store_path
+from stats_store.location import StoreLocation, parse_location
+from stats_store.zarr_store import ZarrStatsStore, store_exists
 from stats_store.metadata import RunMeta
 from stats_store.shard_map import ShardSpec
 
@@ -98,10 +99,27 @@ class _Calibration:
 _CALIBRATING: "weakref.WeakKeyDictionary[nn.Module, _Calibration]" = weakref.WeakKeyDictionary()
 
 
-def _tensors_dir(dump_stats_path: str) -> Path:
-    """``<dir>/<prefix>_tensors``: where the ``save`` observer writes."""
-    p = Path(dump_stats_path)
+def _tensors_dir(plan: RunPlan) -> Path | None:
+    """``<dir>/<prefix>_tensors``: where the ``save`` observer writes (a local directory; None on s3)."""
+    if plan.observer == "save":
+        _local_only(plan, "observer 'save' writes every observed tensor to local files beside it",
+                    "measure with a local dump_stats_path")
+    if not parse_location(plan.dump_stats_path, store=False).is_local:
+        return None  # only the save observer writes there, refused above
+    p = _local_prefix(plan)
     return p.parent / f"{p.name}_tensors"
+
+
+def _local_prefix(plan: RunPlan) -> Path:
+    """``dump_stats_path`` as the local file prefix of INC's files (a file:// URL gives its path)."""
+    return parse_location(plan.dump_stats_path, store=False).local_path
+
+
+def _local_only(plan: RunPlan, what: str, fix: str) -> None:
+    """Refuse, before anything is measured or converted, a local-file feature on an s3:// store."""
+    loc = parse_location(plan.dump_stats_path)
+    if not loc.is_local:
+        raise StoreLocationError(f"dump_stats_path {loc.prefix_url} is on object storage, but {what}; {fix}")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -110,11 +128,11 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _refuse_existing_store(path: Path) -> None:
+def _refuse_existing_store(where: StoreLocation) -> None:
     # Earlier measurements are never replaced silently (decisions §3; INC moves them to backup_*).
-    if path.exists():
+    if store_exists(where):
         raise MeasurementExistsError(
-            f"{path} already holds a measurement; convert from it, choose another dump_stats_path, "
+            f"{where} already holds a measurement; convert from it, choose another dump_stats_path, "
             "or pass overwrite=True to replace it"
         )
 
@@ -131,7 +149,7 @@ def _increment(cal: _Calibration) -> Measurement:
 
 def _open_store(cal: _Calibration) -> ZarrStatsStore:
     if cal.store is None:
-        path = store_path(cal.plan.dump_stats_path)
+        path = parse_location(cal.plan.dump_stats_path)
         if not cal.overwrite:
             _refuse_existing_store(path)  # also when it appeared after prepare
         meta = RunMeta(measurement_config_hash(cal.config), cal.fingerprint, dp=1, tp=1,
@@ -156,7 +174,7 @@ def _flush(cal: _Calibration) -> None:
 def _export_inc(cal: _Calibration, m: Measurement) -> list[Path]:
     # INC writes NumSamples only when it dumps at an interval; the files match INC's otherwise.
     num_samples = m.num_samples if cal.plan.calibration_sample_interval > 0 else None
-    return write_measurement(replace(m, num_samples=num_samples), cal.plan.dump_stats_path,
+    return write_measurement(replace(m, num_samples=num_samples), _local_prefix(cal.plan),
                              mod_list=list(cal.session.modules))
 
 
@@ -176,7 +194,8 @@ def prepare(model: nn.Module, config: ConfigLike, *, hpu_device: ScaleDevice | N
         raise CalibrationStateError("prepare: this model is already being measured; call finalize_calibration(model) first")
     plan = cfg.to_plan(Mode.MEASURE, hpu_device=hpu_device if hpu_device is not None else detect_gaudi())
     if not overwrite:
-        _refuse_existing_store(store_path(plan.dump_stats_path))
+        _refuse_existing_store(parse_location(plan.dump_stats_path))
+    tensors_dir = _tensors_dir(plan)  # refuses the save observer on an s3:// store, before the model changes
     # Fused MoE experts become per-expert Linears (views, no copy) before anything else, so the
     # fingerprint, observers and convert all see the same module tree; an unsupported model stops here.
     install_family(model)
@@ -187,7 +206,7 @@ def prepare(model: nn.Module, config: ConfigLike, *, hpu_device: ScaleDevice | N
     def dump(_session: MeasureSession) -> None:
         _flush(cal)
 
-    session = MeasureSession(model, plan, tensors_dir=_tensors_dir(plan.dump_stats_path), on_interval=dump)
+    session = MeasureSession(model, plan, tensors_dir=tensors_dir, on_interval=dump)
     cal = _Calibration(cfg, plan, session, fingerprint, _model_device(model).type, overwrite)
     _CALIBRATING[model] = cal
     return model
@@ -203,9 +222,14 @@ def finalize_calibration(model: nn.Module, *, inc_files: bool = False) -> Measur
     Returns:
         the measurement as the store holds it (per-module exact fp32 max-abs statistics).
     """
-    cal = _CALIBRATING.pop(model, None)
+    cal = _CALIBRATING.get(model)
     if cal is None:
         raise CalibrationStateError("finalize_calibration: this model is not being measured; call prepare(model, config) first")
+    if inc_files:  # refused while the model is still being measured: nothing is lost
+        _local_only(cal.plan, "inc_files=True writes INC's measurement files beside it",
+                    f"call finalize_calibration(model) without it, then `stats-store export-inc "
+                    f"{parse_location(cal.plan.dump_stats_path)} --out DIR/prefix`")
+    del _CALIBRATING[model]
     try:
         _flush(cal)
     finally:
@@ -220,7 +244,7 @@ def finalize_calibration(model: nn.Module, *, inc_files: bool = False) -> Measur
 # ---- QUANTIZE: reading the store ---------------------------------------------------------------
 
 
-def _read_store(path: Path, plan: RunPlan, model: nn.Module) -> Measurement:
+def _read_store(path: StoreLocation, plan: RunPlan, model: nn.Module) -> Measurement:
     """The reduced statistics at ``path``, refused when measured on another model or observer."""
     store = ZarrStatsStore.open(path)
     stored = store.meta.model_fingerprint
@@ -241,14 +265,14 @@ def _read_store(path: Path, plan: RunPlan, model: nn.Module) -> Measurement:
 
 def _read_inc(plan: RunPlan) -> tuple[Measurement | None, str]:
     """INC measurement files at ``dump_stats_path`` (users coming from INC), and where they were looked for."""
-    exact = inc_file_name(plan.dump_stats_path, plan.observer)
+    exact = inc_file_name(_local_prefix(plan), plan.observer)
     target = exact if exact.is_file() else Path(str(exact.with_suffix("")))
     try:
         paths = discover_measurement_files(target)
     except IncFileNotFoundError as exc:
         return None, f"INC measurement files '{exact}' ({exc})"
     logger.warning("no stats store at %s; importing INC measurement files %s",
-                   store_path(plan.dump_stats_path), ", ".join(map(str, paths)))
+                   parse_location(plan.dump_stats_path), ", ".join(map(str, paths)))
     return read_measurement_set(paths), "INC measurement files " + ", ".join(f"'{p}'" for p in paths)
 
 
@@ -259,9 +283,11 @@ def _read_stats(plan: RunPlan, model: nn.Module) -> tuple[Measurement | None, st
     e.g. imported with ``stats-store import-inc``): our per-expert Linears read them through the
     model's family (``shards.families.inc_names``).
     """
-    path = store_path(plan.dump_stats_path)
-    if path.exists():
+    path = parse_location(plan.dump_stats_path)
+    if store_exists(path):
         measurement, source = _read_store(path, plan, model), f"the stats store '{path}'"
+    elif not path.is_local:  # INC's files are local files: nothing to import beside an s3:// store
+        return None, f"the stats store '{path}' (none there)"
     else:
         measurement, source = _read_inc(plan)
         if measurement is None:
@@ -275,11 +301,13 @@ def _scale_file_paths(plan: RunPlan) -> list[Path]:
         raise IncFormatError(f"convert(inc_scale_file=True): scale_method {plan.scale_plan.name.lower()} is ours, not "
                              "INC's, and INC's scale files cannot name it; leave inc_scale_file off (the compressed-"
                              "tensors export and scales_of give its scales)")
-    return [inc_file_name(plan.dump_stats_path, plan.observer, plan.scale_plan.name, suffix=s) for s in (".json", ".npz")]
+    return [inc_file_name(_local_prefix(plan), plan.observer, plan.scale_plan.name, suffix=s) for s in (".json", ".npz")]
 
 
 def _refuse_existing_scale_file(plan: RunPlan) -> None:
     # Checked before the model is touched: a refused export must not leave a half-done conversion.
+    _local_only(plan, "inc_scale_file=True writes INC's scale file beside it", "leave inc_scale_file off "
+                "(scales_of(model) and the compressed-tensors export give the scales) or use a local dump_stats_path")
     existing = [str(p) for p in _scale_file_paths(plan) if p.exists()]
     if existing:
         raise IncFileExistsError(
@@ -316,7 +344,7 @@ def convert(model: nn.Module, config: ConfigLike | None = None, *, backend: Back
     source = "no measurement (the scale method needs none)"
     if cal is not None:
         measurement = finalize_calibration(model, inc_files=inc_files)
-        source = f"the measurement just collected (written to the stats store '{store_path(cal.plan.dump_stats_path)}')"
+        source = f"the measurement just collected (written to the stats store '{parse_location(cal.plan.dump_stats_path)}')"
     elif plan.scale_plan.uses_stats and not plan.dynamic:
         measurement, source = _read_stats(plan, model)
     install_hf_attention_if_asked(model, plan.selection)
@@ -328,7 +356,7 @@ def convert(model: nn.Module, config: ConfigLike | None = None, *, backend: Back
                        "(ignore_modules_wo_measures): %s", len(result.left_high_precision), source,
                        ", ".join(result.left_high_precision))
     if inc_scale_file:
-        write_scales(scales_of(model), plan.dump_stats_path, plan.observer, plan.scale_plan.name)
+        write_scales(scales_of(model), _local_prefix(plan), plan.observer, plan.scale_plan.name)
     return model
 
 

@@ -1,8 +1,9 @@
 """Writing a file so that readers see the old content or the new, never half of it.
 
 The bytes go to a temporary sibling (same directory, hence same file system, so the rename is
-atomic on POSIX), are flushed to disk, and ``os.replace`` puts them in place. Used for the stats
-store's commit records (``stats_store.zarr_store``) and for INC exports (``stats_store.inc_write``).
+atomic on POSIX), are flushed to disk, and ``os.replace`` puts them in place. Used for a local
+stats store's commit records (``stats_store.store_io``; on S3 one PUT does the same) and for INC
+exports (``stats_store.inc_write``).
 """
 
 from __future__ import annotations

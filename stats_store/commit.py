@@ -1,8 +1,9 @@
 """Making a shard's contribution visible atomically, and building the next generation of a flush.
 
 Commit = write the record to a temporary file in the same directory, flush it to disk, then
-``os.replace`` it onto ``shard-<k>.json`` (``stats_store.atomic``, called by the zarr store):
-readers see the old record or the new one, never half.
+``os.replace`` it onto ``shard-<k>.json`` (``stats_store.atomic``, called by the zarr store); on
+object storage one PUT of the whole record (``stats_store.store_io``): readers see the old record
+or the new one, never half.
 A flush merges the shard's committed values with the new ones (each tensor by its declared merge),
 so later flushes only raise max-abs values, and packs the result into one float32 chunk: the
 shard's own channels of every tensor, back to back, indexed by the commit record.

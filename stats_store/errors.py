@@ -65,3 +65,21 @@ class UnknownMergeError(StatsStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+# Where the store lives: its URL, and the object storage behind an s3:// one.
+
+class StoreLocationError(StatsStoreError, ValueError):
+    """A ``dump_stats_path`` / store URL of an unsupported form (scheme, bucket name, empty key)."""
+
+
+class StoreAccessError(StatsStoreError, PermissionError):
+    """The object storage refused the request: no credentials, a wrong key or secret, no permission."""
+
+
+class StoreUnreachableError(StatsStoreError, ConnectionError):
+    """The object storage endpoint did not answer (refused, timed out, went away) within the bounded retries."""
+
+
+class StoreRequestError(StatsStoreError, OSError):
+    """The object storage answered a request with another error (its code and message are in the text)."""

@@ -1,6 +1,8 @@
-"""The zarr implementation of the stats store and its on-disk layout (format version 2).
+"""The zarr implementation of the stats store and its layout (format version 2).
 
-For ``dump_stats_path = <dir>/<prefix>`` the store is ``<dir>/<prefix>.zarr``::
+For ``dump_stats_path = <dir>/<prefix>`` the store is ``<dir>/<prefix>.zarr``: a local directory,
+or, for ``s3://bucket/dir/prefix``, the objects under ``s3://bucket/dir/prefix.zarr/`` (see
+``stats_store.location``; the keys below are the same on both)::
 
     zarr.json                          root attributes: kind, format_version, config_hash,
                                        model_fingerprint, topology {dp, tp}, device_kind, observer, runs
@@ -19,9 +21,9 @@ For ``dump_stats_path = <dir>/<prefix>`` the store is ``<dir>/<prefix>.zarr``::
     reduced/nonfinite_index                      int64 (F, 2): module row, count
     reduced (group attributes)         the reducer's summary: shard generations reduced, counts;
                                        written last, and cleared while a reduce rewrites the arrays
-    _commits/shard-<k>.json            commit records (written to a temp file, then os.replace); each
-                                       is also the index of its chunk (module, label, op type, merge,
-                                       slice, offset, length, checksum)
+    _commits/shard-<k>.json            commit records, each one whole object (locally a temp file, then
+                                       os.replace; on S3 one PUT); each is also the index of its chunk
+                                       (module, label, op type, merge, slice, offset, length, checksum)
     _selected.json                     the modules the run selected for measuring, called or not
                                        (``record_selected``; union over calls; written like a
                                        commit record). Absent in stores that never recorded it.
@@ -40,162 +42,241 @@ bench/bench_store_reduce.py). A module-oriented view stays: the index gives
 each module's slice of ``values`` (``read_reduced()``, ``stats-store show MODULE``).
 
 Every chunk has one writer (its shard), the reduced arrays one writer (the reducer), root
-attributes are written when a run is opened. Consolidated metadata is refreshed after each
-reduce, for other zarr readers; this code always reads the live metadata.
+attributes are written when a run is opened. Nothing relies on a rename: a commit record is
+written after its chunk, into the slot the committed generation does not use, so on object
+storage (no rename) a torn or missing chunk write is never visible as committed either.
+Consolidated metadata is refreshed after each reduce, for other zarr readers; this code always
+reads the live metadata.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
-import shutil
 import warnings
-from types import MappingProxyType
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import zarr
 
-from stats_store.atomic import atomic_write_json
+from stats_store.atomic import COMPACT_SEPARATORS
+from stats_store.location import ZARR_SUFFIX, StoreLocation, parse_location
 from stats_store.metadata import STORE_KIND, CommitRecord, RunMeta, canonical_json
 from stats_store.packing import ModuleEntry, Packed
 from stats_store.store import CommittedStore, StoreCapabilities
+from stats_store.store_io import IoCounts, StoreIO, open_io
 from stats_store.errors import RunMismatchError, StoreFormatError, StoreNotFoundError
+
+__all__ = ["ZARR_SUFFIX", "ZarrStatsStore", "store_exists", "store_path", "stores_in"]
 
 COMMITS_DIR = "_commits"
 SELECTED_FILE = "_selected.json"
 SHARDS_GROUP = "shards"
 REDUCED_GROUP = "reduced"
-ZARR_SUFFIX = ".zarr"
+ROOT_META = "zarr.json"
+
+Where = str | Path | StoreLocation
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def store_path(dump_stats_path: str | Path) -> Path:
-    """``<dir>/<prefix>`` → ``<dir>/<prefix>.zarr`` (a path already ending in .zarr is kept)."""
-    p = Path(dump_stats_path)
-    return p if p.name.endswith(ZARR_SUFFIX) else p.with_name(p.name + ZARR_SUFFIX)
+    """``<dir>/<prefix>`` → ``<dir>/<prefix>.zarr`` (a path already ending in .zarr is kept); local only."""
+    return parse_location(dump_stats_path).local_path
 
 
-def _consolidate(path: Path) -> None:
-    # zarr warns that consolidated metadata is not in the v3 spec yet, and that _commits is not a
-    # zarr node; both are expected here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-        zarr.consolidate_metadata(str(path))
+def store_exists(where: Where) -> bool:
+    """Whether anything is at the store location of ``where`` (a stats store or not)."""
+    io = open_io(parse_location(where))
+    with io.errors():
+        return io.exists()
+
+
+def stores_in(directory: Where) -> list[StoreLocation] | None:
+    """The stores directly inside ``directory``; None when it is not a directory of stores (a store
+    itself, or a ``dump_stats_path`` prefix)."""
+    loc = parse_location(directory, store=False)
+    io = open_io(loc)
+    with io.errors():
+        if loc.name.endswith(ZARR_SUFFIX) or not io.exists() or io.read(ROOT_META) is not None:
+            return None
+        return [loc.child(n) for n in io.list_dir() if n.endswith(ZARR_SUFFIX)]
+
+
+def _json_bytes(value: Any) -> bytes:
+    # json.dumps without indent is json's C encoder: commit records of big models are MBs.
+    return json.dumps(value, separators=COMPACT_SEPARATORS).encode("utf-8")
+
+
+def _remote(method: _F) -> _F:
+    """Run a storage primitive with the location's errors translated (s3: one line naming the URL)."""
+
+    @functools.wraps(method)
+    def wrapper(self: "ZarrStatsStore", *args: Any, **kwargs: Any) -> Any:
+        with self._io.errors():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class ZarrStatsStore(CommittedStore):
-    """A stats store in a zarr v3 directory; safe for one writer process per shard."""
+    """A stats store in zarr v3, in a local directory or under an s3:// prefix; safe for one writer
+    process per shard.
+
+    Attributes:
+        location: the store's URL or path as the user names it (every message shows it).
+        path: the local directory; None for a store on object storage.
+    """
 
     capabilities = StoreCapabilities(persistent=True, multi_process=True, path_based=True)
 
-    def __init__(self, path: Path, meta: RunMeta) -> None:
-        self.path = path
-        self.location = str(path)
+    def __init__(self, io: StoreIO, meta: RunMeta) -> None:
+        self._io = io
+        self.location = io.location.url
+        self.path = io.location.local_path if io.location.is_local else None
+        if not io.location.is_local:
+            self.capabilities = StoreCapabilities(persistent=True, multi_process=True, path_based=False)
         self._meta = meta
-        self._root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+        self._zarr = io.zarr_store()
+        with io.errors():
+            self._root = zarr.open_group(self._zarr, mode="r+", use_consolidated=False)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, expect_fingerprint: Any = None) -> "ZarrStatsStore":
+    def open(cls, path: Where, expect_fingerprint: Any = None) -> "ZarrStatsStore":
         """Open an existing store (shards, reducer, readers); check format and, if given, the model."""
-        path = store_path(path)
-        meta = cls._read_meta(path)
+        io = open_io(parse_location(path))
+        meta = cls._read_meta(io)
         if expect_fingerprint is not None and canonical_json(expect_fingerprint) != canonical_json(
             meta.model_fingerprint
         ):
             raise RunMismatchError(
-                f"{path} holds statistics of another model (fingerprint {canonical_json(meta.model_fingerprint)[:120]}, "
+                f"{io.location} holds statistics of another model (fingerprint {canonical_json(meta.model_fingerprint)[:120]}, "
                 f"expected {canonical_json(expect_fingerprint)[:120]}); point dump_stats_path at this model's store"
             )
-        return cls(path, meta)
+        return cls(io, meta)
 
     @classmethod
-    def open_run(cls, path: str | Path, meta: RunMeta, overwrite: bool = False) -> "ZarrStatsStore":
+    def open_run(cls, path: Where, meta: RunMeta, overwrite: bool = False) -> "ZarrStatsStore":
         """Create the store for a run, or resume the same run (same model, config and topology).
 
         A store of another run is an error unless ``overwrite`` is set, which deletes that store
         (and only a stats store: anything else at the path is refused).
         """
-        path = store_path(path)
-        if path.exists() and overwrite:
-            cls._remove_store(path)
-        if path.exists():
-            old = cls._read_meta(path)
-            cls._check_same_run(path, old, meta)
-            store = cls(path, old)
-        else:
-            root = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={**meta.to_json(), "runs": []})
-            root.create_group(SHARDS_GROUP)
-            (path / COMMITS_DIR).mkdir()
-            store = cls(path, meta)
-        runs = list(store._root.attrs.get("runs", []))
-        runs.append({"run": len(runs), "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     "config_hash": meta.config_hash, "device_kind": meta.device_kind})
-        store._root.attrs["runs"] = runs
+        io = open_io(parse_location(path))
+        with io.errors():
+            raw = io.read(ROOT_META)
+            if overwrite and (raw is not None or io.exists()):
+                cls._remove_store(io, raw)
+                raw = None
+            if raw is not None or io.exists():
+                old = cls._read_meta(io)
+                cls._check_same_run(io.location, old, meta)
+                store = cls(io, old)
+            else:
+                root = zarr.open_group(io.zarr_store(), mode="w-", zarr_format=3,
+                                       attributes={**meta.to_json(), "runs": []})
+                root.create_group(SHARDS_GROUP)
+                store = cls(io, meta)
+            runs = list(store._root.attrs.get("runs", []))
+            runs.append({"run": len(runs), "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                         "config_hash": meta.config_hash, "device_kind": meta.device_kind})
+            store._root.attrs["runs"] = runs
         return store
 
     @staticmethod
-    def _read_meta(path: Path) -> RunMeta:
-        if not (path / "zarr.json").is_file():
+    def _root_attrs(io: StoreIO, raw: bytes | None) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        try:
+            doc = json.loads(raw)
+        except ValueError as e:
+            raise StoreFormatError(f"{io.location}: {ROOT_META} is not JSON ({e}); pick another dump_stats_path") from e
+        return dict(doc.get("attributes", {})) if isinstance(doc, dict) else {}
+
+    @classmethod
+    def _read_meta(cls, io: StoreIO) -> RunMeta:
+        with io.errors():
+            raw = io.read(ROOT_META)
+        if raw is None:
             raise StoreNotFoundError(
-                f"no stats store at {path} (no zarr.json); run a measurement with dump_stats_path="
-                f"{str(path)[: -len(ZARR_SUFFIX)]} or `stats-store import-inc` first"
+                f"no stats store at {io.location} (no {ROOT_META}); run a measurement with dump_stats_path="
+                f"{io.location.prefix_url} or `stats-store import-inc` first"
             )
-        attrs = zarr.open_group(str(path), mode="r", use_consolidated=False).attrs.asdict()
-        return RunMeta.from_json(attrs, str(path))
+        return RunMeta.from_json(cls._root_attrs(io, raw), io.location.url)
 
     @staticmethod
-    def _check_same_run(path: Path, old: RunMeta, new: RunMeta) -> None:
+    def _check_same_run(where: StoreLocation, old: RunMeta, new: RunMeta) -> None:
         fixes = "use another dump_stats_path, or pass --overwrite (overwrite=True) to replace it"
         if canonical_json(old.model_fingerprint) != canonical_json(new.model_fingerprint):
-            raise RunMismatchError(f"{path} holds statistics of another model fingerprint; {fixes}")
+            raise RunMismatchError(f"{where} holds statistics of another model fingerprint; {fixes}")
         for key in ("config_hash", "dp", "tp", "observer"):
             if getattr(old, key) != getattr(new, key):
                 raise RunMismatchError(
-                    f"{path} was measured with {key}={getattr(old, key)!r}, this run has {getattr(new, key)!r}; {fixes}"
+                    f"{where} was measured with {key}={getattr(old, key)!r}, this run has {getattr(new, key)!r}; {fixes}"
                 )
 
-    @staticmethod
-    def _remove_store(path: Path) -> None:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {}) if (path / "zarr.json").is_file() else {}
-        if attrs.get("kind") != STORE_KIND:
-            raise StoreFormatError(f"{path} exists and is not a stats store; refusing to overwrite it")
-        shutil.rmtree(path)
+    @classmethod
+    def _remove_store(cls, io: StoreIO, raw: bytes | None) -> None:
+        if cls._root_attrs(io, raw).get("kind") != STORE_KIND:
+            raise StoreFormatError(f"{io.location} exists and is not a stats store; refusing to overwrite it")
+        io.remove_all()
 
     # ---- storage primitives ----------------------------------------------------------------------
     @property
     def meta(self) -> RunMeta:
         return self._meta
 
-    def _commit_path(self, shard: int) -> Path:
-        return self.path / COMMITS_DIR / f"shard-{shard:05d}.json"
+    def io_counts(self) -> IoCounts:
+        """Requests, bytes and request-seconds this store object has spent so far (a copy)."""
+        return self._io.counts.snapshot()
 
+    @staticmethod
+    def _commit_key(shard: int) -> str:
+        return f"{COMMITS_DIR}/shard-{shard:05d}.json"
+
+    @_remote
     def _read_commit(self, shard: int) -> CommitRecord | None:
-        p = self._commit_path(shard)
-        if not p.is_file():
-            return None
-        return CommitRecord.from_json(json.loads(p.read_text(encoding="utf-8")))
+        raw = self._io.read(self._commit_key(shard))
+        return None if raw is None else CommitRecord.from_json(json.loads(raw))
 
+    @_remote
     def _write_commit(self, record: CommitRecord) -> None:
-        atomic_write_json(self._commit_path(record.shard), record.to_json())
+        # One whole object, written after the chunk it indexes: an atomic rename locally, one PUT
+        # on S3 (visible whole or not at all). Either way readers see the old record or the new.
+        self._io.put(self._commit_key(record.shard), _json_bytes(record.to_json()))
 
     def chunk_path(self, shard: int, slot: int) -> str:
         """The zarr path (inside the store) of a shard's chunk array in one slot."""
         return f"{SHARDS_GROUP}/shard-{shard:05d}-slot-{slot}"
 
+    def _chunk_array(self, shard: int, slot: int) -> Any:
+        try:
+            return self._root[self.chunk_path(shard, slot)]
+        except KeyError:
+            return None
+
+    @_remote
     def _write_chunk(self, shard: int, slot: int, chunk: np.ndarray) -> None:
-        # A new array each flush (the slot's old one holds a superseded generation): its shape
-        # follows the shard's tensor set, which may grow between flushes.
-        self._root.create_array(self.chunk_path(shard, slot), shape=chunk.shape, chunks=chunk.shape, dtype="float32",
-                                fill_value=np.nan, compressors=None, overwrite=True)[...] = chunk
+        # The slot's array holds a superseded generation: overwrite it. Its shape follows the
+        # shard's tensor set, which may grow between flushes; only then is the array created anew
+        # (on S3 that costs ~12 requests, writing into the existing array one PUT).
+        arr = self._chunk_array(shard, slot)
+        if arr is None or arr.shape != chunk.shape:
+            arr = self._root.create_array(self.chunk_path(shard, slot), shape=chunk.shape, chunks=chunk.shape,
+                                          dtype="float32", fill_value=np.nan, compressors=None, overwrite=True)
+        arr[...] = chunk
 
+    @_remote
     def _read_chunk(self, shard: int, slot: int) -> np.ndarray:
-        path = self.chunk_path(shard, slot)
-        if path not in self._root:
+        arr = self._chunk_array(shard, slot)
+        if arr is None:
             return np.zeros(0, dtype=np.float32)  # the checksum check reports it as damaged
-        return np.asarray(self._root[path][...])  # type: ignore[index]
+        return np.asarray(arr[...])
 
+    @_remote
     def _write_reduced(self, packed: Packed, summary: dict[str, Any]) -> None:
         red = self._root.require_group(REDUCED_GROUP)
         red.attrs.put({})  # no summary while the arrays change: readers see "not reduced", never a mix
@@ -203,13 +284,19 @@ class ZarrStatsStore(CommittedStore):
             _write_array(red, name, value)
         _write_array(red, "values", packed.values, compressors=None)
         red.attrs.put(summary)  # last: a reader trusts the arrays only when it matches the commits
-        _consolidate(self.path)
+        # zarr warns that consolidated metadata is not in the v3 spec yet, and that _commits is not
+        # a zarr node; both are expected here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            zarr.consolidate_metadata(self._zarr)
 
+    @_remote
     def _read_summary(self) -> dict[str, Any] | None:
         if REDUCED_GROUP not in self._root:
             return None
         return self._root[REDUCED_GROUP].attrs.asdict() or None
 
+    @_remote
     def _read_reduced(self) -> Packed | None:
         red = self._root[REDUCED_GROUP]
         arrays = {name: np.asarray(red[name][...]) for name in (*_INDEX_NAMES, "values")}  # type: ignore[index]
@@ -217,15 +304,16 @@ class ZarrStatsStore(CommittedStore):
             arrays[_TOKENS] = np.asarray(red[_TOKENS][...])  # type: ignore[index]
         return _packed_from_arrays(arrays)
 
+    @_remote
     def _read_selected(self) -> list[str] | None:
-        p = self.path / SELECTED_FILE
-        if not p.is_file():
-            return None
-        return [str(n) for n in json.loads(p.read_text(encoding="utf-8"))["modules"]]
+        raw = self._io.read(SELECTED_FILE)
+        return None if raw is None else [str(n) for n in json.loads(raw)["modules"]]
 
+    @_remote
     def _write_selected(self, names: list[str]) -> None:
-        atomic_write_json(self.path / SELECTED_FILE, {"modules": names})
+        self._io.put(SELECTED_FILE, _json_bytes({"modules": names}))
 
+    @_remote
     def runs(self) -> list[dict[str, Any]]:
         return list(self._root.attrs.get("runs", []))
 

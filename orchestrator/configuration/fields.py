@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict
 from orchestrator.configuration.hints import did_you_mean, scale_method_hint, show
 from orchestrator.errors import ConfigError
 from shards.fp8.numerics import HpDtype, LpDtype
+from stats_store.errors import StoreLocationError
+from stats_store.location import check_dump_stats_path
 from shards.fp8.methods import (
     METHODS,
     Backoffs,
@@ -103,6 +105,17 @@ def parse_path(key: str, value: object) -> str:
     if isinstance(value, str):
         return value
     raise config_error(key, value, "is not a path", 'a string such as "./hqt_output/measure"')
+
+
+def parse_store_path(key: str, value: object) -> str:
+    """``dump_stats_path``: a local path, ``file://`` or ``s3://bucket/prefix`` URL; only its form is
+    checked (no disk, no network: the endpoint and credentials come from the environment later)."""
+    path = parse_path(key, value)
+    try:
+        check_dump_stats_path(path)
+    except StoreLocationError as e:
+        raise ConfigError(f"Fp8Config key '{key}': {e}") from None
+    return path
 
 
 def parse_observer(key: str, value: object) -> str:

@@ -203,7 +203,7 @@ class Fp8Config(BaseModel):
     @field_validator("dump_stats_path", mode="before")
     @classmethod
     def _read_path(cls, value: Any) -> str:
-        return fields.parse_path("dump_stats_path", value)
+        return fields.parse_store_path("dump_stats_path", value)
 
     @field_validator("calibration_sample_interval", mode="before")
     @classmethod

@@ -42,7 +42,8 @@ from shards.fp8.numerics import ScaleDevice
 from shards.plan import Mode, RunPlan
 from shards.card.runner import ShardRunner
 from orchestrator.driver.grid import WorkerGroups, WorkerResources, make_workers, worker_resources
-from stats_store.zarr_store import ZarrStatsStore, store_path
+from stats_store.location import parse_location
+from stats_store.zarr_store import ZarrStatsStore
 from stats_store.metadata import RunMeta
 from stats_store.reshard import reshard, split_rules_from_commits
 
@@ -185,7 +186,7 @@ class Calibration:
     def _open_store(self, plan: RunPlan) -> ZarrStatsStore:
         meta = RunMeta(measurement_config_hash(self.config), model_fingerprint(self.checkpoint), self.dp, self.tp,
                        self.device.value, plan.observer)
-        return ZarrStatsStore.open_run(store_path(plan.dump_stats_path), meta, overwrite=self.overwrite)
+        return ZarrStatsStore.open_run(plan.dump_stats_path, meta, overwrite=self.overwrite)
 
     def measure(self, batches: Iterable[Batch]) -> Measurement:
         """Measure ``batches`` on every shard; returns the reduced global statistics.
@@ -201,9 +202,9 @@ class Calibration:
         commits = store.commits()
         if commits:
             store.merged()  # checks every committed chunk: a damaged store fails here, naming its path
-        shared, own, skipped = resume_queues(batches, commits, self.tp, self.dp, str(store.path))
+        shared, own, skipped = resume_queues(batches, commits, self.tp, self.dp, store.location)
         self.report.skipped += skipped
-        path = str(store.path)
+        path = store.location  # the URL (s3://...) or path: each shard opens the store itself
         selected = get_all([a.start_measure.remote(plan, path) for a in self.workers.actors])
         store.record_selected([n for names in selected for n in names])  # idle experts have no commit
         with self.report.timer.phase("measure"):
@@ -251,7 +252,7 @@ class Calibration:
             self.report.modules_selected = len(modules)
             self.report.uncovered = uncovered_modules(plan, modules, stats)
             self.report.expert_tokens = expert_token_counts(modules, stats)
-            resolved = resolve_uncovered(plan, self.report.uncovered, policy, str(store_path(plan.dump_stats_path)), stats)
+            resolved = resolve_uncovered(plan, self.report.uncovered, policy, parse_location(plan.dump_stats_path).url, stats)
             plan, stats, self.report.filled = resolved.plan, resolved.stats, resolved.filled
             self.report.uncovered_policy = policy.value if self.report.uncovered else ""
             requests = opt_requests(plan, modules)
@@ -282,7 +283,7 @@ class Calibration:
         """The global statistics cut to each tp rank's channels (per-tensor values stay global)."""
         if stats is None:
             return []
-        store = ZarrStatsStore.open(store_path(plan.dump_stats_path))
+        store = ZarrStatsStore.open(plan.dump_stats_path)
         split = with_expert_siblings(split_rules_from_commits(store.commits()))  # filled experts: as their siblings
         return [m for _, m in reshard(stats, self.tp, split)]
 

@@ -210,7 +210,7 @@ class MeasureLoop:
         st.restarts += 1
         if st.restarts > cal.max_restarts:
             self._stop(CalibrationError(
-                f"dp group {g}: a shard actor died {st.restarts} times while measuring into {self.store.path} "
+                f"dp group {g}: a shard actor died {st.restarts} times while measuring into {self.store.location} "
                 f"(last: {type(error).__name__}); fix the cause (memory? device?) and rerun the same command to "
                 "resume, or raise max_restarts"
             ), error)
@@ -222,11 +222,11 @@ class MeasureLoop:
             actors = cal.workers.restart_group(g)
         except WorkerStartError as e:
             self._stop(CalibrationError(
-                f"measure stopped: {e}; every batch committed so far stays in {self.store.path}: then rerun the "
+                f"measure stopped: {e}; every batch committed so far stays in {self.store.location}: then rerun the "
                 "same command to resume"
             ), e)
         cal.report.restarts += 1
-        get_all([a.start_measure.remote(self.plan, str(self.store.path)) for a in actors])
+        get_all([a.start_measure.remote(self.plan, self.store.location) for a in actors])
         records = [self.store.commits().get(g * cal.tp + r) for r in range(cal.tp)]
         committed = set.intersection(*(set(rec.batch_ids) if rec else set() for rec in records))
         redo = [b for b in lost if b.batch_id not in committed]

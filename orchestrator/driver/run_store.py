@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.errors import CalibrationError, IncompleteStoreError
 from stats_store.records import Measurement
-from stats_store.zarr_store import ZarrStatsStore, store_path
+from stats_store.zarr_store import ZarrStatsStore
 
 
 def read_measured_store(dump_stats_path: str | Path, fingerprint: Any) -> Measurement:
@@ -20,21 +20,21 @@ def read_measured_store(dump_stats_path: str | Path, fingerprint: Any) -> Measur
         IncompleteStoreError: no shard committed, or only some tp ranks of a group did (a commit
             record is missing or the run was interrupted between their flushes).
     """
-    store = ZarrStatsStore.open(store_path(dump_stats_path), expect_fingerprint=fingerprint)
+    store = ZarrStatsStore.open(dump_stats_path, expect_fingerprint=fingerprint)  # a path or an s3:// URL
     commits, tp = store.commits(), store.meta.tp
     fix = "rerun the measure command with the same config, model and data to finish it, or --overwrite to start over"
     if not commits:
-        raise IncompleteStoreError(f"{store.path}: no shard has committed statistics; {fix}")
+        raise IncompleteStoreError(f"{store.location}: no shard has committed statistics; {fix}")
     for g in sorted({k // tp for k in commits}):
         records = [commits.get(g * tp + r) for r in range(tp)]
         missing = [g * tp + r for r, rec in enumerate(records) if rec is None]
         if missing:
-            raise IncompleteStoreError(f"{store.path}: shard(s) {missing} of dp group {g} have no commit record "
+            raise IncompleteStoreError(f"{store.location}: shard(s) {missing} of dp group {g} have no commit record "
                                        f"while their tp peers have one; {fix}")
         sets = [frozenset(rec.batch_ids) for rec in records if rec is not None]
         if len(set(sets)) > 1:
             odd = sorted(frozenset.union(*sets) - frozenset.intersection(*sets))
-            raise IncompleteStoreError(f"{store.path}: batches {odd[:10]} were committed by only some tp ranks of "
+            raise IncompleteStoreError(f"{store.location}: batches {odd[:10]} were committed by only some tp ranks of "
                                        f"dp group {g}; {fix}")
     stats, _ = store.current()  # merges (checksum-verified) when the reduced arrays are stale
     return stats

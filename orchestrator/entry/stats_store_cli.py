@@ -1,7 +1,9 @@
 """``stats-store``: look into, compare, reduce, convert and plot measurement stores.
 
 Every command takes the store first after its name (``stats-store ls PATH``); PATH is the store
-(``<prefix>.zarr``) or its ``dump_stats_path`` (``<prefix>``). ``--json`` prints the data instead
+(``<prefix>.zarr``) or its ``dump_stats_path`` (``<prefix>``), a local path or an
+``s3://bucket/dir/prefix`` URL (endpoint and credentials from the environment: ``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE``). ``--json`` prints the data instead
 of tables. Errors print one line naming the file/module and what to do, and exit with status 2.
 """
 
@@ -23,7 +25,7 @@ from stats_store.records import Measurement
 from orchestrator.entry import stats_store_tables as cli_tables
 from stats_store.errors import StatsStoreError
 from stats_store.gc_pause import paused_gc
-from stats_store.zarr_store import ZARR_SUFFIX, ZarrStatsStore
+from stats_store.zarr_store import ZarrStatsStore, stores_in
 from stats_store.metadata import RunMeta, canonical_json
 from stats_store.reshard import split_rules_from_commits
 from stats_store.shard_map import ShardSpec, channel_slice
@@ -43,17 +45,17 @@ def _current(store: ZarrStatsStore) -> tuple[Measurement, bool]:
 
 # ---- ls ----------------------------------------------------------------------------------------
 def cmd_ls(args: argparse.Namespace) -> dict[str, Any]:
-    p = Path(args.path)
-    if p.is_dir() and not (p / "zarr.json").is_file():
+    found = stores_in(args.path)
+    if found is not None:  # a directory (or s3 prefix) holding stores
         runs = []
-        for sp in sorted(p.glob(f"*{ZARR_SUFFIX}")):
+        for sp in found:
             store = ZarrStatsStore.open(sp)
             m = store.meta
-            runs.append({"store": str(sp), "config_hash": m.config_hash, "topology": f"dp={m.dp} tp={m.tp}",
+            runs.append({"store": store.location, "config_hash": m.config_hash, "topology": f"dp={m.dp} tp={m.tp}",
                          "device_kind": m.device_kind, "modules": len(store.module_names()),
                          "reduced": "current" if store.reduced_is_current() else "stale"})
-        return {"directory": str(p), "runs_in_directory": runs}
-    store = ZarrStatsStore.open(p)
+        return {"directory": str(args.path), "runs_in_directory": runs}
+    store = ZarrStatsStore.open(args.path)
     stats, current = _current(store)
     meta = store.meta.to_json()
     return {

@@ -31,6 +31,7 @@ from orchestrator.export.compressed_tensors import copy_serving_files
 from shards.families import family_for
 from shards.fp8.smoothing import column_maxabs, smooth_source, smooth_target, smoothing_factors
 from stats_store.records import Measurement, as_maxabs
+from stats_store.location import parse_location
 from stats_store.zarr_store import ZarrStatsStore
 
 PER_CHANNEL_OBSERVER = "maxabs_per_channel"
@@ -63,7 +64,7 @@ def _weight_files(ckpt: Path) -> list[Path]:
     return files
 
 
-def _input_maxabs(m: Measurement, names: list[str], store: Path) -> torch.Tensor:
+def _input_maxabs(m: Measurement, names: list[str], store: str) -> torch.Tensor:
     """Elementwise max of the per-channel input max-abs of ``names`` (they read the same input)."""
     vectors = []
     for name in names:
@@ -85,13 +86,14 @@ def smoothing_plan(checkpoint: str | Path, store: str | Path, alpha: float) -> t
     """The factors per source module, and per on-disk tensor name its ("source" | "target", factors)
     operations: ``up_proj`` is both a target (its columns, MLP norm group) and a source (its rows,
     for ``down_proj``); the two commute."""
-    ckpt, store_dir = Path(checkpoint), Path(store)
+    ckpt = Path(checkpoint)
     config = json.loads((ckpt / "config.json").read_text())
     family = family_for(config)
     if not family.smoothing:
         raise SmoothingError(f"model family {family.name} has no smoothing groups (its experts read routed inputs); "
                              "smooth a dense model (Llama, Mistral, Qwen2, Qwen3) or quantize without smoothing")
-    stats_store = ZarrStatsStore.open(store_dir)
+    stats_store = ZarrStatsStore.open(store)  # a path or an s3:// URL
+    store_dir = stats_store.location
     if stats_store.meta.observer != PER_CHANNEL_OBSERVER:
         raise SmoothingError(f"stats store '{store_dir}' was measured with observer '{stats_store.meta.observer}'; "
                              f"smoothing needs per-channel input statistics: measure with observer {PER_CHANNEL_OBSERVER}")
@@ -122,6 +124,12 @@ def smoothing_plan(checkpoint: str | Path, store: str | Path, alpha: float) -> t
                 if group.kind == "linear" and family.disk_name(f"{source}.bias") in where:
                     updates.setdefault(family.disk_name(f"{source}.bias"), []).append(("source", s))
     return factors, updates
+
+
+def _store_text(store: str | Path) -> str:
+    """The store as ``smoothing.json`` records it: an absolute local path, or the s3:// URL."""
+    loc = parse_location(store, store=False)
+    return str(Path(loc.path).resolve()) if loc.is_local else loc.url
 
 
 def write_smoothed_checkpoint(checkpoint: str | Path, store: str | Path, out: str | Path,
@@ -158,7 +166,7 @@ def write_smoothed_checkpoint(checkpoint: str | Path, store: str | Path, out: st
                 shutil.copy2(ckpt / extra, tmp / extra)
         copy_serving_files(ckpt, tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps({
-            "alpha": alpha, "store": str(Path(store).resolve()), "source_checkpoint": str(ckpt.resolve()),
+            "alpha": alpha, "store": _store_text(store), "source_checkpoint": str(ckpt.resolve()),
             "groups": {name: {"min": float(s.min()), "max": float(s.max())} for name, s in factors.items()},
         }, indent=1))
         tmp.rename(dest)

@@ -24,12 +24,20 @@ from shards.fp8.weight_scales import weight_scale
 from stats_store.errors import IncFileExistsError, RunMismatchError
 from stats_store.zarr_store import ZarrStatsStore
 from tests.models import llama_tokens, sequential_batches, tiny_llama, tiny_sequential
+from tests.s3_server import s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
 
 INC_FILES = ["measure_hooks_maxabs.json", "measure_hooks_maxabs.npz", "measure_hooks_maxabs_mod_list.json"]
 
 
-def cfg(tmp_path: Path, **extra: object) -> dict[str, object]:
-    return {"mode": "AUTO", "scale_method": "maxabs_pow2", "dump_stats_path": str(tmp_path / "out" / "measure"), **extra}
+def cfg(root: Path | str, **extra: object) -> dict[str, object]:
+    """``root`` is a local directory or an ``s3://bucket`` URL."""
+    return {"mode": "AUTO", "scale_method": "maxabs_pow2", "dump_stats_path": f"{root}/out/measure", **extra}
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The root of ``dump_stats_path``: a local directory, or a fresh bucket on the S3 test server."""
+    return str(tmp_path) if request.param == "local" else f"s3://{request.getfixturevalue('s3_bucket')}"
 
 
 def store_of(tmp_path: Path) -> Path:
@@ -96,8 +104,9 @@ def test_store_holds_the_exact_amax_of_the_inputs(tmp_path: Path) -> None:
     assert store.commits()[0].batch_ids == (0, 1, 2)
 
 
-def test_inc_files_on_request(tmp_path: Path) -> None:
-    calibrate(tiny_sequential(), cfg(tmp_path), sequential_batches(5, 2), inc_files=True)
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_inc_files_on_request(tmp_path: Path, scheme: str) -> None:
+    calibrate(tiny_sequential(), cfg(f"{scheme}{tmp_path}"), sequential_batches(5, 2), inc_files=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*INC_FILES, "measure.zarr"])
     doc = json.loads((tmp_path / "out" / "measure_hooks_maxabs.json").read_text())
     assert doc["Mode"] == "DynamicRange" and sorted(doc["Nodes"]) == ["0", "2", "4"]
@@ -149,16 +158,16 @@ def test_no_measurement_files_at_all(tmp_path: Path) -> None:
         orchestrator.convert(tiny_sequential(), cfg(tmp_path))
 
 
-def test_existing_measurement_is_not_overwritten(tmp_path: Path) -> None:
-    orchestrator.quantize(tiny_sequential(), cfg(tmp_path), sequential_batches(3, 1))
+def test_existing_measurement_is_not_overwritten(where: str) -> None:
+    orchestrator.quantize(tiny_sequential(), cfg(where), sequential_batches(3, 1))
     model = tiny_sequential()
     # Refused at prepare, before any data runs; the model is left unobserved.
-    with pytest.raises(FileExistsError, match=f"{store_of(tmp_path)} already holds a measurement.*overwrite=True"):
-        orchestrator.quantize(model, cfg(tmp_path), sequential_batches(3, 1))
+    with pytest.raises(FileExistsError, match=f"{where}/out/measure.zarr already holds a measurement.*overwrite=True"):
+        orchestrator.quantize(model, cfg(where), sequential_batches(3, 1))
     assert model not in api._CALIBRATING and not model._forward_pre_hooks
     big = [x * 1000 for x in sequential_batches(3, 1)]
-    orchestrator.quantize(tiny_sequential(), cfg(tmp_path), big, overwrite=True)
-    stored = ZarrStatsStore.open(store_of(tmp_path)).read_reduced()
+    orchestrator.quantize(tiny_sequential(), cfg(where), big, overwrite=True)
+    stored = ZarrStatsStore.open(f"{where}/out/measure").read_reduced()
     assert stored.modules["0"].inputs[0].tolist() == [np.float32(captured_amax(tiny_sequential(), ["0"], big)["0"])]
 
 

@@ -1,4 +1,5 @@
-"""Every ``stats-store`` command against real zarr stores built from known statistics."""
+"""Every ``stats-store`` command against real zarr stores built from known statistics, in a local
+directory and on a real S3-protocol server (moto on 127.0.0.1, ``tests.s3_server``)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,26 @@ from stats_store.inc_unify import discover_measurement_files, read_measurement_s
 from stats_store.zarr_store import ZarrStatsStore
 from stats_store.metadata import RunMeta
 from stats_store.shard_map import ShardSpec
+from tests.s3_server import s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
 from tests.stats_store.test_store import LINEARS, MATMUL, PROJECT_ROOT, assert_same_stats, reference, write_all
 
 BATCHES = [0, 1, 2, 3]
 COMMANDS = ["ls", "show", "diff", "coverage", "reduce", "scales", "export-inc", "import-inc", "plot"]
 
 
+@pytest.fixture(params=["local", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the stores go: a local directory, or a prefix in a fresh bucket of the S3 test server."""
+    return str(tmp_path / "runs") if request.param == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/runs"
+
+
 @pytest.fixture
-def tp2_store(tmp_path: Path) -> Path:
+def tp2_store(root: str) -> str:
     """A reduced dp=1 x tp=2 store of the reference statistics (seed 0)."""
-    store = ZarrStatsStore.open_run(tmp_path / "runs" / "a", RunMeta("cfg", "fp", tp=2))
+    store = ZarrStatsStore.open_run(f"{root}/a", RunMeta("cfg", "fp", tp=2))
     write_all(store, 0, BATCHES, 1, 2)
     store.reduce()
-    return tmp_path / "runs" / "a.zarr"
+    return f"{root}/a.zarr"
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
@@ -56,7 +64,7 @@ def test_installed_entry_point_runs() -> None:
     assert "export-inc" in done.stdout and "coverage" in done.stdout
 
 
-def test_ls_lists_run_shards_and_modules(tp2_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ls_lists_run_shards_and_modules(tp2_store: str, capsys: pytest.CaptureFixture[str]) -> None:
     d = run_json(capsys, "ls", str(tp2_store))
     ref = reference(0, BATCHES)
     assert d["topology"] == {"dp": 1, "tp": 2} and d["reduced"] == "current" and d["num_samples"] == 4
@@ -69,14 +77,14 @@ def test_ls_lists_run_shards_and_modules(tp2_store: Path, capsys: pytest.Capture
     assert MATMUL in out and "dp=1 tp=2" in out
 
 
-def test_ls_of_a_directory_lists_every_store(tp2_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    other = ZarrStatsStore.open_run(tp2_store.parent / "b", RunMeta("cfg-b", "fp"))
+def test_ls_of_a_directory_lists_every_store(root: str, tp2_store: str, capsys: pytest.CaptureFixture[str]) -> None:
+    other = ZarrStatsStore.open_run(f"{root}/b", RunMeta("cfg-b", "fp"))
     write_all(other, 1, [0], 1, 1)  # committed, not reduced
-    d = run_json(capsys, "ls", str(tp2_store.parent))
+    d = run_json(capsys, "ls", root)
     assert [(Path(r["store"]).name, r["reduced"]) for r in d["runs_in_directory"]] == [("a.zarr", "current"), ("b.zarr", "stale")]
 
 
-def test_show_gives_global_and_per_shard_values(tp2_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_show_gives_global_and_per_shard_values(tp2_store: str, capsys: pytest.CaptureFixture[str]) -> None:
     name = LINEARS[0][0]
     d = run_json(capsys, "show", str(tp2_store), name)
     ref = reference(0, BATCHES).modules[name]
@@ -88,16 +96,16 @@ def test_show_gives_global_and_per_shard_values(tp2_store: Path, capsys: pytest.
     assert "no committed module 'mlp.up'; did you mean" in capsys.readouterr().err
 
 
-def test_diff_reports_ratios_top_changes_and_missing_modules(tp2_store: Path, tmp_path: Path, capsys) -> None:
+def test_diff_reports_ratios_top_changes_and_missing_modules(root: str, tp2_store: str, capsys) -> None:
     ref = reference(0, BATCHES)
-    b = ZarrStatsStore.open_run(tmp_path / "b", RunMeta("cfg", "fp"))
+    b = ZarrStatsStore.open_run(f"{root}/b", RunMeta("cfg", "fp"))
     changed = Measurement(modules={
         name: ModuleStats(name, s.op_type, [v * 2 if i == 0 else v for i, v in enumerate(s.inputs)], s.outputs, s.params, s.num_samples)
         for name, s in ref.modules.items() if name != MATMUL
     })
     changed.modules["extra.module"] = ModuleStats("extra.module", "linear", [np.array([1.0], np.float32)], None, {}, 1)
     b.commit(b.write_shard(ShardSpec(0, 1), changed, [0]))
-    d = run_json(capsys, "diff", str(tp2_store), str(tmp_path / "b"), "--top", "2")
+    d = run_json(capsys, "diff", str(tp2_store), f"{root}/b", "--top", "2")
     assert d["only_in_a"] == [MATMUL] and d["only_in_b"] == ["extra.module"]
     assert [(c["tensor"], c["min_ratio"], c["max_ratio"]) for c in d["top"]] == [("inputs.0", 2.0, 2.0)] * 2
     assert {c["module"] for c in d["top"]} == {n for n, _, _ in LINEARS}
@@ -190,17 +198,17 @@ def test_coverage_without_an_inventory_infers_the_experts_of_each_layer(tmp_path
     ]
 
 
-def test_reduce_makes_the_reduced_arrays_current(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    store = ZarrStatsStore.open_run(tmp_path / "r", RunMeta("cfg", "fp", dp=2))
+def test_reduce_makes_the_reduced_arrays_current(root: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = ZarrStatsStore.open_run(f"{root}/r", RunMeta("cfg", "fp", dp=2))
     write_all(store, 2, BATCHES, 2, 1)
     assert not store.reduced_is_current()
-    d = run_json(capsys, "reduce", str(tmp_path / "r"))
+    d = run_json(capsys, "reduce", f"{root}/r")
     assert d["generations"] == {"0": 1, "1": 1} and d["num_samples"] == 4
-    assert_same_stats(ZarrStatsStore.open(tmp_path / "r").read_reduced(), reference(2, BATCHES))
+    assert_same_stats(ZarrStatsStore.open(f"{root}/r").read_reduced(), reference(2, BATCHES))
 
 
-def test_missing_store_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ls", str(tmp_path / "nope")]) == 2
+def test_missing_store_is_one_clear_line(root: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ls", f"{root}/nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("stats-store ls: no stats store at") and err.count("\n") == 1
 
@@ -212,7 +220,7 @@ def _pow2_ok(scale: float, maxabs: float, fullscale_backoff: float) -> bool:
     return exponent == int(exponent) and fullscale_backoff / 2 * (1 - 2**-7) < ratio <= fullscale_backoff * (1 + 2**-7)
 
 
-def test_scales_from_stored_maxabs(tp2_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_scales_from_stored_maxabs(tp2_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = run_json(capsys, "scales", str(tp2_store), "--method", "maxabs_pow2", "--out", str(tmp_path / "inc" / "m"))
     ref = reference(0, BATCHES)
     assert d["method"] == "MAXABS_POW2" and d["errors"] == []
@@ -227,7 +235,7 @@ def test_scales_from_stored_maxabs(tp2_store: Path, tmp_path: Path, capsys: pyte
     assert written == ["m_hooks_maxabs_MAXABS_POW2.json", "m_hooks_maxabs_MAXABS_POW2.npz"]
 
 
-def test_scales_that_need_a_gaudi_report_each_module(tp2_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_scales_that_need_a_gaudi_report_each_module(tp2_store: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["scales", str(tp2_store), "--method", "maxabs_hw", "--json"]) == 1
     d = json.loads(capsys.readouterr().out)
     assert {e["module"] for e in d["errors"]} == set(reference(0, BATCHES).modules)
@@ -238,7 +246,7 @@ def test_scales_that_need_a_gaudi_report_each_module(tp2_store: Path, capsys: py
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_export_inc_then_import_gives_back_the_global_stats(
-    tp2_store: Path, tmp_path: Path, world: int, capsys: pytest.CaptureFixture[str]
+    root: str, tp2_store: str, tmp_path: Path, world: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     d = run_json(capsys, "export-inc", str(tp2_store), "--out", str(tmp_path / "inc" / "m"), "--world", str(world))
     files = discover_measurement_files(tmp_path / "inc" / "m_hooks_maxabs")
@@ -250,9 +258,9 @@ def test_export_inc_then_import_gives_back_the_global_stats(
         for label, value in s.tensors().items():
             np.testing.assert_array_equal(back.modules[name].tensors()[label], value, err_msg=f"{name} {label}")
     # import-inc keeps each rank file as a shard and reduces them.
-    d = run_json(capsys, "import-inc", str(files[0]), str(tmp_path / "imported"))
-    assert d["files"] == [str(f) for f in files]
-    imported = ZarrStatsStore.open(tmp_path / "imported")
+    d = run_json(capsys, "import-inc", str(files[0]), f"{root}/imported")
+    assert d["files"] == [str(f) for f in files] and d["store"] == f"{root}/imported.zarr"
+    imported = ZarrStatsStore.open(f"{root}/imported")
     assert imported.meta.tp == world and set(imported.commits()) == set(range(world))
     got = imported.read_reduced()
     for name, s in ref.modules.items():
@@ -260,14 +268,14 @@ def test_export_inc_then_import_gives_back_the_global_stats(
             np.testing.assert_array_equal(got.modules[name].tensors()[label], value, err_msg=f"{name} {label}")
 
 
-def test_export_inc_can_cut_split_channels_per_rank(tp2_store: Path, tmp_path: Path, capsys) -> None:
+def test_export_inc_can_cut_split_channels_per_rank(tp2_store: str, tmp_path: Path, capsys) -> None:
     run_json(capsys, "export-inc", str(tp2_store), "--out", str(tmp_path / "m"), "--world", "2", "--split-channels")
     ref = reference(0, BATCHES).modules[LINEARS[0][0]].params["weight"]
     rank1 = json.loads((tmp_path / "m_hooks_maxabs_1_2.json").read_text())["Nodes"][LINEARS[0][0]]["params"]["weight"]
     np.testing.assert_array_equal(np.asarray(rank1, np.float32).reshape(-1), ref[3:])
 
 
-def test_plot_writes_png_files(tp2_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_writes_png_files(tp2_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = run_json(capsys, "plot", str(tp2_store), "--out", str(tmp_path / "png"), "--module", LINEARS[1][0])
     names = [Path(p).name for p in d["written"]]
     assert names == ["layer_maxabs.png"] + [f"{LINEARS[1][0]}__{lb}.png" for lb in ("inputs.0", "outputs.0", "params.weight")]

@@ -1,5 +1,7 @@
 """The stats store: one conformance class run against every implementation, then zarr-only
 behaviour (run identity, format checks, two OS processes, a shard killed before its commit).
+The zarr store runs both in a local directory and on a real S3-protocol server (moto on
+127.0.0.1, ``tests.s3_server``): the ``where`` fixture gives the root of either.
 
 Reference values come from full (tp=1) tensors computed here with numpy; shards see slices of them.
 """
@@ -17,6 +19,8 @@ import pytest
 import zarr
 
 from stats_store.records import Measurement, ModuleStats
+from stats_store.location import parse_location
+from stats_store.store_io import open_io
 from stats_store.zarr_store import ZarrStatsStore, store_path
 from stats_store.metadata import FORMAT_VERSION, RunMeta
 from stats_store.shard_map import ShardSpec, channel_slice
@@ -30,6 +34,7 @@ from stats_store.errors import (
     StoreNotFoundError,
     TornWriteError,
 )
+from tests.s3_server import s3_bucket, s3_env, s3_server  # noqa: F401  (fixtures)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # (name, out_features, in_features): out 6 does not divide by tp=4 (shards of 1, 2, 1, 2 channels).
@@ -253,6 +258,11 @@ class TestMemoryStore(StoreConformance):
         store._reduced[0].values[0] += 1  # type: ignore[attr-defined]
 
 
+def zarr_root(location: str) -> zarr.Group:
+    """The store's root group, opened with plain zarr through the location's own zarr store."""
+    return zarr.open_group(open_io(parse_location(location)).zarr_store(), mode="r+", use_consolidated=False)
+
+
 class TestZarrStore(StoreConformance):
     @staticmethod
     def make(tmp_path: Path, meta: RunMeta) -> CommittedStore:
@@ -260,16 +270,33 @@ class TestZarrStore(StoreConformance):
 
     def damage(self, store, module, label, shard, slot):  # type: ignore[no-untyped-def]
         t = store.commits()[shard].modules[module].tensors[label]
-        arr = zarr.open_array(str(store.path / "shards" / f"shard-{shard:05d}-slot-{slot}"), mode="r+")  # type: ignore[attr-defined]
+        arr = zarr_root(store.location)[f"shards/shard-{shard:05d}-slot-{slot}"]
         arr[t.offset : t.offset + t.length] = arr[t.offset : t.offset + t.length] + 1
 
     def damage_reduced(self, store):  # type: ignore[no-untyped-def]
-        arr = zarr.open_array(str(store.path / "reduced" / "values"), mode="r+")  # type: ignore[attr-defined]
+        arr = zarr_root(store.location)["reduced/values"]
         arr[0] = arr[0] + 1
+
+
+class TestS3ZarrStore(TestZarrStore):
+    """The same behaviour with the store under an s3:// prefix of a fresh bucket."""
+
+    @pytest.fixture(autouse=True)
+    def _bucket(self, s3_bucket: str) -> None:  # noqa: F811
+        self.bucket = s3_bucket
+
+    def make(self, tmp_path: Path, meta: RunMeta) -> CommittedStore:  # type: ignore[override]
+        return ZarrStatsStore.open_run(f"s3://{self.bucket}/out/measure", meta)
 
 
 # ---- zarr only: run identity and format ----------------------------------------------------------
 META = RunMeta("cfg-1", {"model": "tiny", "params": 3}, dp=1, tp=2, device_kind="cpu")
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The root the store goes under: a local directory, or a fresh bucket on the S3 test server."""
+    return str(tmp_path) if request.param == "local" else f"s3://{request.getfixturevalue('s3_bucket')}"
 
 
 def test_store_path_appends_zarr_to_the_prefix(tmp_path: Path) -> None:
@@ -278,17 +305,17 @@ def test_store_path_appends_zarr_to_the_prefix(tmp_path: Path) -> None:
     assert store_path(tmp_path / "x.zarr") == tmp_path / "x.zarr"
 
 
-def test_layout_is_plain_zarr_with_metadata_and_consolidation(tmp_path: Path) -> None:
-    store = ZarrStatsStore.open_run(tmp_path / "m", META)
+def test_layout_is_plain_zarr_with_metadata_and_consolidation(where: str) -> None:
+    store = ZarrStatsStore.open_run(f"{where}/m", META)
     write_all(store, 0, [0, 1], 1, 2)
     reduced = store.reduce()
-    root = zarr.open_group(str(tmp_path / "m.zarr"), mode="r", use_consolidated=True)
+    root = zarr.open_group(open_io(parse_location(f"{where}/m")).zarr_store(), mode="r", use_consolidated=True)
     attrs = root.attrs.asdict()
     assert attrs["format_version"] == 2 and attrs["topology"] == {"dp": 1, "tp": 2}
     assert attrs["model_fingerprint"] == {"model": "tiny", "params": 3} and attrs["config_hash"] == "cfg-1"
     assert root["reduced"].attrs["shards"] == {"0": {"num_samples": 2, "batches_done": 2},
                                                 "1": {"num_samples": 2, "batches_done": 2}}
-    record = json.loads((tmp_path / "m.zarr" / "_commits" / "shard-00001.json").read_text())
+    record = json.loads(open_io(parse_location(f"{where}/m")).read("_commits/shard-00001.json") or b"")
     weight = record["modules"][LINEARS[0][0]]["tensors"]["params.weight"]
     assert weight["slice"] == [3, 6, 6]
     # Shard 1's chunk: one array, one chunk, its own 3 weight channels at the recorded offset.
@@ -308,11 +335,11 @@ def test_layout_is_plain_zarr_with_metadata_and_consolidation(tmp_path: Path) ->
         (off, n) for off, n in zip(np.cumsum([0, *index[:-1, 2]]), index[:, 2]))  # back to back, no gap
 
 
-def test_reopening_the_same_run_resumes_it(tmp_path: Path) -> None:
-    store = ZarrStatsStore.open_run(tmp_path / "m", META)
+def test_reopening_the_same_run_resumes_it(where: str) -> None:
+    store = ZarrStatsStore.open_run(f"{where}/m", META)
     spec, m = shard_stats(0, [0], 0, 1, 2)
     store.commit(store.write_shard(spec, m, [0]))
-    again = ZarrStatsStore.open_run(tmp_path / "m", META)
+    again = ZarrStatsStore.open_run(f"{where}/m", META)
     assert [r["run"] for r in again.runs()] == [0, 1]
     assert again.commits()[0].batch_ids == (0,)
 
@@ -325,54 +352,52 @@ def test_reopening_the_same_run_resumes_it(tmp_path: Path) -> None:
         ({"tp": 4}, "tp=2, this run has 4"),
     ],
 )
-def test_a_different_run_at_the_same_path_is_refused(tmp_path: Path, change: dict, match: str) -> None:
-    ZarrStatsStore.open_run(tmp_path / "m", META)
+def test_a_different_run_at_the_same_path_is_refused(where: str, change: dict, match: str) -> None:
+    ZarrStatsStore.open_run(f"{where}/m", META)
     other = RunMeta(**{**META.__dict__, **change})
     with pytest.raises(RunMismatchError, match=match) as err:
-        ZarrStatsStore.open_run(tmp_path / "m", other)
+        ZarrStatsStore.open_run(f"{where}/m", other)
     assert "another dump_stats_path" in str(err.value) and "--overwrite" in str(err.value)
-    assert str(tmp_path / "m.zarr") in str(err.value)
+    assert f"{where}/m.zarr" in str(err.value)
 
 
-def test_overwrite_replaces_only_a_stats_store(tmp_path: Path) -> None:
-    ZarrStatsStore.open_run(tmp_path / "m", META)
+def test_overwrite_replaces_only_a_stats_store(where: str) -> None:
+    ZarrStatsStore.open_run(f"{where}/m", META)
     other = RunMeta("cfg-9", "fp-9")
-    assert ZarrStatsStore.open_run(tmp_path / "m", other, overwrite=True).meta == other
-    zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w")
+    assert ZarrStatsStore.open_run(f"{where}/m", other, overwrite=True).meta == other
+    zarr.open_group(open_io(parse_location(f"{where}/foreign")).zarr_store(), mode="w")
     with pytest.raises(StoreFormatError, match="not a stats store; refusing to overwrite"):
-        ZarrStatsStore.open_run(tmp_path / "foreign", META, overwrite=True)
+        ZarrStatsStore.open_run(f"{where}/foreign", META, overwrite=True)
 
 
-def test_open_checks_presence_format_version_and_fingerprint(tmp_path: Path) -> None:
+def test_open_checks_presence_format_version_and_fingerprint(where: str) -> None:
     with pytest.raises(StoreNotFoundError, match=r"no stats store at .*nothing\.zarr") as err:
-        ZarrStatsStore.open(tmp_path / "nothing")
+        ZarrStatsStore.open(f"{where}/nothing")
     assert isinstance(err.value, FileNotFoundError)
-    ZarrStatsStore.open_run(tmp_path / "m", META)
+    ZarrStatsStore.open_run(f"{where}/m", META)
     with pytest.raises(RunMismatchError, match="another model"):
-        ZarrStatsStore.open(tmp_path / "m", expect_fingerprint={"model": "other"})
-    assert ZarrStatsStore.open(tmp_path / "m", expect_fingerprint={"params": 3, "model": "tiny"}).meta == META
-    root = zarr.open_group(str(tmp_path / "m.zarr"), mode="r+", use_consolidated=False)
-    root.attrs["format_version"] = 99
+        ZarrStatsStore.open(f"{where}/m", expect_fingerprint={"model": "other"})
+    assert ZarrStatsStore.open(f"{where}/m", expect_fingerprint={"params": 3, "model": "tiny"}).meta == META
+    zarr_root(f"{where}/m").attrs["format_version"] = 99
     with pytest.raises(StoreFormatError, match=f"format version 99, this code reads version {FORMAT_VERSION}"):
-        ZarrStatsStore.open(tmp_path / "m")
+        ZarrStatsStore.open(f"{where}/m")
 
 
-def test_a_format_1_store_is_refused_with_what_to_do(tmp_path: Path) -> None:
-    ZarrStatsStore.open_run(tmp_path / "m", META)
-    root = zarr.open_group(str(tmp_path / "m.zarr"), mode="r+", use_consolidated=False)
-    root.attrs["format_version"] = 1  # the group-per-module layout
+def test_a_format_1_store_is_refused_with_what_to_do(where: str) -> None:
+    ZarrStatsStore.open_run(f"{where}/m", META)
+    zarr_root(f"{where}/m").attrs["format_version"] = 1  # the group-per-module layout
     with pytest.raises(StoreFormatError, match="format version 1, .*measure again into another dump_stats_path"):
-        ZarrStatsStore.open_run(tmp_path / "m", META)
+        ZarrStatsStore.open_run(f"{where}/m", META)
 
 
 @pytest.mark.parametrize("name", ["a/b", "__x", "..", "model.layers.0.mlp.experts.7.w1 (fused)"])
-def test_any_module_name_round_trips(tmp_path: Path, name: str) -> None:
+def test_any_module_name_round_trips(where: str, name: str) -> None:
     """Module names are index entries, not zarr node names: '/' or dots need no escaping."""
-    store = ZarrStatsStore.open_run(tmp_path / "m", RunMeta("c", "f"))
+    store = ZarrStatsStore.open_run(f"{where}/m", RunMeta("c", "f"))
     m = Measurement(modules={name: ModuleStats(name, "linear", [np.array([1.5], np.float32)])})
     store.commit(store.write_shard(ShardSpec(0, 1), m, [0]))
     store.reduce()
-    again = ZarrStatsStore.open(tmp_path / "m").read_reduced()
+    again = ZarrStatsStore.open(f"{where}/m").read_reduced()
     assert list(again.modules) == [name] and again.modules[name].inputs[0].tolist() == [1.5]
 
 
@@ -393,7 +418,7 @@ for part in (batches[:4], batches[4:]):  # two streaming flushes
 """
 
 
-def _spawn(path: Path, index: int, dp: int, tp: int, die: bool = False) -> subprocess.Popen:
+def _spawn(path: Path | str, index: int, dp: int, tp: int, die: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", WRITER, str(path), str(index), str(dp), str(tp), "1" if die else "0"],
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -408,21 +433,21 @@ def _finish(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def test_two_processes_write_shards_concurrently(tmp_path: Path) -> None:
-    ZarrStatsStore.open_run(tmp_path / "m", RunMeta("c", "f", dp=1, tp=2))
-    procs = [_spawn(tmp_path / "m.zarr", k, 1, 2) for k in range(2)]
+def test_two_processes_write_shards_concurrently(where: str) -> None:
+    ZarrStatsStore.open_run(f"{where}/m", RunMeta("c", "f", dp=1, tp=2))
+    procs = [_spawn(f"{where}/m.zarr", k, 1, 2) for k in range(2)]  # the environment names the endpoint
     assert [_finish(p) for p in procs] == [0, 0]
-    assert_same_stats(ZarrStatsStore.open(tmp_path / "m").reduce(), reference(3, list(range(8))))
+    assert_same_stats(ZarrStatsStore.open(f"{where}/m").reduce(), reference(3, list(range(8))))
 
 
-def test_a_shard_killed_before_its_commit_leaves_nothing_and_reruns_cleanly(tmp_path: Path) -> None:
-    ZarrStatsStore.open_run(tmp_path / "m", RunMeta("c", "f", dp=2, tp=1))
-    first = _spawn(tmp_path / "m.zarr", 0, 2, 1)
-    killed = _spawn(tmp_path / "m.zarr", 1, 2, 1, die=True)
+def test_a_shard_killed_before_its_commit_leaves_nothing_and_reruns_cleanly(where: str) -> None:
+    ZarrStatsStore.open_run(f"{where}/m", RunMeta("c", "f", dp=2, tp=1))
+    first = _spawn(f"{where}/m.zarr", 0, 2, 1)
+    killed = _spawn(f"{where}/m.zarr", 1, 2, 1, die=True)
     assert _finish(first) == 0 and _finish(killed) == 17
-    store = ZarrStatsStore.open(tmp_path / "m")
+    store = ZarrStatsStore.open(f"{where}/m")
     assert set(store.commits()) == {0}
     only_first = reference(3, [0, 2, 4, 6])  # dp group 0's batches
     assert_same_stats(store.reduce(), only_first)
-    assert _finish(_spawn(tmp_path / "m.zarr", 1, 2, 1)) == 0
+    assert _finish(_spawn(f"{where}/m.zarr", 1, 2, 1)) == 0
     assert_same_stats(store.reduce(), reference(3, list(range(8))))
