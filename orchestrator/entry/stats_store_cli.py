@@ -171,7 +171,8 @@ def cmd_reduce(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- scales --------------------------------------------------------------------------------------
 def cmd_scales(args: argparse.Namespace) -> dict[str, Any]:
-    from shards.fp8.module_scales import planned_scales  # torch: loaded only by this command
+    # torch: loaded only by this command
+    from shards.fp8.module_scales import modules_scales, planned_request, planned_scales
     from shards.fp8.numerics import HpDtype, LpDtype, ScaleDevice
     from shards.fp8.methods import predefined_plan
     from shards.fp8.scale_math import ScaleContext
@@ -182,13 +183,17 @@ def cmd_scales(args: argparse.Namespace) -> dict[str, Any]:
     device = ScaleDevice(args.device.upper()) if args.device else None
     ctx = ScaleContext(LpDtype(args.lp.upper()), HpDtype(args.hp.upper()), device)
     nodes, errors = {}, []
-    for name, s in stats.modules.items():
-        try:
-            ms = planned_scales(name, s.op_type, "", plan, ctx, s)
-        except (ShardError, KeyError, ValueError) as e:  # reported per module below, exit status 1
-            errors.append({"module": name, "error": str(e)})
-            continue
-        nodes[name] = ms.to_inc_node()
+    try:  # every module in one batch of formulas (thousands of modules on MoE models)
+        requests = [planned_request(name, s.op_type, "", plan, s) for name, s in stats.modules.items()]
+        nodes = {r.module: ms.to_inc_node() for r, ms in zip(requests, modules_scales(requests, ctx))}
+    except (ShardError, KeyError, ValueError):
+        # Some module has no scale: redo them one by one so that every failing module is reported
+        # (below, exit status 1), not only the first.
+        for name, s in stats.modules.items():
+            try:
+                nodes[name] = planned_scales(name, s.op_type, "", plan, ctx, s).to_inc_node()
+            except (ShardError, KeyError, ValueError) as e:
+                errors.append({"module": name, "error": str(e)})
     out: dict[str, Any] = {"method": plan.name, "device": device.value if device else None, "lp": ctx.lp.value,
                            "hp": ctx.hp.value, "nodes": nodes, "errors": errors}
     if args.out:
