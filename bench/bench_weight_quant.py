@@ -5,11 +5,19 @@ The tensors are the bf16 linears of ~1B-Llama-shaped layers (:func:`bench.models
 quantized to E4M3 with their scales computed beforehand, per tensor and per channel, with the cast
 every backend shares (``shards.fp8.numerics.quantize``). Both sides allocate fresh outputs.
 
-The convert row times ``orchestrator.convert`` (scales from the store, FP8 weights, module swap;
+The convert rows time ``orchestrator.convert`` (scales from the store, FP8 weights, module swap;
 ``maxabs_pow2``, INC's selection: every Linear but the tied head) on SmolLM2-135M in bf16
-(``--smollm2``; else the bench Llama), a fresh copy of the model per run, against cloning the same
-weights. Bandwidths count bytes read plus bytes written: convert reads each bf16 weight and writes
-its FP8 codes (3 bytes per element), a clone reads and writes 2 bytes each (4 per element).
+(``--smollm2``; else the bench Llama), a fresh copy of the model per run, and the shards' in-place
+quantize of the distributed path (``convert_model`` with the coordinator's weight scales and the
+shard's statistics, what ``ShardRunner.quantize`` runs). Bandwidths count bytes read plus bytes
+written: convert reads each bf16 weight and writes its FP8 codes (3 bytes per element).
+
+The copy bandwidth is measured in the same process two ways: ``dst.copy_(src)`` of
+:data:`DRAM_COPY_BYTES` (far larger than the last-level cache, ``dst`` written once beforehand so
+that no page is faulted in the timed copies): the machine's memory bandwidth; and, as the rows did
+before 2026-12-07, ``clone()`` of the same weights (memory the allocator already holds: it often
+runs at the copy's speed, but it is not a fixed measure of the machine). Both count 2 bytes per
+byte copied.
 
 Run alone: ``.venv/bin/python -m bench.bench_weight_quant [--quick] [--smollm2]``.
 """
@@ -22,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -37,9 +46,50 @@ SIZES = {"toy": (1, 32), "quick": (1, 8), "full": (1, 1)}  # (layers, shrink)
 METHODS = {"per tensor": "MAXABS_POW2", "per channel": "ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2"}
 
 
-def convert_row(model: torch.nn.Module, what: str, repeats: int = 3) -> Row:
-    """``orchestrator.convert`` of ``model`` (bytes read + written per second) / clone bandwidth."""
+# Bytes of each buffer of the DRAM copy: far above any last-level cache (this machine's: 32 MiB).
+DRAM_COPY_BYTES = 300_000_000
+
+
+def dram_copy(nbytes: int = DRAM_COPY_BYTES, repeats: int = 3) -> tuple[float, Timing]:
+    """Bytes read + written per second of ``dst.copy_(src)`` on ``nbytes`` buffers, ``dst``
+    written beforehand (no page faults in the timed copies), and the timing."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    t = time_it(lambda: dst.copy_(src), repeats)
+    return 2 * nbytes / t.min, t
+
+
+def _timed_converts(model: torch.nn.Module, convert: Callable[[torch.nn.Module], object],
+                    repeats: int) -> tuple[Timing, Timing, float, int]:
+    """Warm timings of ``convert`` on fresh copies of ``model``, wall clock and CPU time of the
+    process (the first, cold run apart), the cold run's seconds, and the weight elements it quantized.
+
+    The CPU time counts every thread of the process (the store's reads run on zarr's I/O thread)
+    but not time spent waiting for a core, so on a busy machine it moves far less than the wall clock.
+    """
+    wall, cpu, numel = [], [], 0
+    for i in range(repeats + 1):  # the first run is the cold one (imports, caches)
+        fresh = copy.deepcopy(model)
+        t0, c0 = time.perf_counter(), time.process_time()
+        convert(fresh)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        if i == 0:
+            numel = sum(m.weight.numel() for m in quantized_modules(fresh).values())
+        del fresh
+    return (Timing(min(wall[1:]), statistics.median(wall[1:])), Timing(min(cpu[1:]), statistics.median(cpu[1:])),
+            wall[0], numel)
+
+
+def convert_rows(model: torch.nn.Module, what: str, repeats: int = 5) -> list[Row]:
+    """``orchestrator.convert`` and the shards' quantize of ``model``, in bytes read + written per
+    second, against the DRAM copy and against the clone of the same weights."""
     import orchestrator
+    from orchestrator.configuration.fp8_config import Fp8Config
+    from shards.plan import Mode
+    from shards.quantized.backends import EmulatedBackend
+    from shards.quantized.swap import convert_model
+    from stats_store.zarr_store import ZarrStatsStore, store_path
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"observer": "maxabs", "scale_method": "maxabs_pow2", "dump_stats_path": str(Path(tmp) / "m")}
@@ -49,28 +99,40 @@ def convert_row(model: torch.nn.Module, what: str, repeats: int = 3) -> Row:
             observed(input_ids=tokens(model, 0, 1, 64), use_cache=False)
         orchestrator.finalize_calibration(observed)
         del observed
-        times, hp_bytes, fp8_bytes = [], 0, 0
-        for i in range(repeats + 1):  # the first run is the cold one (imports, caches)
-            fresh = copy.deepcopy(model)
-            t0 = time.perf_counter()
-            orchestrator.convert(fresh, {**cfg, "mode": "QUANTIZE"})
-            times.append(time.perf_counter() - t0)
-            if i == 0:
-                weights = [m.weight for m in quantized_modules(fresh).values()]
-                fp8_bytes = sum(w.numel() for w in weights)
-                hp_bytes = fp8_bytes * next(model.parameters()).element_size()
-            del fresh
-    t_conv = Timing(min(times[1:]), statistics.median(times[1:]))
+        t_conv, cpu_conv, cold, numel = _timed_converts(
+            model, lambda m: orchestrator.convert(m, {**cfg, "mode": "QUANTIZE"}), repeats)
+        # The distributed path: each shard converts in place with the coordinator's weight scales
+        # (computed beforehand, as the coordinator does) and the statistics of the store.
+        plan = Fp8Config.load({**cfg, "mode": "QUANTIZE"}).to_plan(Mode.QUANTIZE)
+        stats = ZarrStatsStore.open(store_path(plan.dump_stats_path)).read_reduced()
+        section, ctx = plan.scale_plan.default.weight, ScaleContext(lp=plan.lp, hp=plan.hp)
+        given = {n.removesuffix(".weight"): weight_scale(p.detach(), section, ctx)
+                 for n, p in model.named_parameters() if p.ndim == 2}
+        t_shard, cpu_shard, _, _ = _timed_converts(
+            model, lambda m: convert_model(m, plan, stats, EmulatedBackend(), weight_scales=given), repeats)
+    hp_bytes = numel * next(model.parameters()).element_size()
+    moved = hp_bytes + numel  # bf16 read, FP8 written
+    dram_bw, t_dram = dram_copy(repeats=repeats)
     sources = [p.detach() for p in model.parameters() if p.ndim == 2]
     t_clone = time_it(lambda: [w.clone() for w in sources], repeats)
-    clone_bytes = 2 * sum(w.numel() * w.element_size() for w in sources)
-    conv_bw, copy_bw = (hp_bytes + fp8_bytes) / t_conv.min, clone_bytes / t_clone.min
-    ratio = conv_bw / copy_bw
-    return row(f"convert (scales + FP8 weights + module swap) {what}: bytes/s / clone bandwidth",
-               f"{conv_bw / 1e9:.2f} GB/s ({t_conv}; cold {times[0]:.2f} s)", f"{copy_bw / 1e9:.2f} GB/s ({t_clone})",
-               ratio, ">= 0.25", ratio >= 0.25,
-               f"{fp8_bytes / 1e6:.0f} M weight elements quantized: {hp_bytes / 1e6:.0f} MB read, "
-               f"{fp8_bytes / 1e6:.0f} MB written; maxabs_pow2, {repeats} warm runs")
+    clone_bw = 2 * sum(w.numel() * w.element_size() for w in sources) / t_clone.min
+    note = (f"{numel / 1e6:.0f} M weight elements quantized: {hp_bytes / 1e6:.0f} MB read, {numel / 1e6:.0f} MB "
+            f"written; maxabs_pow2, {repeats} warm runs")
+    dram = f"DRAM copy {dram_bw / 1e9:.2f} GB/s ({t_dram}, 2 x {DRAM_COPY_BYTES / 1e6:.0f} MB)"
+    rows = []
+    for label, t, cpu, extra in (
+            ("convert (scales + FP8 weights + module swap)", t_conv, cpu_conv, f"; cold {cold:.2f} s"),
+            ("shard in-place quantize (convert_model with the coordinator's weight scales)", t_shard, cpu_shard, "")):
+        bw = moved / t.min
+        rows.append(row(f"{label} {what}: bytes/s / DRAM copy bandwidth", f"{bw / 1e9:.2f} GB/s ({t}{extra})",
+                        dram, bw / dram_bw, ">= 0.25", bw / dram_bw >= 0.25,
+                        f"{note}; CPU time of the process {cpu} ({moved / cpu.min / dram_bw:.3f} of the copy)"))
+    bw = moved / t_conv.min
+    rows.append(row(f"convert {what}: bytes/s / clone bandwidth of the same weights (baseline before 2026-12-07)",
+                    f"{bw / 1e9:.2f} GB/s ({t_conv})", f"clone {clone_bw / 1e9:.2f} GB/s ({t_clone})",
+                    bw / clone_bw, ">= 0.25", bw / clone_bw >= 0.25,
+                    "the clone reuses memory the allocator holds; the DRAM copy above is the machine's measure"))
+    return rows
 
 
 def run(size: str = "full", repeats: int = 3, use_smollm2: bool = False) -> list[Row]:
@@ -96,10 +158,10 @@ def run(size: str = "full", repeats: int = 3, use_smollm2: bool = False) -> list
                         f"{gb / t_q.min:.2f} GB/s ({t_q})", f"{gb / t_c.min:.2f} GB/s ({t_c})", ratio, ">= 0.5",
                         ratio >= 0.5, f"{len(stack)} bf16 tensors, {gb * 1e3:.0f} MB"))
     if use_smollm2 and size == "full" and smollm2_available():
-        rows.append(convert_row(smollm2(torch.bfloat16).eval(), "SmolLM2-135M bf16", repeats))
+        rows.extend(convert_rows(smollm2(torch.bfloat16).eval(), "SmolLM2-135M bf16", max(repeats, 5)))
     else:
-        rows.append(convert_row(bench_llama("small" if size == "full" else "toy", dtype=torch.bfloat16),
-                                "bench Llama bf16", repeats))
+        rows.extend(convert_rows(bench_llama("small" if size == "full" else "toy", dtype=torch.bfloat16),
+                                 "bench Llama bf16", repeats))
     return rows
 
 

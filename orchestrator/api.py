@@ -225,7 +225,7 @@ def _read_store(path: Path, plan: RunPlan, model: nn.Module) -> Measurement:
     store = ZarrStatsStore.open(path)
     stored = store.meta.model_fingerprint
     if isinstance(stored, dict) and stored.get("source") == FINGERPRINT_SOURCE:
-        store = ZarrStatsStore.open(path, expect_fingerprint=fingerprint_of_module(model))
+        store = ZarrStatsStore.open(path, expect_fingerprint=fingerprint_of_module(model, like=stored))
     else:
         # Measured from checkpoint files (fp8-calibrate): their fingerprint hashes file bytes,
         # which an in-memory model does not have.

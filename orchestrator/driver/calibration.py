@@ -292,24 +292,39 @@ class Calibration:
         refs = [a.forward.remote(np.asarray(input_ids)) for a in self.groups[0]]
         return get_all(refs)[0]
 
-    def export(self, out_dir: str | Path, *, inc_world: int | None = None) -> Path:
-        """Write the quantized model as a compressed-tensors FP8 checkpoint (and INC files on request)."""
-        from orchestrator.export.compressed_tensors import write_compressed_tensors
-        from orchestrator.export.gather import gather_checkpoint
+    exported: Any = None  # the last export()'s ExportSummary (orchestrator.export.streamed)
+
+    def export(self, out_dir: str | Path, *, inc_world: int | None = None, max_shard_bytes: int | None = None) -> Path:
+        """Write the quantized model as a compressed-tensors FP8 checkpoint (and INC files on request).
+
+        Streamed (``orchestrator.export.streamed``): the driver plans the files from shapes, then asks
+        the tp ranks of group 0 for one tensor at a time and writes it, so neither the driver nor a
+        rank ever holds more than a few tensors. ``max_shard_bytes`` bounds each safetensors file
+        (default 5 GB; a bigger tensor gets a file of its own); ``self.exported`` says what was written.
+        """
+        from orchestrator.export.safetensors_files import DEFAULT_MAX_SHARD_BYTES
+        from orchestrator.export.streamed import export_from_shards
         from orchestrator.export.writer import warn_client_dynamic_rule
 
         if self.scales is None:
             raise CalibrationError("export: call quantize() first")
         plan = self.config.to_plan(Mode.QUANTIZE, hpu_device=self.hpu_device)
+        group0 = self.groups[0]
+
+        def parts(module: str, part: str) -> list[Any]:
+            return get_all([a.quantized_part.remote(module, part) for a in group0])
+
         with self.report.timer.phase("export"):
-            ckpt = gather_checkpoint(self.checkpoint, self.quantized_state_by_rank(), self.scales.weight_scales,
-                                     dynamic=plan.dynamic, scale_method=plan.scale_plan.name, nodes=self.scales.nodes)
             if plan.dynamic:
                 warn_client_dynamic_rule(DynamicScaling.of(m.activation) for m in plan.scale_plan.all_methods())
-            out = write_compressed_tensors(ckpt, out_dir)
+            self.exported = export_from_shards(
+                self.checkpoint, get_all([a.quantized_layout.remote() for a in group0]), parts,
+                self.scales.weight_scales, out_dir, dynamic=plan.dynamic, scale_method=plan.scale_plan.name,
+                nodes=self.scales.nodes,
+                max_shard_bytes=DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
             if inc_world:
                 self._export_inc(plan, Path(out_dir), inc_world)
-        return out
+        return self.exported.out
 
     def _export_inc(self, plan: RunPlan, out_dir: Path, world: int) -> None:
         """INC measurement files for ``world`` ranks and the global scale file, under ``out_dir/inc``."""
@@ -340,5 +355,6 @@ class Calibration:
         return get_all([a.scales_of.remote() for a in self.groups[0]])
 
     def quantized_state_by_rank(self) -> list[dict[str, dict[str, Any]]]:
-        """Each tp rank's FP8 weights (uint8 codes) and scales (group 0)."""
+        """Each tp rank's FP8 weights (uint8 codes) and scales (group 0), all in this process: for
+        tests on small models (:meth:`export` streams one tensor at a time instead)."""
         return get_all([a.quantized_state.remote() for a in self.groups[0]])

@@ -7,7 +7,7 @@ On disk:
   ``<module>.input_scale`` float32 ``[1]`` (static activations only); ``<module>.bias``.
 - Every other tensor as it is. One ``model.safetensors``, or HF-style shards
   ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json`` above
-  ``max_shard_bytes``.
+  ``max_shard_bytes`` (``orchestrator.export.safetensors_files``: written one tensor at a time).
 - ``<attention>.k_scale`` / ``<attention>.v_scale`` float32 ``[1]`` per attention layer when the KV
   cache is quantized, with ``kv_cache_scheme`` (8-bit float, per tensor, static, symmetric) in the
   config: the shape compressed-tensors 0.20 initialises (vLLM reads any one-element tensor, and
@@ -27,17 +27,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 
+from orchestrator.export.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SINGLE_FILE, Fetch, TensorSpec,
+                                                   check_shard_size, write_shards)
 from orchestrator.export.writer import ExportError, QuantizedCheckpoint, QuantizedLinear
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-# HF's default shard size (save_pretrained's "5GB").
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 def _weight_args(strategy: str) -> dict[str, Any]:
@@ -104,8 +100,9 @@ def _linear_tensors(name: str, lin: QuantizedLinear) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def checkpoint_tensors(ckpt: QuantizedCheckpoint) -> dict[str, torch.Tensor]:
-    """Every tensor of the written checkpoint by name, contiguous on the CPU, sorted by name."""
+def checkpoint_layout(ckpt: QuantizedCheckpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of the written checkpoint by name, sorted by name, where ``ckpt`` holds it (meta
+    tensors stand for data a streamed export fetches while writing)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, lin in ckpt.linears.items():
         tensors.update(_linear_tensors(name, lin))
@@ -116,55 +113,28 @@ def checkpoint_tensors(ckpt: QuantizedCheckpoint) -> dict[str, torch.Tensor]:
         if key in tensors:
             raise ExportError(f"tensor {key!r} is in both 'other' and a quantized linear; keep one")
         tensors[key] = t
-    owners: set[int] = set()
-    for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr()
-        # safetensors refuses tensors that share storage (views of one buffer, tied weights):
-        # the second one gets a copy of its own.
-        tensors[key] = t.clone() if t.numel() and ptr in owners else t
-        owners.add(ptr)
-    return {k: tensors[k].contiguous() for k in sorted(tensors)}
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _split(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Consecutive groups of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        if shards[-1] and size + _nbytes(t) > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += _nbytes(t)
-    return shards
+    return {k: tensors[k] for k in sorted(tensors)}
 
 
 def _metadata(ckpt: QuantizedCheckpoint) -> dict[str, str]:
     return {"format": "pt", "fp8_orchestrator.scale_method": ckpt.scale_method}
 
 
-def write_safetensors(ckpt: QuantizedCheckpoint, out_dir: Path, max_shard_bytes: int) -> list[Path]:
-    """The weight files of ``ckpt`` under ``out_dir`` (plus the index when sharded)."""
-    tensors = checkpoint_tensors(ckpt)
-    shards = _split(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        path = out_dir / SINGLE_FILE
-        save_file(shards[0], str(path), metadata=_metadata(ckpt))
-        return [path]
-    paths, weight_map = [], {}
-    for k, shard in enumerate(shards, start=1):
-        path = out_dir / f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata=_metadata(ckpt))
-        weight_map.update({key: path.name for key in shard})
-        paths.append(path)
-    index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())}, "weight_map": weight_map}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return paths
+def write_safetensors(ckpt: QuantizedCheckpoint, out_dir: Path, max_shard_bytes: int, fetch: Fetch | None = None,
+                      on_written: Callable[[TensorSpec], None] = lambda spec: None) -> list[Path]:
+    """The weight files of ``ckpt`` under ``out_dir`` (plus the index when sharded), one tensor at a time.
+
+    A meta tensor of ``ckpt`` is asked of ``fetch(name)`` when its turn comes (see
+    ``orchestrator.export.streamed``); every other tensor is written from ``ckpt``.
+    """
+    layout = checkpoint_layout(ckpt)
+    specs = [TensorSpec.of(name, t) for name, t in layout.items()]
+
+    def tensor(name: str) -> torch.Tensor:
+        t = layout[name]
+        return fetch(name) if t.is_meta and fetch is not None else t
+
+    return write_shards(out_dir, specs, tensor, _metadata(ckpt), max_shard_bytes, on_written)
 
 
 # Files of a checkpoint directory that are not serving files: weights, their index, the model config,
@@ -206,12 +176,15 @@ def copy_serving_files(src: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 def write_compressed_tensors(ckpt: QuantizedCheckpoint, out_dir: str | Path, *,
-                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: Any = None) -> Path:
+                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: Any = None,
+                             fetch: Fetch | None = None,
+                             on_written: Callable[[TensorSpec], None] = lambda spec: None) -> Path:
     """Write ``ckpt`` as a compressed-tensors FP8 checkpoint into ``out_dir`` and return the folder.
 
     Besides weights and config, the folder gets the serving files of ``ckpt.source_dir`` (tokenizer,
     chat template, generation config), ``tokenizer.save_pretrained`` when a tokenizer is given, and
-    ``ckpt.generation_config`` when no generation config came with them.
+    ``ckpt.generation_config`` when no generation config came with them. Weights are written one
+    tensor at a time; meta tensors of ``ckpt`` are fetched with ``fetch`` (:func:`write_safetensors`).
 
     The folder is created if needed; a folder that already holds weight files or a config is
     refused (earlier results are never overwritten silently).
@@ -219,8 +192,7 @@ def write_compressed_tensors(ckpt: QuantizedCheckpoint, out_dir: str | Path, *,
     Raises:
         ExportError: an inconsistent checkpoint, a bad ``max_shard_bytes``, or a non-empty target.
     """
-    if max_shard_bytes <= 0:
-        raise ExportError(f"max_shard_bytes={max_shard_bytes}: give a positive number of bytes per shard file")
+    check_shard_size(max_shard_bytes)
     ckpt.check()
     out = Path(out_dir)
     existing = sorted(p.name for p in out.glob("*") if p.suffix in (".safetensors", ".json")) if out.is_dir() else []
@@ -229,7 +201,7 @@ def write_compressed_tensors(ckpt: QuantizedCheckpoint, out_dir: str | Path, *,
     if ckpt.source_dir is not None:
         serving_files(ckpt.source_dir)  # a wrong source folder fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(ckpt, out, max_shard_bytes)
+    write_safetensors(ckpt, out, max_shard_bytes, fetch, on_written)
     config = {**ckpt.hf_config, "quantization_config": quantization_config(ckpt)}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
@@ -241,5 +213,5 @@ def write_compressed_tensors(ckpt: QuantizedCheckpoint, out_dir: str | Path, *,
     return out
 
 
-__all__ = ["DEFAULT_MAX_SHARD_BYTES", "GENERATION_CONFIG", "INDEX_FILE", "SINGLE_FILE", "checkpoint_tensors",
+__all__ = ["DEFAULT_MAX_SHARD_BYTES", "GENERATION_CONFIG", "INDEX_FILE", "SINGLE_FILE", "checkpoint_layout",
            "copy_serving_files", "quantization_config", "serving_files", "write_compressed_tensors", "write_safetensors"]

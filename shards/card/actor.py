@@ -131,6 +131,14 @@ class CalibrationRunner(ShardRunner):
     def quantized_state(self) -> dict[str, dict[str, Any]]:
         return self._calibration().quantized_state()
 
+    def quantized_layout(self) -> dict[str, dict[str, Any]]:
+        """``quantized_state`` with meta tensors for codes and biases: what a streamed export plans with."""
+        return self._calibration().quantized_state(data=False)
+
+    def quantized_part(self, name: str, part: str) -> torch.Tensor:
+        """One quantized module's ``weight`` codes (uint8) or ``bias``: one small call per tensor."""
+        return self._calibration().quantized_part(name, part)
+
     def scales_of(self) -> dict[str, dict[str, Any]]:
         from shards.quantized.swap import scales_of
 

@@ -32,6 +32,12 @@ from shards.plan import RunPlan
 from shards.fp8.methods import Granularity, ValueType
 from shards.fp8.scale_math import opt_candidates
 from shards.tp.rules import ModelDims, Parallel, axis_slice, rule_for
+from shards.errors import ShardError
+from shards.quantized.modules import QuantModule
+
+
+class ExportPartError(ShardError, LookupError):
+    """An export asked a shard for a tensor it does not hold."""
 
 
 def _skip_unobserved_head(model: nn.Module, session: MeasureSession) -> dict[str, int]:
@@ -187,24 +193,51 @@ class ShardCalibration:
             return slice(None)
         return axis_slice(rule, self.dims, self.tp_rank, self.tp_world)
 
-    def quantized_state(self) -> dict[str, dict[str, object]]:
-        """Per quantized module: FP8 codes (uint8, picklable), dtype name, scales, bias (CPU)."""
+    def quantized_state(self, *, data: bool = True) -> dict[str, dict[str, object]]:
+        """Per quantized module: FP8 codes (uint8, picklable), dtype name, scales, bias (CPU).
+
+        With ``data=False`` the codes and the bias are meta tensors (their shapes and dtypes only):
+        what a streamed export plans with before it asks for each tensor (:meth:`quantized_part`).
+        """
         out: dict[str, dict[str, object]] = {}
-        for name, m in quantized_modules(self.model).items():
-            w = getattr(m, "weight", None)
-            if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point or w.element_size() != 1:
-                continue
-            codes, dtype_name = fp8_to_bytes(w.detach().cpu().contiguous())
+        for name, m in self._fp8_modules().items():
             scales = m.module_scales()
-            bias = getattr(m, "bias", None)
             out[name] = {
-                "codes": codes.clone(),
-                "dtype": dtype_name,
+                "codes": self._part(m, "weight", data),
+                "dtype": str(m.weight.dtype).removeprefix("torch."),
                 "weight_scale": scales.weight.detach().cpu() if scales.weight is not None else None,
                 "input_scale": scales.inputs[0].detach().cpu() if scales.inputs else None,
-                "bias": None if bias is None else bias.detach().cpu().clone(),
+                "bias": None if getattr(m, "bias", None) is None else self._part(m, "bias", data),
             }
         return out
+
+    def quantized_part(self, name: str, part: str) -> torch.Tensor:
+        """One quantized module's ``weight`` (FP8 codes as uint8) or ``bias``, on the CPU.
+
+        Raises:
+            ExportPartError: ``name`` is not a quantized module with FP8 weights here, or it has no ``part``.
+        """
+        m = self._fp8_modules().get(name)
+        if m is None or part not in ("weight", "bias") or getattr(m, part, None) is None:
+            raise ExportPartError(f"shard tp rank {self.tp_rank}: no quantized module {name!r} with a {part!r} "
+                                  "tensor; quantize() before exporting, and export the names quantized_state() lists")
+        return self._part(m, part, True)
+
+    def _fp8_modules(self) -> dict[str, QuantModule]:
+        """The quantized modules whose weight is an FP8 tensor (what the export writes)."""
+        return {name: m for name, m in quantized_modules(self.model).items()
+                if isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.dtype.is_floating_point
+                and w.element_size() == 1}
+
+    @staticmethod
+    def _part(m: QuantModule, part: str, data: bool) -> torch.Tensor:
+        t = getattr(m, part).detach()
+        if not data:
+            return torch.empty(t.shape, dtype=torch.uint8 if part == "weight" else t.dtype, device="meta")
+        if part == "weight":
+            t = fp8_to_bytes(t.contiguous())[0]
+        # A copy on the CPU: a view would ship the parameter's whole storage (Ray pickles storages).
+        return t.to("cpu", copy=True)
 
 
 def opt_request(plan: RunPlan, name: str, class_name: tuple[str, ...], weight_maxabs: np.ndarray | None,

@@ -1,4 +1,8 @@
-"""All scales of one module: inputs, outputs and weight, per op type (reference §2.5, §4.2).
+"""All scales of a module: inputs, outputs and weight, per op type (reference §2.5, §4.2).
+
+:func:`modules_scales` computes them for many modules at once (convert: a whole model), queueing
+every max-abs in one :class:`shards.fp8.scale_batch.ScaleBatch`; :func:`module_scales` is the same
+for one module.
 
 Where each scale comes from is read from the op-type table (``OpType.input_scales`` and
 ``OpType.output_rule``); this module never branches on op-type names. Rules INC applies:
@@ -19,7 +23,7 @@ Where each scale comes from is read from the op-type table (``OpType.input_scale
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -28,12 +32,8 @@ from shards.errors import MissingStatsError
 from stats_store.records import ModuleStats
 from shards.model.op_types import OpType, OutputRule, Source, get_op_type
 from shards.fp8.methods import DynamicScaling, Granularity, MethodSpec, ScalePlan, SectionSpec, ValueType
-from shards.fp8.scale_math import (
-    ScaleContext,
-    activation_scale,
-    fixed_scale,
-    weight_scale_from_maxabs,
-)
+from shards.fp8.scale_batch import Ready, Scale, ScaleBatch
+from shards.fp8.scale_math import ScaleContext, fixed_scale, is_fixed
 from shards.fp8.weight_scales import weight_scale as compute_weight_scale
 
 
@@ -102,73 +102,135 @@ def _source_count(op: OpType, stats: ModuleStats | None, src: Source) -> int:
     return max(0, total - src.index)
 
 
-def _input_scales(
-    op: OpType, section: SectionSpec, ctx: ScaleContext, stats: ModuleStats | None, module: str
-) -> tuple[torch.Tensor, ...]:
-    scales: list[torch.Tensor] = []
-    for src in op.input_scales:
+@dataclass(frozen=True)
+class ScaleRequest:
+    """One module whose scales are wanted; the fields are :func:`module_scales`' arguments."""
+
+    op: OpType
+    method: MethodSpec
+    stats: ModuleStats | None
+    module: str
+    weight: torch.Tensor | None = None
+    weight_scale: torch.Tensor | None = None
+    output_backoff: float | None = None
+    in_features: int | None = None
+    allreduce_quantization: bool = False
+
+
+@dataclass(frozen=True)
+class _Product:
+    """An output scale that is the product of two others (torch promotion: a vector for PCS weights)."""
+
+    a: Scale
+    b: Scale
+
+    def get(self) -> torch.Tensor:
+        return self.a.get() * self.b.get()
+
+
+def _input_scales(r: ScaleRequest, section: SectionSpec, batch: ScaleBatch) -> tuple[Scale, ...]:
+    scales: list[Scale] = []
+    for src in r.op.input_scales:
         if src.kind == "unit":
             continue
-        if section.value_type in (ValueType.FIXED_VALUE, ValueType.DUMMY_SCALES):
-            scales.extend(fixed_scale(section, ctx) for _ in range(_source_count(op, stats, src)))
+        if is_fixed(section):
+            scales.extend(Ready(fixed_scale(section, batch.ctx)) for _ in range(_source_count(r.op, r.stats, src)))
             continue
-        for offset, arr in enumerate(_measured(stats, src, module)):
-            where = f"module {module!r} tensor '{src.kind}.{src.index + offset}'"
-            scales.append(activation_scale(arr, section, ctx, where=where))
+        for offset, arr in enumerate(_measured(r.stats, src, r.module)):
+            where = f"module {r.module!r} tensor '{src.kind}.{src.index + offset}'"
+            scales.append(batch.activation(arr, section, where=where))
     return tuple(scales)
 
 
-def _weight_scale(
-    op: OpType,
-    section: SectionSpec,
-    ctx: ScaleContext,
-    stats: ModuleStats | None,
-    weight: torch.Tensor | None,
-    module: str,
-) -> torch.Tensor:
-    where = f"module {module!r} tensor 'params.weight'"
-    if weight is not None:
-        return compute_weight_scale(weight, section, ctx, where=where)
-    if section.value_type in (ValueType.FIXED_VALUE, ValueType.DUMMY_SCALES):
-        return fixed_scale(section, ctx)
-    if section.value_type is ValueType.MAXABS and stats is not None and "weight" in stats.params:
-        return weight_scale_from_maxabs(stats.params["weight"], section, ctx, where=where)
-    raise MissingStatsError(module, "params.weight", "pass the weight tensor (OPT and PCS scales need it)")
+def _weight_scale(r: ScaleRequest, section: SectionSpec, batch: ScaleBatch) -> Scale:
+    where = f"module {r.module!r} tensor 'params.weight'"
+    if r.weight_scale is not None:
+        return Ready(r.weight_scale)  # computed elsewhere (the coordinator, over shards): wins
+    if r.weight is not None:
+        if section.value_type is ValueType.MAXABS:
+            return batch.weight(r.weight, section, where=where)
+        return Ready(compute_weight_scale(r.weight, section, batch.ctx, where=where))  # fixed, OPT
+    if is_fixed(section):
+        return Ready(fixed_scale(section, batch.ctx))
+    if section.value_type is ValueType.MAXABS and r.stats is not None and "weight" in r.stats.params:
+        # The weight's dtype is not known here: fp32, the dtype of the stored max-abs.
+        return batch.weight_from_maxabs(r.stats.params["weight"], section, torch.float32, where=where)
+    raise MissingStatsError(r.module, "params.weight", "pass the weight tensor (OPT and PCS scales need it)")
 
 
-def _output_scales(
-    op: OpType,
-    section: SectionSpec,
-    ctx: ScaleContext,
-    stats: ModuleStats | None,
-    inputs: tuple[torch.Tensor, ...],
-    w_scale: torch.Tensor | None,
-    module: str,
-    n_measured_outputs: int,
-) -> tuple[torch.Tensor, ...]:
-    rule = op.output_rule
-    fixed = section.value_type in (ValueType.FIXED_VALUE, ValueType.DUMMY_SCALES)
+def _output_scales(r: ScaleRequest, section: SectionSpec, batch: ScaleBatch, inputs: tuple[Scale, ...],
+                   w_scale: Scale | None) -> tuple[Scale, ...]:
+    rule = r.op.output_rule
+    fixed = is_fixed(section)
+    n_measured = 2 if r.allreduce_quantization else 1
     if rule is OutputRule.NONE:
         return ()
     if rule is OutputRule.WEIGHT_TIMES_INPUT:
         assert w_scale is not None
-        first = fixed_scale(section, ctx) if fixed else w_scale * inputs[0]
-        if n_measured_outputs == 1:
+        first: Scale = Ready(fixed_scale(section, batch.ctx)) if fixed else _Product(w_scale, inputs[0])
+        if n_measured == 1:
             return (first,)
         # Row-parallel FP8 all-reduce: the reduced output's scale is measured (outputs[1]).
-        (reduced,) = _measured(stats, Source("outputs", 1), module)
-        return (first, activation_scale(reduced, section, ctx, where=f"module {module!r} tensor 'outputs.1'"))
+        (reduced,) = _measured(r.stats, Source("outputs", 1), r.module)
+        return (first, batch.activation(reduced, section, where=f"module {r.module!r} tensor 'outputs.1'"))
     if rule is OutputRule.PRODUCT_OF_INPUTS:
-        return (inputs[0] * inputs[1],)
+        return (_Product(inputs[0], inputs[1]),)
     if rule is OutputRule.SAME_AS_INPUT:
         return (inputs[0],)
     if fixed:
-        return tuple(fixed_scale(section, ctx) for _ in range(n_measured_outputs))
+        return tuple(Ready(fixed_scale(section, batch.ctx)) for _ in range(n_measured))
     return tuple(
-        activation_scale(arr, section, ctx, where=f"module {module!r} tensor 'outputs.{i}'")
-        for i in range(n_measured_outputs)
-        for arr in _measured(stats, Source("outputs", i), module)
+        batch.activation(arr, section, where=f"module {r.module!r} tensor 'outputs.{i}'")
+        for i in range(n_measured)
+        for arr in _measured(r.stats, Source("outputs", i), r.module)
     )
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """A module's scales queued in a batch, before it computes them."""
+
+    inputs: tuple[Scale, ...]
+    outputs: tuple[Scale, ...]
+    weight: Scale | None
+    weight_in_channel: torch.Tensor | None
+    dynamic: DynamicScaling | None
+
+    def resolve(self) -> ModuleScales:
+        return ModuleScales(tuple(s.get() for s in self.inputs), tuple(s.get() for s in self.outputs),
+                            None if self.weight is None else self.weight.get(), self.weight_in_channel,
+                            self.dynamic)
+
+
+def _draft(r: ScaleRequest, batch: ScaleBatch) -> _Draft:
+    act = r.method.activation
+    dynamic = act.granularity is Granularity.PCS and act.value_type is ValueType.MAXABS
+    w_scale: Scale | None = None
+    w_in: torch.Tensor | None = None
+    if r.op.params:
+        w_scale = _weight_scale(r, r.method.weight, batch)
+        if r.method.weight.granularity is Granularity.PCS and r.method.weight.value_type is not ValueType.FIXED_VALUE:
+            n_in = r.weight.shape[1] if r.weight is not None else r.in_features
+            # INC's placeholder input-channel scale: ones of length in_features, in hp dtype.
+            w_in = None if n_in is None else torch.ones(n_in, dtype=batch.ctx.hp_dtype)
+    if dynamic:
+        return _Draft((), (), w_scale, w_in, DynamicScaling.of(act))
+    inputs = _input_scales(r, act, batch)
+    out_section = act if r.output_backoff is None else replace(act, backoff=r.output_backoff)
+    return _Draft(inputs, _output_scales(r, out_section, batch, inputs, w_scale), w_scale, w_in, None)
+
+
+def modules_scales(requests: Sequence[ScaleRequest], ctx: ScaleContext) -> list[ModuleScales]:
+    """Every scale of many modules (reference §2.5), the formulas evaluated once per group of
+    tensors that share one (:class:`shards.fp8.scale_batch.ScaleBatch`): the same scales as
+    :func:`module_scales` module by module, at a fraction of the cost.
+
+    Errors are raised in request order, before anything is computed (an hp overflow: after).
+    """
+    batch = ScaleBatch(ctx)
+    drafts = [_draft(r, batch) for r in requests]
+    batch.compute()
+    return [d.resolve() for d in drafts]
 
 
 def module_scales(
@@ -201,30 +263,22 @@ def module_scales(
             from ``outputs[1]``.
     """
     name = module or (stats.name if stats is not None else "<unnamed>")
-    act = method.activation
-    dynamic = act.granularity is Granularity.PCS and act.value_type is ValueType.MAXABS
-    w_scale: torch.Tensor | None = None
-    w_in: torch.Tensor | None = None
-    if op.params:
-        w_scale = weight_scale if weight_scale is not None else _weight_scale(op, method.weight, ctx, stats, weight, name)
-        if method.weight.granularity is Granularity.PCS and method.weight.value_type is not ValueType.FIXED_VALUE:
-            n_in = weight.shape[1] if weight is not None else in_features
-            # INC's placeholder input-channel scale: ones of length in_features, in hp dtype.
-            w_in = None if n_in is None else torch.ones(n_in, dtype=ctx.hp_dtype)
-    if dynamic:
-        return ModuleScales((), (), w_scale, w_in, DynamicScaling.of(act))
-    inputs = _input_scales(op, act, ctx, stats, name)
-    out_section = act if output_backoff is None else replace(act, backoff=output_backoff)
-    n_out = 2 if allreduce_quantization else 1
-    outputs = _output_scales(op, out_section, ctx, stats, inputs, w_scale, name, n_out)
-    return ModuleScales(inputs, outputs, w_scale, w_in)
+    request = ScaleRequest(op, method, stats, name, weight, weight_scale, output_backoff, in_features,
+                           allreduce_quantization)
+    return modules_scales([request], ctx)[0]
+
+
+def planned_request(name: str, op_type: str, type_names: str | tuple[str, ...], scale_plan: ScalePlan,
+                    stats: ModuleStats | None, **kwargs: Any) -> ScaleRequest:
+    """The request of one module under a run's scale plan: the method the plan picks for it (by
+    node, layer or type); ``kwargs`` are :class:`ScaleRequest` fields (weight, weight_scale...)."""
+    method = scale_plan.for_module(name, type_names)
+    return ScaleRequest(get_op_type(op_type), method, stats, name, output_backoff=scale_plan.output_backoff,
+                        **kwargs)
 
 
 def planned_scales(name: str, op_type: str, type_names: str | tuple[str, ...], scale_plan: ScalePlan,
                    ctx: ScaleContext, stats: ModuleStats | None, **kwargs: Any) -> ModuleScales:
-    """The scales of one module under a run's scale plan: the method the plan picks for it (by
-    node, layer or type), then :func:`module_scales`. The one per-module loop body of convert,
-    the global scales and ``stats-store scales``; ``kwargs`` go to :func:`module_scales`."""
-    method = scale_plan.for_module(name, type_names)
-    return module_scales(get_op_type(op_type), method, ctx, stats, output_backoff=scale_plan.output_backoff,
-                         module=name, **kwargs)
+    """The scales of one module under a run's scale plan (:func:`planned_request`); the global
+    scales and ``stats-store scales`` use it, convert batches :func:`planned_request` s."""
+    return modules_scales([planned_request(name, op_type, type_names, scale_plan, stats, **kwargs)], ctx)[0]

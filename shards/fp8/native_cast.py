@@ -68,7 +68,8 @@ def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, ful
     does not apply (switched off, not built, another device, dtype or layout); the caller then
     computes the same codes with torch.
     """
-    if not enabled() or storage not in _STORAGE or x.dtype not in _SRC_KIND:
+    mode = _mode()  # read once: the environment is looked up per call (tests switch it)
+    if _fp8cast is None or mode == "0" or storage not in _STORAGE or x.dtype not in _SRC_KIND:
         return None
     e5m2, top = _STORAGE[storage]
     if not 0.0 < fullscale <= top or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
@@ -88,7 +89,7 @@ def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, ful
         value = float(scale)
     out = torch.empty(x.shape, dtype=storage)
     _fp8cast.cast(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, scale_ptr, value, e5m2,
-                  float(fullscale), _mode() == "baseline")
+                  float(fullscale), mode == "baseline")
     return out
 
 
@@ -101,11 +102,12 @@ def maxabs(x: torch.Tensor, per_row: bool = False) -> torch.Tensor | None:
     +0.0. The NaN's bits are those of the torch route of ``magnitude_max``: for bf16/fp16 the
     largest sign-cleared NaN pattern (its int16 amax), for fp32 ``0x7fc00000`` (torch's fp32 amax).
     """
-    if not enabled() or x.dtype not in _SRC_KIND or x.device.type != "cpu" or not x.is_contiguous():
+    mode = _mode()
+    if _fp8cast is None or mode == "0" or x.dtype not in _SRC_KIND or x.device.type != "cpu" or not x.is_contiguous():
         return None
     if x.numel() == 0 or (per_row and x.ndim != 2):
         return None
     rows, cols = (x.shape[0], x.shape[1]) if per_row else (1, x.numel())
     out = torch.empty((rows,) if per_row else (), dtype=x.dtype)
-    _fp8cast.maxabs(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, _mode() == "baseline")
+    _fp8cast.maxabs(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, mode == "baseline")
     return out

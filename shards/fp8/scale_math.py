@@ -13,6 +13,9 @@ in the dtype INC uses, so the results are bit-identical to INC's for the same ma
   ceil, so a raw scale just above a power of two can round *down*. That is INC's behaviour and we
   keep it on purpose.
 
+The formulas are elementwise: :func:`pts_scales` computes many per-tensor scales as one vector
+(what :mod:`shards.fp8.scale_batch` does for a whole model), each the bits the formula gives alone.
+
 Zero max-abs: INC would produce a zero scale (and NaN on division). We replace a zero raw scale
 by the smallest positive normal of its dtype (2**-126 for bf16/fp32). This only changes tensors
 that are entirely zero, whose quantized value is zero for any scale.
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -133,7 +136,7 @@ def check_finite(t: torch.Tensor, where: str, shown: object) -> None:
         raise NonFiniteStatsError(where, shown)
 
 
-def _maxabs_vector(maxabs: MaxAbsLike, dtype: torch.dtype, where: str) -> torch.Tensor:
+def maxabs_vector(maxabs: MaxAbsLike, dtype: torch.dtype, where: str) -> torch.Tensor:
     """A 1-D tensor of max-abs values in ``dtype``; non-finite values (also after the cast) raise."""
     if isinstance(maxabs, torch.Tensor):
         src = maxabs.detach().reshape(-1)
@@ -141,11 +144,56 @@ def _maxabs_vector(maxabs: MaxAbsLike, dtype: torch.dtype, where: str) -> torch.
         src = torch.from_numpy(as_maxabs(maxabs).copy())  # Ray hands over read-only arrays
     if src.numel() == 0:
         raise ScaleMethodError(f"{where}: empty max-abs array; re-measure the module")
-    check_finite(src, where, float(src.float().abs().max()))
+    if not bool(torch.isfinite(src).all()):
+        raise NonFiniteStatsError(where, float(src.float().abs().max()))
     out = src.to(dtype)
     # A finite fp32 value can overflow a narrower hp dtype (fp16 max is 65504).
-    check_finite(out, f"{where} (in {dtype})", float(src.float().max()))
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteStatsError(f"{where} (in {dtype})", float(src.float().max()))
     return out
+
+
+def measured_max(maxabs: MaxAbsLike, where: str) -> tuple[float, torch.dtype]:
+    """The per-tensor max-abs of a measurement and the dtype it is exact in (float32 for arrays,
+    lists and floats; a tensor's own dtype). A per-channel measurement is reduced with max(), as
+    INC does (reference §2.2); an empty or non-finite measurement raises, naming ``where``."""
+    if isinstance(maxabs, torch.Tensor):
+        return float(maxabs_vector(maxabs, maxabs.dtype, where).max()), maxabs.dtype
+    a = maxabs if isinstance(maxabs, np.ndarray) and maxabs.dtype == np.float32 else as_maxabs(maxabs)
+    if a.size == 1:  # the usual per-tensor measurement: no numpy reductions
+        value = float(a.item())
+        if not math.isfinite(value):
+            raise NonFiniteStatsError(where, abs(value))
+        return value, torch.float32
+    if a.size == 0:
+        raise ScaleMethodError(f"{where}: empty max-abs array; re-measure the module")
+    lo, hi = float(a.min()), float(a.max())  # NaN propagates into both; -inf shows in the min
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise NonFiniteStatsError(where, float(np.abs(a).max()))
+    return hi, torch.float32
+
+
+def pts_scales(values: Sequence[float], dtype: torch.dtype, backoff: float, rounding: Rounding, ctx: ScaleContext,
+               wheres: Sequence[str]) -> torch.Tensor:
+    """Per-tensor scales of many max-abs values at once, a 1-D ``hp_dtype`` tensor.
+
+    Each value (finite and exact in ``dtype``) is cast to ``hp_dtype``, then :func:`raw_scale` and
+    :func:`round_scale` run there. Every op is elementwise, so element i is the scale the formula
+    gives for value i alone (``tests/shards/test_scale_batch.py`` compares them for every bf16 and
+    fp16 value). A value that overflows ``hp_dtype`` raises, naming ``wheres[i]``.
+    """
+    m = torch.tensor(values, dtype=dtype).to(ctx.hp_dtype)
+    finite = torch.isfinite(m)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0, 0])
+        raise NonFiniteStatsError(f"{wheres[i]} (in {ctx.hp_dtype})", values[i])
+    return round_scale(raw_scale(m, backoff, ctx), rounding, ctx)
+
+
+def require_maxabs(section: SectionSpec, where: str) -> None:
+    """Activation scales come from a max-abs (or a fixed value, handled before this check)."""
+    if section.value_type is not ValueType.MAXABS:
+        raise ScaleMethodError(f"{where}: activations support MAXABS or FIXED_VALUE, got {section.value_type.value}")
 
 
 def activation_scale(
@@ -158,10 +206,9 @@ def activation_scale(
     """
     if is_fixed(section):
         return fixed_scale(section, ctx)
-    if section.value_type is not ValueType.MAXABS:
-        raise ScaleMethodError(f"{where}: activations support MAXABS or FIXED_VALUE, got {section.value_type.value}")
-    m = _maxabs_vector(maxabs, ctx.hp_dtype, where).max()
-    return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
+    require_maxabs(section, where)
+    value, dtype = measured_max(maxabs, where)
+    return pts_scales([value], dtype, section.backoff, section.rounding, ctx, [where])[0]
 
 
 def magnitude_codes(w: torch.Tensor) -> torch.Tensor:
@@ -194,6 +241,16 @@ def magnitude_max(w: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 def per_channel_maxabs(weight: torch.Tensor) -> torch.Tensor:
     """``amax(|w|)`` over every axis but the first (output channels), in the weight's dtype."""
     return magnitude_max(weight.reshape(weight.shape[0], -1), dim=1)
+
+
+def weight_maxabs(weight: torch.Tensor, section: SectionSpec, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight's max-abs in its dtype (0-d) and, for a PCS section, its per-channel max-abs; a
+    NaN or infinite element raises, naming ``where``. One pass: the max-abs is NaN or inf exactly
+    when some element is (amax propagates NaN)."""
+    per_channel = per_channel_maxabs(weight) if section.granularity is Granularity.PCS else None
+    amax = magnitude_max(weight) if per_channel is None else per_channel.max()
+    check_finite(amax, where, "non-finite weight element")
+    return amax, per_channel
 
 
 def pcs_scale_from_amax(
@@ -230,10 +287,10 @@ def weight_scale_from_maxabs(
         return fixed_scale(section, ctx)
     if section.value_type is ValueType.OPT:
         raise ScaleMethodError(f"{where}: OPT weight scales need the weight tensor itself, not its max-abs")
-    amax = _maxabs_vector(maxabs, weight_dtype, where)
+    amax = maxabs_vector(maxabs, weight_dtype, where)
     if section.granularity is Granularity.PCS:
         return pcs_scale_from_amax(amax, section.backoff, section.rounding, ctx)
-    return round_scale(raw_scale(amax.max().to(ctx.hp_dtype), section.backoff, ctx), section.rounding, ctx)
+    return pts_scales([float(amax.max())], weight_dtype, section.backoff, section.rounding, ctx, [where])[0]
 
 
 def dynamic_activation_scale(

@@ -12,15 +12,14 @@ from shards.fp8 import opt_search
 from shards.fp8.methods import PCS_OPT_MULTIPLIERS, Granularity, SectionSpec, ValueType
 from shards.fp8.scale_math import (
     ScaleContext,
-    check_finite,
     fixed_scale,
     is_fixed,
-    magnitude_max,
     opt_candidates,
     pcs_scale_from_amax,
     per_channel_maxabs,
-    raw_scale,
+    pts_scales,
     round_scale,
+    weight_maxabs,
 )
 
 
@@ -47,14 +46,9 @@ def weight_scale(
     """
     if is_fixed(section):
         return fixed_scale(section, ctx)
-    # One pass: the max-abs is NaN or inf exactly when some element is (amax propagates NaN).
-    per_channel = per_channel_maxabs(weight) if section.granularity is Granularity.PCS else None
-    amax = magnitude_max(weight) if per_channel is None else per_channel.max()
-    check_finite(amax, where, "non-finite weight element")
+    amax, per_channel = weight_maxabs(weight, section, where)
     if section.value_type is ValueType.OPT:
         return _opt_weight_scale(weight, section, ctx, per_channel)
     if per_channel is not None:
         return pcs_scale_from_amax(per_channel, section.backoff, section.rounding, ctx)
-    m = amax.to(ctx.hp_dtype)
-    check_finite(m, f"{where} (in {ctx.hp_dtype})", float(amax))
-    return round_scale(raw_scale(m, section.backoff, ctx), section.rounding, ctx)
+    return pts_scales([float(amax)], weight.dtype, section.backoff, section.rounding, ctx, [where])[0]

@@ -76,28 +76,34 @@ class QuantModule(nn.Module):
 
     def __init__(self, qctx: QuantContext, scales: ModuleScales) -> None:
         super().__init__()
-        self.qctx = qctx
-        self._n_inputs = len(scales.inputs)
-        self._n_outputs = len(scales.outputs)
-        self._scalar_scales: list[str] = []  # names of the scales held as floats
-        for i, s in enumerate(scales.inputs):
-            self._put_scale(f"scale_input_{i}", s)
-        for i, s in enumerate(scales.outputs):
-            self._put_scale(f"scale_output_{i}", s)
-        self._put_scale("scale_weight", scales.weight)
-        self._put_scale("scale_weight_in_channel", scales.weight_in_channel)
+        self.qctx: QuantContext
+        self._n_inputs: int
+        self._n_outputs: int
+        self._scalar_scales: list[str]  # names of the scales held as floats
         # How a dynamic module computes activation scales per call (INC's rule unless its method says).
-        self.dynamic_scaling: DynamicScaling = scales.dynamic or INC_DYNAMIC_SCALING
+        self.dynamic_scaling: DynamicScaling
+        self._set_plain(qctx=qctx, _n_inputs=len(scales.inputs), _n_outputs=len(scales.outputs), _scalar_scales=[],
+                        dynamic_scaling=scales.dynamic or INC_DYNAMIC_SCALING)
+        named = [*((f"scale_input_{i}", s) for i, s in enumerate(scales.inputs)),
+                 *((f"scale_output_{i}", s) for i, s in enumerate(scales.outputs)),
+                 ("scale_weight", scales.weight), ("scale_weight_in_channel", scales.weight_in_channel)]
+        plain: dict[str, float | None] = {}
+        for name, value in named:
+            if value is None:
+                plain[name] = None
+            elif qctx.scale_format is ScaleFormat.SCALAR and value.numel() == 1:
+                plain[name] = value.item()
+                self._scalar_scales.append(name)
+            else:
+                # CONST, and per-channel scales in any format (INC forces CONST for those).
+                self.register_buffer(name, value.detach().clone())
+        self._set_plain(**plain)
 
-    def _put_scale(self, name: str, value: torch.Tensor | None) -> None:
-        if value is None:
-            setattr(self, name, None)
-        elif self.qctx.scale_format is ScaleFormat.SCALAR and value.numel() == 1:
-            setattr(self, name, float(value.reshape(-1)[0]))
-            self._scalar_scales.append(name)
-        else:
-            # CONST, and per-channel scales in any format (INC forces CONST for those).
-            self.register_buffer(name, value.detach().clone())
+    def _set_plain(self, **values: object) -> None:
+        """Set attributes that are neither parameters, buffers nor modules. nn.Module.__setattr__
+        looks every name up in those tables first (a few microseconds each, a dozen per module,
+        which showed in the conversion of a whole model); these names are never in them."""
+        self.__dict__.update(values)
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -188,14 +194,14 @@ class QuantLinear(QuantModule):
     def __init__(self, source: nn.Linear, scales: ModuleScales, qctx: QuantContext) -> None:
         super().__init__(qctx, scales)
         assert scales.weight is not None
-        self.in_features = source.in_features
-        self.out_features = source.out_features
+        self.in_features: int
+        self.out_features: int
+        self.all_reduce: Callable[..., torch.Tensor] | None
+        tp_world = getattr(source, "tp_world", 1)
+        self._set_plain(in_features=source.in_features, out_features=source.out_features,
+                        all_reduce=getattr(source, "all_reduce", None) if tp_world > 1 else None)
         self.weight = nn.Parameter(_quantize_weight(source.weight, scales.weight, qctx), requires_grad=False)
         self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone(), requires_grad=False)
-        tp_world = getattr(source, "tp_world", 1)
-        self.all_reduce: Callable[..., torch.Tensor] | None = (
-            getattr(source, "all_reduce", None) if tp_world > 1 else None
-        )
 
     def input_scale(self, x: torch.Tensor) -> ScaleValue:
         if self.qctx.dynamic:

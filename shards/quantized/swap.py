@@ -17,8 +17,9 @@ from torch import nn
 from shards.quantized.backends import Backend
 from shards.model.discovery import FoundModule, clean_name, discover, set_submodule
 from shards.errors import ShardError
+from stats_store.gc_pause import without_gc_pauses
 from stats_store.records import Measurement, ModuleStats
-from shards.fp8.module_scales import ModuleScales, planned_scales
+from shards.fp8.module_scales import ScaleRequest, modules_scales, planned_request
 from shards.plan import RunPlan
 from shards.quantized.modules import QUANT_OPS, QuantContext, QuantFactory, QuantModule
 from shards.fp8.scale_math import ScaleContext
@@ -84,13 +85,15 @@ def _device_of(module: nn.Module) -> torch.device | None:
     return None
 
 
-def scales_for(found: FoundModule, plan: RunPlan, stats: ModuleStats | None,
-               weight_scale: torch.Tensor | None = None) -> ModuleScales:
-    """The scales of one selected module under ``plan`` (``weight_scale`` computed elsewhere wins)."""
-    return planned_scales(found.name, found.op.name, found.type_names, plan.scale_plan, scale_context(plan), stats,
-                          weight=_weight(found), weight_scale=weight_scale)
+def _request(found: FoundModule, plan: RunPlan, stats: ModuleStats | None,
+             weight_scale: torch.Tensor | None = None) -> ScaleRequest:
+    return planned_request(found.name, found.op.name, found.type_names, plan.scale_plan, stats,
+                           weight=_weight(found), weight_scale=weight_scale)
 
 
+# Paused: the conversion builds thousands of small objects that all live until it returns, and
+# each pile-up would make the collector rescan the whole model (see stats_store.gc_pause).
+@without_gc_pauses
 def convert_model(
     model: nn.Module,
     plan: RunPlan,
@@ -101,6 +104,9 @@ def convert_model(
     weight_scales: Mapping[str, torch.Tensor] | None = None,
 ) -> ConvertResult:
     """Replace every module ``plan.selection`` selects by its quantized version, in place.
+
+    Every check (measurements, quantized classes, statistics) runs and every scale is computed
+    before the first module is replaced, so a refused conversion leaves the model as it was.
 
     Args:
         model: the model (modules already patched are not selected again).
@@ -120,20 +126,29 @@ def convert_model(
                if f.name not in modules and plan.scale_plan.for_module(f.name, f.type_names).needs_measurement]
     if missing and not plan.ignore_modules_wo_measures:
         raise _missing_error(missing, source)
+    skipped = set(missing)
+    todo = [f for f in found if f.name not in skipped]
+    factories = [_quant_factory(f) for f in todo]
+    given = weight_scales or {}
+    all_scales = modules_scales([_request(f, plan, modules.get(f.name), given.get(f.name)) for f in todo],
+                                scale_context(plan))
     qctx = QuantContext(scale_context(plan), backend, plan.scale_format, plan.dynamic)
-    quantized = []
-    for f in found:
-        if f.name in missing:
-            continue
-        factory = _quant_factory(f)
-        scales = scales_for(f, plan, modules.get(f.name), (weight_scales or {}).get(f.name))
+    names = tuple(f.name for f in todo)
+    # Taken one by one and dropped, so that a replaced module (and its high-precision weight,
+    # unless the caller holds it) is freed as soon as it is swapped out: the conversion does not
+    # hold both copies of the weights, and the allocator hands their memory to the next FP8 codes
+    # (fresh pages cost about as much as the cast itself on the development VM).
+    jobs = list(zip(todo, factories, all_scales))[::-1]
+    del found, todo
+    while jobs:
+        f, factory, scales = jobs.pop()
         qmod: QuantModule = factory(f.module, scales, qctx)
         device = _device_of(f.module)
         # Built from the source's tensors, with scales made on the host: only another device moves.
         moved = device is not None and device.type != "cpu"
         set_submodule(model, f.path, qmod.to(device) if moved else qmod)
-        quantized.append(f.name)
-    return ConvertResult(tuple(quantized), tuple(missing))
+        del f, qmod
+    return ConvertResult(names, tuple(missing))
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantModule]:

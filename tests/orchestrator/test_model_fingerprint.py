@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.driver.module_fingerprint import BLOCK_ELEMENTS, BLOCKS, fingerprint_of_module
+from orchestrator.driver.module_fingerprint import BLOCK_ELEMENTS, BLOCKS, LEGACY_SAMPLE, fingerprint_of_module
 from tests.models import tiny_llama, tiny_sequential
 
 
@@ -71,6 +71,27 @@ def test_large_parameters_are_sampled() -> None:
     with torch.no_grad():
         model.w[BLOCK_ELEMENTS + 10] = 1.0  # block 1 starts near n / (BLOCKS - 1)
     assert fingerprint_of_module(model) == before
+
+
+def test_fingerprint_records_its_sampling() -> None:
+    assert fingerprint_of_module(tiny_sequential(0))["sample"] == [BLOCKS, BLOCK_ELEMENTS]
+
+
+def test_a_stored_fingerprint_is_recomputed_with_its_own_sampling() -> None:
+    # Stores written before the sampling was recorded hold fingerprints of 4,096-element blocks:
+    # their content hash, computed here from its definition, must still match the same model.
+    blocks, block = LEGACY_SAMPLE
+    model = _big(blocks * block * 3)
+    with torch.no_grad():
+        model.w.copy_(torch.randn(model.w.numel(), generator=torch.Generator().manual_seed(0)))
+    n = model.w.numel()
+    starts = [i * (n - block) // (blocks - 1) for i in range(blocks)]
+    sample = b"".join(model.w.detach()[s : s + block].numpy().tobytes() for s in starts)
+    stored = dict(fingerprint_of_module(model))
+    del stored["sample"]
+    stored["content"] = hashlib.sha256(b"w" + sample).hexdigest()[:16]
+    assert fingerprint_of_module(model, like=stored) == stored
+    assert fingerprint_of_module(model)["content"] != stored["content"]  # today's blocks are other elements
 
 
 def test_tied_parameters_count_once() -> None:
