@@ -141,8 +141,9 @@ class MemoryProbeRunner(CalibrationRunner):
         return self._memory
 
 
-def probe_load(checkpoint: Path, rank: int, world: int) -> dict[str, Any]:
-    """Build one shard in this process and report its memory (run it in a fresh process).
+def probe_load(checkpoint: Path, rank: int, world: int, dtype: str | None = None) -> dict[str, Any]:
+    """Build one shard in this process (floating weights cast to ``dtype``, by torch name, if given)
+    and report its memory (run it in a fresh process).
 
     Returns bytes: ``baseline`` (RSS after imports and a meta-device build), ``peak`` (VmHWM during
     the load), ``slice`` (``tensor_bytes`` of the shard), ``buffers`` (the buffers' own bytes:
@@ -153,7 +154,8 @@ def probe_load(checkpoint: Path, rank: int, world: int) -> dict[str, Any]:
     import_model_code(checkpoint)
     baseline = proc_memory()["VmRSS"]
     reset = reset_peak()
-    shard = build_tp_shard(checkpoint, rank, world, (lambda t, op="sum": t) if world > 1 else None)
+    shard = build_tp_shard(checkpoint, rank, world, (lambda t, op="sum": t) if world > 1 else None,
+                           dtype=getattr(torch, dtype) if dtype else None)
     return {"baseline": baseline, "peak": proc_memory()["VmHWM"], "reset": reset,
             "slice": tensor_bytes(shard.model),
             "buffers": sum(b.numel() * b.element_size() for b in shard.model.buffers()),

@@ -29,7 +29,7 @@ from shards.errors import ShardError
 from shards.families import ModelFamily, family_for, unfuse_experts
 from shards.families.registry import EXPERT_NAME
 from shards.tp.layers import AllReduce, ColumnParallelLinear, RowParallelLinear
-from shards.tp.slice_reader import Index, SliceFile, read_header
+from shards.tp.slice_reader import STAGING_BYTES, Index, SliceFile, read_header
 from shards.tp.rules import (
     ModelDims,
     Parallel,
@@ -92,6 +92,7 @@ class SafetensorsReader:
         self.dtype = dtype
         self._stack = stack
         self._handles: dict[str, SliceFile] = {}
+        self._staging: torch.Tensor | None = None  # one cast buffer for every read (see SliceFile.read)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             self.files: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
@@ -124,7 +125,11 @@ class SafetensorsReader:
         """Only ``tensor[index]`` is read from disk, into a new tensor."""
         handle = self._handle(name)
         stored = handle.entries[name].dtype
-        return handle.read(name, index, self.dtype if self.dtype is not None and stored.is_floating_point else None)
+        if self.dtype is None or self.dtype == stored or not stored.is_floating_point:
+            return handle.read(name, index)
+        if self._staging is None:
+            self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
+        return handle.read(name, index, self.dtype, self._staging)
 
 
 def tensor_bytes(module: nn.Module) -> int:

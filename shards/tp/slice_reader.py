@@ -42,8 +42,8 @@ DTYPES: dict[str, torch.dtype] = {
 # A header larger than this is a damaged file, not a checkpoint (safetensors itself refuses > 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 # Bytes converted at a time when the stored dtype differs from the wanted one: the only memory a
-# read needs besides its result.
-STAGING_BYTES = 16 << 20
+# read needs besides its result (a pread and a copy per 4 MiB cost nothing next to the bytes moved).
+STAGING_BYTES = 4 << 20
 # Linux transfers at most 0x7ffff000 bytes per read call.
 _MAX_READ = 1 << 30
 
@@ -198,9 +198,15 @@ class SliceFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, name: str, index: Index = (), dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, name: str, index: Index = (), dtype: torch.dtype | None = None,
+             staging: torch.Tensor | None = None) -> torch.Tensor:
         """``tensor[index]`` (ints and step-1 slices per axis) in a new contiguous CPU tensor, cast
-        to ``dtype`` if given; only the selected bytes are read from the file."""
+        to ``dtype`` if given; only the selected bytes are read from the file.
+
+        A cast goes through ``staging`` (a uint8 buffer of at least 8 bytes; default a new one of
+        up to :data:`STAGING_BYTES`). Pass the same one to every read of a load: buffers allocated
+        and freed between the results fragment the heap, which then keeps their pages resident.
+        """
         entry = self.entries[name]
         where = f"tensor {name!r} in {str(self.path)!r}"
         shape, runs = byte_runs(entry, index, where)
@@ -211,11 +217,12 @@ class SliceFile:
             self._read_runs(_pieces(runs, _MAX_READ), _bytes_of(out), where)
             return out
         # Another dtype: convert through a bounded staging buffer instead of a whole stored-dtype copy.
-        limit = STAGING_BYTES - STAGING_BYTES % entry.itemsize
-        staging = torch.empty(min(limit, sum(n for _, n in runs)), dtype=torch.uint8)
+        if staging is None:
+            staging = torch.empty(min(STAGING_BYTES, sum(n for _, n in runs)), dtype=torch.uint8)
+        limit = staging.numel() - staging.numel() % entry.itemsize
         flat, done, filled, batch = out.view(-1), 0, 0, []
         for piece in [*_pieces(runs, limit), None]:
-            if piece is None or filled + piece[1] > staging.numel():
+            if piece is None or filled + piece[1] > limit:
                 self._read_runs(batch, _bytes_of(staging), where)
                 n = filled // entry.itemsize
                 flat[done:done + n].copy_(staging[:filled].view(entry.dtype))

@@ -37,15 +37,16 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_llama_checkpoint(tmp_path_factory.mktemp("llama200m"), GENERATED["llama-200m"])
 
 
-def slice_bytes(ckpt: Path, world: int) -> tuple[int, int]:
-    """(bytes of one rank's slice at tp=``world``, bytes of the whole checkpoint), from the headers."""
+def slice_bytes(ckpt: Path, world: int, itemsize: int | None = None) -> tuple[int, int]:
+    """(bytes of one rank's slice at tp=``world``, bytes of the whole checkpoint), from the headers;
+    with ``itemsize``, as if every tensor were cast to a dtype of that size."""
     files = set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"].values())
     part = whole = 0
     for file in files:
         with safe_open(ckpt / file, framework="pt") as f:
             for name in f.keys():
                 s = f.get_slice(name)
-                n = ITEMSIZE[s.get_dtype()]
+                n = itemsize or ITEMSIZE[s.get_dtype()]
                 for d in s.get_shape():
                     n *= d
                 proj = name.split(".")[-2]
@@ -54,20 +55,22 @@ def slice_bytes(ckpt: Path, world: int) -> tuple[int, int]:
     return part, whole
 
 
-def probe(ckpt: Path, rank: int, world: int) -> dict[str, Any]:
+def probe(ckpt: Path, rank: int, world: int, dtype: str | None) -> dict[str, Any]:
     """``bench.bench_shard_memory.probe_load`` in a fresh interpreter (its peak RSS is the load's own)."""
     code = ("import json, sys; from pathlib import Path; from bench.bench_shard_memory import probe_load; "
-            "print(json.dumps(probe_load(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))")
-    done = subprocess.run([sys.executable, "-c", code, str(ckpt), str(rank), str(world)], cwd=ROOT,
+            "print(json.dumps(probe_load(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] or None)))")
+    done = subprocess.run([sys.executable, "-c", code, str(ckpt), str(rank), str(world), dtype or ""], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("rank", "world"), [(1, 2), (0, 1)])
-def test_a_shard_holds_its_slice_and_nothing_more(checkpoint: Path, rank: int, world: int) -> None:
-    expected, whole = slice_bytes(checkpoint, world)
-    got = probe(checkpoint, rank, world)
+# (rank, tp, the dtype the load casts to): the bf16 slices as stored, and cast to float32 on the
+# way in (through one small staging buffer, never a whole stored-dtype copy).
+@pytest.mark.parametrize(("rank", "world", "dtype"), [(1, 2, None), (0, 1, None), (0, 2, "float32")])
+def test_a_shard_holds_its_slice_and_nothing_more(checkpoint: Path, rank: int, world: int, dtype: str | None) -> None:
+    expected, whole = slice_bytes(checkpoint, world, 4 if dtype == "float32" else None)
+    got = probe(checkpoint, rank, world, dtype)
     assert got["slice"] == expected + got["buffers"]  # distinct storages: no view of anything larger
     assert got["buffers"] < 1 << 10  # the rotary inv_freq only
     assert got["mapped"] == []  # no page of the checkpoint stays in the shard's memory
