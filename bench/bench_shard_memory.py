@@ -44,7 +44,7 @@ from typing import Any, Iterator
 
 import torch
 
-from bench.models import CACHE
+from bench.models import CACHE, LlamaSize
 from bench.timing import Row, row, skipped
 from shards.card.actor import CalibrationRunner
 from shards.card.runner import ShardInfo
@@ -59,24 +59,20 @@ PHASES = ("load", "measure", "quantize", "export")
 
 
 @dataclass(frozen=True)
-class LlamaShape:
-    """A Llama-shaped checkpoint to generate (bf16, tied embeddings, head dim 64)."""
+class GeneratedCheckpoint:
+    """A Llama-shaped checkpoint to generate (bf16, tied embeddings, head dim 64), cut into
+    safetensors files of about ``file_bytes`` (an indexed checkpoint)."""
 
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    file_bytes: int  # safetensors files are cut at about this size (an indexed checkpoint)
+    size: LlamaSize
+    file_bytes: int
 
 
-GENERATED: dict[str, LlamaShape] = {
+GENERATED: dict[str, GeneratedCheckpoint] = {
     # ~1.04B parameters, the layer shape of bench.models.layer_stack (Llama-3.2-1B's widths), 2.1 GB
-    "llama-1b": LlamaShape(2048, 8192, 16, 32, 8, 32000, 600 << 20),
+    "llama-1b": GeneratedCheckpoint(LlamaSize(2048, 8192, 16, 32, 8, 32000), 600 << 20),
     # ~102M parameters (205 MB): the memory test's checkpoint
-    "llama-200m": LlamaShape(1024, 4096, 6, 16, 8, 8192, 64 << 20),
-    "llama-50m": LlamaShape(512, 2048, 8, 8, 4, 8192, 32 << 20),
+    "llama-200m": GeneratedCheckpoint(LlamaSize(1024, 4096, 6, 16, 8, 8192), 64 << 20),
+    "llama-50m": GeneratedCheckpoint(LlamaSize(512, 2048, 8, 8, 4, 8192), 32 << 20),
 }
 
 
@@ -162,18 +158,18 @@ def probe_load(checkpoint: Path, rank: int, world: int, dtype: str | None = None
             "mapped": mapped_files(checkpoint)}
 
 
-def write_llama_checkpoint(out: Path, shape: LlamaShape, seed: int = 0) -> Path:
-    """A bf16 Llama checkpoint of ``shape`` with Gaussian weights (std 0.02) in indexed safetensors files.
+def write_llama_checkpoint(out: Path, spec: GeneratedCheckpoint, seed: int = 0) -> Path:
+    """A bf16 Llama checkpoint of ``spec`` with Gaussian weights (std 0.02) in indexed safetensors files.
 
     Tensors are generated file by file, so the writer never holds more than one file's worth.
     """
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, max_position_embeddings=2048,
-                         tie_word_embeddings=True, dtype=torch.bfloat16)
+    s = spec.size
+    config = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                         max_position_embeddings=2048, tie_word_embeddings=True, dtype=torch.bfloat16)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
     out.mkdir(parents=True, exist_ok=True)
@@ -181,9 +177,9 @@ def write_llama_checkpoint(out: Path, shape: LlamaShape, seed: int = 0) -> Path:
     g = torch.Generator().manual_seed(seed)
     groups: list[list[str]] = [[]]
     size = 0
-    for name, s in shapes.items():
-        nbytes = 2 * torch.Size(s).numel()
-        if groups[-1] and size + nbytes > shape.file_bytes:
+    for name, shape in shapes.items():
+        nbytes = 2 * torch.Size(shape).numel()
+        if groups[-1] and size + nbytes > spec.file_bytes:
             groups.append([])
             size = 0
         groups[-1].append(name)
@@ -195,7 +191,7 @@ def write_llama_checkpoint(out: Path, shape: LlamaShape, seed: int = 0) -> Path:
                    .to(torch.bfloat16) for n in names}
         save_file(tensors, out / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
-    total = sum(2 * torch.Size(s).numel() for s in shapes.values())
+    total = sum(2 * torch.Size(shape).numel() for shape in shapes.values())
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
