@@ -40,6 +40,7 @@ MODULES: tuple[str, ...] = (
     "bench_moe",
     "bench_e2e",
     "bench_export",
+    "bench_shard_memory",
 )
 # Run only when asked (--sim405, or --only): minutes and a few hundred MB of disk at full size;
 # `make bench-405b` runs it and writes its own section of RESULTS.md, which `make bench` keeps.
@@ -100,6 +101,12 @@ WHY_NOT_MET: dict[str, str] = {
     "weight quantization": (
         "`shards.fp8.numerics.quantize` works in cache-sized row blocks (bf16->fp32, divide, clamp, cast) against "
         "one memcpy for clone; both are memory-bound, so a busy machine moves the ratio."),
+    "shard memory ": (
+        "The figure is the worst rank's VmHWM over load, measure, quantize and export minus its RSS before any "
+        "weight. Load reads each slice into tensors of its own (`shards/tp/slice_reader.py`, ~1.01-1.02x); what "
+        "adds to it is fixed (library code pages touched by measuring, observer state: ~10-15 MB) or the pages of "
+        "Ray's shared-memory object store that the export's per-tensor replies touched (RssShmem, shared with the "
+        "store, see the export memory section). Both weigh more the smaller the slice."),
     "QDQ forward": (
         "The emulated forward rounds every activation onto the FP8 grid in fp32 (about ten elementwise passes "
         "per tensor; attention matmuls quantize both operands), then multiplies the FP8 values in fp32 as the "

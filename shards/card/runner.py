@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.tp.checkpoint import TpShard, build_tp_shard
+from shards.tp.checkpoint import TpShard, build_tp_shard, tensor_bytes
 from shards.tp.dist import LOOPBACK, DeviceKind, Rendezvous, TpGroup, free_port
 from shards.errors import ShardError
 
@@ -49,12 +49,17 @@ class Topology:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """What a loaded shard reports about itself (sent back to the driver)."""
+    """What a loaded shard reports about itself (sent back to the driver).
+
+    ``num_bytes``: what the shard's parameters and buffers hold (distinct storages, a tied weight
+    once): the bytes of its slice of the checkpoint, plus the small buffers the model rebuilds.
+    """
 
     topology: Topology
     device: str
     num_parameters: int
     parameter_shapes: dict[str, tuple[int, ...]]
+    num_bytes: int
 
 
 def _torch_device(kind: DeviceKind) -> torch.device:
@@ -112,7 +117,8 @@ class ShardRunner:
         model = self.model
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         device = str(next(model.parameters()).device)
-        return ShardInfo(self.topology, device, sum(p.numel() for p in model.parameters()), shapes)
+        return ShardInfo(self.topology, device, sum(p.numel() for p in model.parameters()), shapes,
+                         tensor_bytes(model))
 
     def forward(self, input_ids: np.ndarray | torch.Tensor,
                 attention_mask: np.ndarray | torch.Tensor | None = None) -> np.ndarray:

@@ -4,10 +4,13 @@ The model is the real HF class (``LlamaForCausalLM``, ``MixtralForCausalLM``...)
 device from a config whose head counts and intermediate sizes are divided by tp (its family says
 which), with fused MoE experts replaced by per-expert Linears (``shards.families.experts``) and every
 projection of the sharding table replaced by ``ColumnParallelLinear`` / ``RowParallelLinear``
-(``shards.tp.rules``). Each rank reads only its slices of those weights (``safe_open(...).get_slice``)
-under their on-disk names (per expert, as ``save_pretrained`` writes them; a checkpoint holding
-the fused 3-D expert tensors is sliced per expert); embeddings, norms, routers and lm_head are read
-whole (replicated).
+(``shards.tp.rules``). Each rank reads only its slices of those weights under their on-disk names
+(per expert, as ``save_pretrained`` writes them; a checkpoint holding the fused 3-D expert tensors
+is sliced per expert); embeddings, norms, routers and lm_head are read whole (replicated).
+
+Memory: every slice is read with ``pread`` into a tensor of its own, already in the wanted dtype
+(``shards.tp.slice_reader``), and becomes the parameter as it is (``load_state_dict(assign=True)``):
+a shard holds its slice and nothing else, never a view of a mapped file, and never the full model.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -27,6 +29,7 @@ from shards.errors import ShardError
 from shards.families import ModelFamily, family_for, unfuse_experts
 from shards.families.registry import EXPERT_NAME
 from shards.tp.layers import AllReduce, ColumnParallelLinear, RowParallelLinear
+from shards.tp.slice_reader import STAGING_BYTES, Index, SliceFile, read_header
 from shards.tp.rules import (
     ModelDims,
     Parallel,
@@ -34,8 +37,6 @@ from shards.tp.rules import (
     rule_for,
     weight_index,
 )
-
-Index = tuple[slice, ...]
 
 
 class CheckpointError(ShardError, ValueError):
@@ -80,18 +81,23 @@ def local_config(config: PretrainedConfig, world: int) -> PretrainedConfig:
 
 
 class SafetensorsReader:
-    """Reads tensors or slices of them by name from a single-file or indexed safetensors checkpoint."""
+    """Reads tensors or slices of them by name from a single-file or indexed safetensors checkpoint.
 
-    def __init__(self, ckpt_dir: str | Path, stack: ExitStack) -> None:
+    Files are opened on first use and closed with ``stack``; floating tensors are read as ``dtype``
+    when it is given (converted while reading, see ``shards.tp.slice_reader``).
+    """
+
+    def __init__(self, ckpt_dir: str | Path, stack: ExitStack, dtype: torch.dtype | None = None) -> None:
         self.dir = Path(ckpt_dir)
+        self.dtype = dtype
         self._stack = stack
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, SliceFile] = {}
+        self._staging: torch.Tensor | None = None  # one cast buffer for every read (see SliceFile.read)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             self.files: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
         elif (self.dir / "model.safetensors").is_file():
-            with safe_open(self.dir / "model.safetensors", framework="pt") as f:
-                self.files = {k: "model.safetensors" for k in f.keys()}
+            self.files = {k: "model.safetensors" for k in read_header(self.dir / "model.safetensors")}
         else:
             raise CheckpointNotFoundError(
                 f"no model.safetensors or model.safetensors.index.json in {str(self.dir)!r}; "
@@ -101,18 +107,44 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def _handle(self, file: str) -> Any:
+    def _handle(self, name: str) -> SliceFile:
+        file = self.files[name]
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(self.dir / file, framework="pt"))
-        return self._handles[file]
+            self._handles[file] = self._stack.enter_context(SliceFile(self.dir / file))
+        handle = self._handles[file]
+        if name not in handle.entries:
+            raise CheckpointError(f"tensor {name!r} is listed for {file!r} in the index of {str(self.dir)!r} "
+                                  "but that file does not hold it; the checkpoint's index is stale")
+        return handle
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored (global) shape of a tensor."""
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+        return self._handle(name).entries[name].shape
 
     def read(self, name: str, index: Index) -> torch.Tensor:
-        """Only ``tensor[index]`` is read from disk."""
-        return self._handle(self.files[name]).get_slice(name)[index]
+        """Only ``tensor[index]`` is read from disk, into a new tensor."""
+        handle = self._handle(name)
+        stored = handle.entries[name].dtype
+        if self.dtype is None or self.dtype == stored or not stored.is_floating_point:
+            return handle.read(name, index)
+        if self._staging is None:
+            self._staging = torch.empty(STAGING_BYTES, dtype=torch.uint8)
+        return handle.read(name, index, self.dtype, self._staging)
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct storages behind a module's parameters and buffers.
+
+    A tied weight counts once; a tensor that is a view of a larger storage (a slice of a mapped
+    file, say) counts with that whole storage, which is what it keeps alive.
+    """
+    storages: dict[tuple[str, int], int] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _replace_projections(model: nn.Module, dims: ModelDims, rank: int, world: int,
@@ -221,13 +253,12 @@ def _plan_reads(model: nn.Module, reader: SafetensorsReader, family: ModelFamily
 
 
 def _read_state(model: nn.Module, reader: SafetensorsReader, family: ModelFamily, dims: ModelDims, rank: int,
-                world: int, tied: bool, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+                world: int, tied: bool, device: torch.device) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for key, (disk, index) in _plan_reads(model, reader, family, dims, rank, world, tied).items():
-        t = reader.read(disk, index)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        state[key] = t.to(device).contiguous()
+        # A fresh contiguous tensor in its final dtype: becomes the parameter without another copy
+        # (on a card, the host copy is freed as soon as it has moved).
+        state[key] = reader.read(disk, index).to(device)
     if tied and "lm_head.weight" not in state and "lm_head.weight" in model.state_dict():
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
@@ -302,8 +333,8 @@ def build_tp_shard(ckpt_dir: str | Path, rank: int, world: int, all_reduce: AllR
     dev = torch.device(device)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     with ExitStack() as stack:
-        reader = SafetensorsReader(ckpt_dir, stack)
-        state = _read_state(model, reader, family, dims, rank, world, tied, dtype, dev)
+        reader = SafetensorsReader(ckpt_dir, stack, dtype)
+        state = _read_state(model, reader, family, dims, rank, world, tied, dev)
     model.load_state_dict(state, strict=True, assign=True)
     _materialize_buffers(model, cfg, dev)
     model.eval()
