@@ -40,6 +40,24 @@ from shards.fp8.numerics import ScaleDevice
 from stats_store.errors import StatsStoreError
 
 
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """``"5GB"``, ``"500MiB"``, ``"1e9"`` → bytes (decimal units as transformers' ``max_shard_size``)."""
+    t = text.strip().upper().replace(" ", "")
+    unit = next((u for u in sorted(_SIZE_UNITS, key=len, reverse=True) if t.endswith(u)), "B")
+    number = t[: len(t) - len(unit)] if t.endswith(unit) else t
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
+    if not value >= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r}: a shard size must be at least one byte")
+    return int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp8-calibrate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "its layer's experts that saw tokens)")
             s.add_argument("--export", default=None, help="write a compressed-tensors FP8 checkpoint here")
             s.add_argument("--inc-world", type=int, default=None, help="also export INC measurement/scale files for N ranks")
+            s.add_argument("--max-shard-size", type=byte_size, default=None,
+                           help="split the exported safetensors into files of at most this size (default 5GB; "
+                                "a tensor larger than it gets a file of its own)")
     sm = sub.add_parser("smooth", help="write a smoothed copy of a checkpoint (factors from a per-channel stats store)",
                         description="write a smoothed copy of a checkpoint (factors from a per-channel stats store)")
     sm.add_argument("--model", required=True, help="HF checkpoint directory (safetensors) of a dense family")
@@ -140,7 +161,7 @@ def run(args: argparse.Namespace) -> RunReport:
         if args.command in ("quantize", "run"):
             cal.quantize()
             if args.export:
-                cal.export(args.export, inc_world=args.inc_world)
+                cal.export(args.export, inc_world=args.inc_world, max_shard_bytes=args.max_shard_size)
         return cal.report
 
 

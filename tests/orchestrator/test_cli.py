@@ -126,3 +126,26 @@ def test_smooth_writes_the_checkpoint_or_says_why_not_in_one_line(tmp_path: Path
     assert main(["smooth", "--model", str(model_dir), "--store", str(tmp_path / "nope.zarr"),
                  "--out", str(tmp_path / "other")]) == 2
     assert "nope.zarr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("64kib", 64 * 1024), ("1e9", 10**9),
+    ("4096", 4096), ("1.5 GB", 1_500_000_000), ("12B", 12),
+])
+def test_max_shard_size_reads_the_units_transformers_users_write(text: str, expected: int) -> None:
+    from orchestrator.entry.fp8_calibrate import _parser
+
+    args = _parser().parse_args(["run", "--config", "c.json", "--model", "m", "--data", "d.txt", "--export", "out",
+                                 "--max-shard-size", text])
+    assert args.max_shard_size == expected
+
+
+@pytest.mark.parametrize("text", ["five", "GB", "0", "0GB", "nan", "0.5B"])
+def test_a_max_shard_size_that_is_not_a_size_is_one_usage_error(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.entry.fp8_calibrate import _parser
+
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["run", "--config", "c.json", "--model", "m", "--data", "d.txt", "--max-shard-size", text])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-shard-size" in err and repr(text) in err, err
