@@ -58,6 +58,16 @@ def byte_size(text: str) -> int:
     return int(value)
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be more than 0 seconds")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp8-calibrate", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--address", default=None, help="Ray cluster address (default: local in-process cluster)")
         s.add_argument("--device", default="cpu", choices=["cpu", "cuda", "hpu"], help="card kind of the shards")
         s.add_argument("--hpu-device", default=None, choices=["GAUDI2", "GAUDI3"], help="Gaudi generation (hpu only)")
+        s.add_argument("--placement-timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                       help="how long a tp group that lost its node waits for another node with room before "
+                            "the measure stops, keeping every committed batch (default 300, as the start)")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
         s.add_argument("--json", action="store_true", help="print the summary as JSON")
         if name in ("measure", "run"):
@@ -154,7 +167,8 @@ def run(args: argparse.Namespace) -> RunReport:
     overwrite = getattr(args, "overwrite", False)
     with Calibration(args.config, args.model, tp=args.tp, dp=args.dp, address=args.address, device=args.device,
                      hpu_device=hpu, overwrite=overwrite, progress=not args.no_progress,
-                     flush_every=getattr(args, "flush_every", 8), uncovered=getattr(args, "uncovered", None)) as cal:
+                     flush_every=getattr(args, "flush_every", 8), uncovered=getattr(args, "uncovered", None),
+                     placement_timeout_s=args.placement_timeout) as cal:
         if args.command in ("measure", "run"):
             batches = calibration_batches(args.data, args.model, args.seq_len, args.batch_size, args.max_batches)
             cal.measure(batches)

@@ -149,3 +149,24 @@ def test_a_max_shard_size_that_is_not_a_size_is_one_usage_error(text: str, capsy
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--max-shard-size" in err and repr(text) in err, err
+
+
+@pytest.mark.parametrize("command", ["measure", "run"])
+def test_placement_timeout_reaches_the_calibration(command: str) -> None:
+    from orchestrator.entry.fp8_calibrate import _parser
+
+    base = [command, "--config", "c.json", "--model", "m", "--data", "d.txt"]
+    assert _parser().parse_args(base).placement_timeout is None  # Calibration then uses its start timeout
+    assert _parser().parse_args([*base, "--placement-timeout", "42.5"]).placement_timeout == 42.5
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "soon", "nan"])
+def test_a_placement_timeout_that_is_not_positive_seconds_is_one_usage_error(text: str,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.entry.fp8_calibrate import _parser
+
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["run", "--config", "c.json", "--model", "m", "--data", "d.txt",
+                              f"--placement-timeout={text}"])
+    assert e.value.code == 2
+    assert "--placement-timeout" in capsys.readouterr().err
