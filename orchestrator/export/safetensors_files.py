@@ -33,14 +33,13 @@ from typing import BinaryIO, Callable, Iterable, Mapping, Sequence
 import torch
 
 from orchestrator.export.writer import ExportError
+from shards.tp.slice_reader import read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # HF's shard size before transformers 5 raised save_pretrained's default to 50 GB: a 405B export is
 # ~90 files, each small enough to download, checksum and mmap on its own.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-# safetensors refuses headers above 100 MB (its loaders' limit).
-_MAX_HEADER_BYTES = 100_000_000
 
 # The safetensors dtype codes of the dtypes a checkpoint holds, in the order safetensors lays a
 # file's tensors out (its dtype enum, descending: element size first; checked against save_file).
@@ -49,7 +48,6 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float16: "F16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
     torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
-_CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _LAYOUT_RANK = {dtype: rank for rank, dtype in enumerate(DTYPE_CODES)}
 
 
@@ -79,22 +77,17 @@ class TensorSpec:
 
 
 def read_specs(path: Path) -> dict[str, TensorSpec]:
-    """The tensors a safetensors file holds, from its header alone (nothing else is read or mapped)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < size <= _MAX_HEADER_BYTES:
-            raise ExportError(f"'{path}' is not a safetensors file (header size {size}); re-save the checkpoint "
-                              "with save_pretrained(safe_serialization=True)")
-        header = json.loads(f.read(size))
+    """The tensors a safetensors file holds, from its header alone (nothing else is read or mapped).
+
+    The header is parsed and checked against the file by the shards' slice reader (one reader of
+    the format); the export refuses only the dtypes it does not write.
+    """
     specs = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry["dtype"] not in _CODE_DTYPES:
-            raise ExportError(f"'{path}': tensor {name!r} has safetensors dtype {entry['dtype']}, which the export "
-                              f"does not copy; allowed: {', '.join(_CODE_DTYPES)}")
-        specs[name] = TensorSpec(name, _CODE_DTYPES[entry["dtype"]], tuple(entry["shape"]))
+    for name, entry in read_header(path).items():
+        if entry.dtype not in DTYPE_CODES:
+            raise ExportError(f"'{path}': tensor {name!r} has dtype {entry.dtype}, which the export does not copy; "
+                              f"allowed: {', '.join(DTYPE_CODES.values())}")
+        specs[name] = TensorSpec(name, entry.dtype, entry.shape)
     return specs
 
 
