@@ -113,6 +113,72 @@ def test_fp32_code_points_ties_and_specials(monkeypatch, mode, fmt, scale) -> No
     assert_same_as_torch(monkeypatch, mode, x, 1.0, fmt)
 
 
+# The 16-bit path of the kernel (bf16/fp16 sources, power-of-two scales) encodes the elements whose
+# quotient is a normal FP8 value at most the full scale with integer arithmetic and sends every
+# block holding another element to the fp32 route. Its range is checked against the formats here,
+# its codes against torch's above (every pattern) and below (weight-like tensors with rare specials).
+FAST_SCALES = [1.0, 2.0**-3, 2.0**5, 2.0**-10, 2.0**-20, 2.0**14, 2.0**-126, 2.0**127, 0.3711]
+
+
+def _min_normal(fmt: Fp8Format) -> float:
+    return 2.0 ** (2 - 2 ** (fmt.exp_bits - 1))  # 2**(1 - bias): e4m3 2**-6, e5m2 2**-14
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scale", FAST_SCALES, ids=repr)
+def test_fast_range_is_the_normal_unsaturated_quotients(fmt, dtype, scale) -> None:
+    """lo..hi are exactly the positive finite normal 16-bit values x with 2**(1-bias) <= x / s <=
+    fullscale (x / s in float64: exact for these scales)."""
+    from shards.fp8 import _fp8cast
+
+    bits = torch.arange(1, 1 << 15, dtype=torch.int32)
+    x = bits.to(torch.int16).view(dtype).double()
+    finfo = torch.finfo(dtype)
+    q = x / scale
+    want = (x >= finfo.tiny) & torch.isfinite(x) & (q >= _min_normal(fmt)) & (q <= fmt.fullscale)
+    got = _fp8cast.fast_range(native_cast._SRC_KIND[dtype], scale, fmt.fullscale, fmt.storage == torch.float8_e5m2)
+    if math.frexp(scale)[0] != 0.5 or not 2.0**-126 <= scale <= 2.0**126:
+        assert got is None  # divided (no power of two, or its inverse is not a normal fp32): the fp32 route
+        return
+    if not bool(want.any()):
+        assert got is None
+        return
+    lo, hi = got
+    assert bits[want].tolist() == list(range(lo, hi + 1))
+
+
+def weight_like(dtype: torch.dtype, shape: tuple[int, int], seed: int, specials: int) -> tuple[torch.Tensor, float]:
+    """Heavy-tailed weights and their maxabs_pow2 scale, with ``specials`` elements set to values the
+    16-bit path must hand over (FP8 subnormal quotients, 16-bit subnormals, saturating values, +-inf,
+    NaN) and zeros of both signs, at random places (rows not a multiple of the block length)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64) * torch.rand(shape, generator=g, dtype=torch.float64) ** 3
+    w = (w * 0.02).to(dtype)
+    amax = float(w.abs().max())
+    scale = 2.0 ** math.ceil(math.log2(amax / 448.0))
+    tiny = torch.finfo(dtype).tiny
+    pool = torch.tensor([scale * 2.0**-8, -scale * 2.0**-7 * 1.5, tiny / 4, -tiny / 2, scale * 1e4, math.inf,
+                         -math.inf, math.nan, 0.0, -0.0], dtype=torch.float64).to(dtype)
+    flat = w.reshape(-1)
+    where = torch.randint(0, flat.numel(), (specials,), generator=g)
+    flat[where] = pool[torch.randint(0, len(pool), (specials,), generator=g)]
+    return w, scale
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("specials", [0, 7, 3000])
+def test_weight_like_tensors_on_the_16bit_path(monkeypatch, mode, fmt, dtype, specials) -> None:
+    w, scale = weight_like(dtype, (193, 333), seed=specials, specials=specials)
+    assert_same_as_torch(monkeypatch, mode, w, scale, fmt)
+    rows = torch.tensor([scale * 2.0 ** (i % 5 - 2) for i in range(w.shape[0])], dtype=torch.float32)
+    assert_same_as_torch(monkeypatch, mode, w, rows, fmt, axis=0)
+
+
 @lru_cache(maxsize=4)
 def random_fp32(n: int, seed: int) -> torch.Tensor:
     """Uniform bit patterns (the whole exponent range, NaN/inf/subnormals), normals in the FP8 range,
