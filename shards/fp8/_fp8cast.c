@@ -430,10 +430,138 @@ static PyObject *maxabs(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The float value of a max-abs pattern of the source's width (NaN patterns give NaN). */
+static double pattern_value(uint32_t m, int kind)
+{
+    if (kind == SRC_F32)
+        return (double)from_bits(m);
+    if (kind == SRC_BF16)
+        return (double)from_bits(m << 16);
+    return (double)widen(&(uint16_t){(uint16_t)m}, 0, SRC_F16);
+}
+
+PyDoc_STRVAR(maxabs_value_doc,
+"maxabs_value(src_ptr, src_kind, n, baseline=False) -> float\n\n"
+"max |x| over the n >= 1 contiguous elements (src_kind 0 fp32, 1 bf16, 2 fp16) as a Python float:\n"
+"NaN if one is NaN, inf if one is infinite and none NaN. maxabs() with one row, without the\n"
+"output tensor: the observers' per-call path (shards.measuring.observers).");
+
+static PyObject *maxabs_value(PyObject *self, PyObject *args)
+{
+    unsigned long long src;
+    int kind, baseline = 0;
+    Py_ssize_t n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Kin|p:maxabs_value", &src, &kind, &n, &baseline))
+        return NULL;
+    if (kind < 0 || kind > 2)
+        return PyErr_Format(PyExc_ValueError, "src_kind must be 0 (fp32), 1 (bf16) or 2 (fp16), got %d", kind);
+    if (n < 1 || src == 0)
+        return PyErr_Format(PyExc_ValueError, "need n >= 1 elements at a non-null pointer, got %zd", n);
+    const maxabs_fn fn = MAXABS_FNS[baseline ? 0 : best_isa][kind == SRC_F32];
+    uint32_t m;
+    Py_BEGIN_ALLOW_THREADS
+    m = fn((const void *)(uintptr_t)src, (size_t)n);
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(pattern_value(m, kind));
+}
+
+/* ---- max |x| per column: per-channel activation statistics ------------------------------------
+ *
+ * Activations are (tokens, channels) row-major; their per-channel max runs down the columns, so each
+ * row is folded into one running maximum per column (sign-cleared patterns, integer max again), and
+ * the row loop vectorizes along the channels. The maxima are written as fp32 (bf16 and fp16 widen
+ * exactly), which is what the observers keep. */
+#define MAXCOLS_ROW(name, T, U, MASK) \
+    static inline __attribute__((always_inline)) void name(const void *restrict src, size_t rows, size_t cols, \
+                                                             T *restrict acc) \
+    { \
+        const U *s = (const U *)src; \
+        for (size_t j = 0; j < cols; j++) \
+            acc[j] = (T)(s[j] & MASK); \
+        for (size_t r = 1; r < rows; r++) { \
+            const U *row = s + r * cols; \
+            for (size_t j = 0; j < cols; j++) { \
+                T v = (T)(row[j] & MASK); \
+                acc[j] = v > acc[j] ? v : acc[j]; \
+            } \
+        } \
+    }
+MAXCOLS_ROW(maxcols16_rows, int16_t, uint16_t, 0x7fffu)
+MAXCOLS_ROW(maxcols32_rows, int32_t, uint32_t, 0x7fffffffu)
+
+typedef void (*maxcols16_fn)(const void *restrict, size_t, size_t, int16_t *restrict);
+typedef void (*maxcols32_fn)(const void *restrict, size_t, size_t, int32_t *restrict);
+#define MAXCOLS_FNS_FOR(isa_attr, p) \
+    static isa_attr void p##maxcols16(const void *restrict s, size_t r, size_t c, int16_t *restrict a) \
+    { maxcols16_rows(s, r, c, a); } \
+    static isa_attr void p##maxcols32(const void *restrict s, size_t r, size_t c, int32_t *restrict a) \
+    { maxcols32_rows(s, r, c, a); }
+MAXCOLS_FNS_FOR(, b_)
+#if HAVE_AVX2
+MAXCOLS_FNS_FOR(AVX2_TARGET, a_)
+static const maxcols16_fn MAXCOLS16[2] = {b_maxcols16, a_maxcols16};
+static const maxcols32_fn MAXCOLS32[2] = {b_maxcols32, a_maxcols32};
+#else
+static const maxcols16_fn MAXCOLS16[1] = {b_maxcols16};
+static const maxcols32_fn MAXCOLS32[1] = {b_maxcols32};
+#endif
+
+PyDoc_STRVAR(maxabs_cols_doc,
+"maxabs_cols(src_ptr, src_kind, rows, cols, dst_ptr, baseline=False) -> bool\n\n"
+"Write max |x| of each of the cols columns of the contiguous rows x cols source (src_kind 0 fp32,\n"
+"1 bf16, 2 fp16; rows, cols >= 1) to the fp32 dst_ptr[col]. True when every maximum is finite (no\n"
+"element is NaN or infinite); False when one is not, and then dst holds the raw maxima (NaN for\n"
+"a column holding a NaN). Runs without the GIL; the caller keeps the buffers alive.");
+
+static PyObject *maxabs_cols(PyObject *self, PyObject *args)
+{
+    unsigned long long src, dst;
+    int kind, baseline = 0;
+    Py_ssize_t rows, cols;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KinnK|p:maxabs_cols", &src, &kind, &rows, &cols, &dst, &baseline))
+        return NULL;
+    if (kind < 0 || kind > 2)
+        return PyErr_Format(PyExc_ValueError, "src_kind must be 0 (fp32), 1 (bf16) or 2 (fp16), got %d", kind);
+    if (rows < 1 || cols < 1 || src == 0 || dst == 0)
+        return PyErr_Format(PyExc_ValueError, "need rows, cols >= 1 and non-null pointers, got %zd x %zd", rows,
+                            cols);
+    const void *sp = (const void *)(uintptr_t)src;
+    float *dp = (float *)(uintptr_t)dst;
+    const int isa = baseline ? 0 : best_isa;
+    int finite = 1;
+    if (kind == SRC_F32) {
+        /* The fp32 maxima land in dst itself: an int32 pattern per column, then read as floats. */
+        int32_t *acc = (int32_t *)dp;
+        Py_BEGIN_ALLOW_THREADS
+        MAXCOLS32[isa](sp, (size_t)rows, (size_t)cols, acc);
+        for (Py_ssize_t j = 0; j < cols; j++)
+            finite &= acc[j] < 0x7f800000;
+        Py_END_ALLOW_THREADS
+    } else {
+        int16_t *acc = PyMem_RawMalloc((size_t)cols * sizeof *acc);
+        if (acc == NULL)
+            return PyErr_NoMemory();
+        const int16_t top = kind == SRC_BF16 ? 0x7f80 : 0x7c00; /* +inf: patterns from here are not finite */
+        Py_BEGIN_ALLOW_THREADS
+        MAXCOLS16[isa](sp, (size_t)rows, (size_t)cols, acc);
+        for (Py_ssize_t j = 0; j < cols; j++) {
+            finite &= acc[j] < top;
+            dp[j] = (float)pattern_value((uint32_t)(uint16_t)acc[j], kind);
+        }
+        Py_END_ALLOW_THREADS
+        PyMem_RawFree(acc);
+    }
+    return PyBool_FromLong(finite);
+}
+
 static PyMethodDef METHODS[] = {
     {"cast", cast, METH_VARARGS, cast_doc},
     {"maxabs", maxabs, METH_VARARGS, maxabs_doc},
     {"fast_range", fast_range, METH_VARARGS, fast_range_doc},
+    {"maxabs_value", maxabs_value, METH_VARARGS, maxabs_value_doc},
+    {"maxabs_cols", maxabs_cols, METH_VARARGS, maxabs_cols_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,7 +11,9 @@ answers None for anything else, and the caller takes torch's path.
 
 :func:`maxabs` is the max-abs of weights before quantizing them
 (:func:`shards.fp8.scale_math.magnitude_max`): one pass of integer max over sign-cleared bit
-patterns, where torch's route needs a masked copy and a reduction over it.
+patterns, where torch's route needs a masked copy and a reduction over it. :func:`maxabs_value`
+and :func:`maxabs_columns` are the observers' per-call reductions of activations (per tensor, per
+channel), without the temporaries of ``abs().amax()``.
 
 One thread per call: the kernel runs without the GIL and takes row ranges, so splitting a tensor
 over threads would be a few lines here; on the shared 2-core development box it measured no gain,
@@ -28,6 +30,7 @@ else: the fastest loops the CPU has (``_fp8cast.ISA``).
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -111,3 +114,53 @@ def maxabs(x: torch.Tensor, per_row: bool = False) -> torch.Tensor | None:
     out = torch.empty((rows,) if per_row else (), dtype=x.dtype)
     _fp8cast.maxabs(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, mode == "baseline")
     return out
+
+
+def maxabs_value(x: torch.Tensor) -> float | None:
+    """``amax(|x|)`` over every element as a Python float (NaN if one is NaN), or None where the
+    kernel does not apply (switched off, not built, another device, dtype or layout, empty).
+
+    :func:`maxabs` without the output tensor and its read-back.
+    """
+    reduce = cpu_maxabs_value()
+    return None if reduce is None or x.device.type != "cpu" else reduce(x)
+
+
+def cpu_maxabs_value() -> Callable[[torch.Tensor], float | None] | None:
+    """:func:`maxabs_value` for CPU tensors with ``FP8_ORCH_NATIVE_CAST`` read now, once; None when the
+    kernel is not built or switched off.
+
+    The observers' per-call path: they keep one for a whole MEASURE session and call it on every
+    observed activation, where an environment lookup, a device check and an output tensor would
+    each cost more than the reduction of a small activation. The caller checks ``x.is_cpu``.
+    """
+    mode = _mode()
+    if _fp8cast is None or mode == "0":
+        return None
+    kinds, kernel, baseline = _SRC_KIND, _fp8cast.maxabs_value, mode == "baseline"
+
+    def reduce(x: torch.Tensor) -> float | None:
+        kind = kinds.get(x.dtype)
+        if kind is None or not x.is_contiguous():
+            return None
+        n = x.numel()
+        return kernel(x.data_ptr(), kind, n, baseline) if n else None
+
+    return reduce
+
+
+def maxabs_columns(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """``amax(|x|, dim=0)`` of a 2-D ``x`` as fp32 (shape ``[cols]``) and whether every element was
+    finite; or None where the kernel does not apply. Where an element is NaN or infinite the maxima
+    are the raw ones (NaN propagates), and the caller takes its NaN-skipping path.
+    """
+    kind = _SRC_KIND.get(x.dtype)
+    if kind is None or _fp8cast is None or x.ndim != 2 or x.device.type != "cpu" or not x.is_contiguous():
+        return None
+    rows, cols = x.shape
+    mode = _mode()
+    if rows == 0 or cols == 0 or mode == "0":
+        return None
+    out = torch.empty(cols, dtype=torch.float32)
+    finite = _fp8cast.maxabs_cols(x.data_ptr(), kind, rows, cols, out.data_ptr(), mode == "baseline")
+    return out, finite

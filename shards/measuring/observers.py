@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from shards.errors import DuplicateRegistrationError, ShardError
+from shards.fp8 import native_cast
 from shards.fp8.scale_math import magnitude_max
 from shards.model.input_memo import InputMemo
 from stats_store.records import Measurement
@@ -107,19 +108,28 @@ def _fast_cpu_maxabs(x: torch.Tensor, channel_dim: int | None) -> "torch.Tensor 
 
     A CPU tensor has no device queue to stall, so looking at the result costs nothing; it saves the
     isfinite/where/count passes that the accelerator path runs on every tensor to stay sync-free.
-    Per tensor it is :func:`shards.fp8.scale_math.magnitude_max` (one pass of the C kernel where it
-    applies) read back as a Python float; per channel, |x| reduced along the contiguous axis (per
-    row through the kernel). NaN propagates and inf
-    stays, so a finite result proves every element finite.
+    Per tensor it is one pass of the C kernel returning a Python float
+    (:func:`shards.fp8.native_cast.maxabs_value`), else :func:`shards.fp8.scale_math.magnitude_max`;
+    per channel of activations, one pass down the columns (:func:`native_cast.maxabs_columns`,
+    fp32 maxima and a finiteness flag, no |x| temporary), of weights the per-row kernel. NaN
+    propagates and inf stays, so a finite result proves every element finite.
     """
     if x.device.type != "cpu":
         return None
-    x = _upcast_fp8(x)
     if channel_dim is None or x.ndim == 0:
-        m = float(magnitude_max(x))  # the C kernel's one pass where it applies, else torch's route
+        m = native_cast.maxabs_value(x)
+        if m is None:  # fp8 and other dtypes, layouts or the kernel switched off: torch's route
+            m = float(magnitude_max(_upcast_fp8(x)))
         return m if math.isfinite(m) else None
+    x = _upcast_fp8(x)
     rows, axis = _channel_rows(x, channel_dim)
-    m = magnitude_max(rows, dim=1) if axis == 0 else rows.abs().amax(dim=0)  # weights: the per-row kernel
+    if axis == 1:  # activations: rows of channels, max down each column
+        native = native_cast.maxabs_columns(rows)
+        if native is not None:
+            return native[0] if native[1] else None
+        m = rows.abs().amax(dim=0)
+    else:
+        m = magnitude_max(rows, dim=1)  # weights: the per-row kernel
     return m if bool(torch.isfinite(m).all()) else None
 
 
@@ -157,8 +167,22 @@ class _CountingObserver:
         self._state: torch.Tensor | None = None
         self._host: float | None = None  # per-tensor max of CPU tensors: no tensor op per call
         self._nonfinite: torch.Tensor | None = None
+        # Per tensor: the kernel's float-returning reduction, FP8_ORCH_NATIVE_CAST read once here.
+        self._cpu_value = native_cast.cpu_maxabs_value() if self.channel_dim is None else None
 
     def update(self, x: torch.Tensor) -> None:
+        cpu_value = self._cpu_value
+        if cpu_value is not None and x.is_cpu:
+            # The hot path of a MEASURE forward on CPU: one kernel pass returning a float, folded
+            # into a float. Every Python step here runs once per observed call, between matmuls
+            # that have evicted the interpreter's data from the caches, so each costs several
+            # times its warm price: no memo (the kernel is cheaper than its lookup), no tensors.
+            m = cpu_value(x)  # None: not applicable (dtype, layout, empty)
+            if m is not None and m - m == 0.0:  # finite: inf - inf and NaN - NaN are NaN
+                host = self._host
+                if host is None or m > host:
+                    self._host = m
+                return
         if x.numel() == 0:
             return
         memo = self.target.memo  # matched by identity: hand it the caller's tensor, not a detached view
@@ -210,8 +234,8 @@ class MaxAbsPerChannelObserver(_CountingObserver):
     """
 
     def __init__(self, target: ObserveTarget) -> None:
+        self.channel_dim = target.channel_dim  # before the base class picks its per-tensor path
         super().__init__(target)
-        self.channel_dim = target.channel_dim
 
 
 class SaveObserver(MaxAbsObserver):

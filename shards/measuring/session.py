@@ -42,11 +42,16 @@ Kwargs = dict[str, Any]
 def _first_arg(*names: str) -> Callable[[Args, Kwargs], tuple[torch.Tensor, ...]]:
     """Inputs = the leading positional arguments, or the keyword arguments of these names."""
 
+    if len(names) == 1:  # most op types: a module call's only input, picked once per call
+        name = names[0]
+
+        def pick_one(args: Args, kwargs: Kwargs) -> tuple[torch.Tensor, ...]:
+            return (args[0] if args else kwargs[name],)
+
+        return pick_one
+
     def pick(args: Args, kwargs: Kwargs) -> tuple[torch.Tensor, ...]:
-        picked = []
-        for i, name in enumerate(names):
-            picked.append(args[i] if i < len(args) else kwargs[name])
-        return tuple(picked)
+        return tuple(args[i] if i < len(args) else kwargs[name] for i, name in enumerate(names))
 
     return pick
 
@@ -126,11 +131,14 @@ class ModuleObservers:
     def observe_inputs(self, args: Args, kwargs: Kwargs) -> None:
         self.calls += 1
         inputs = self.behaviour.inputs_of(args, kwargs)
-        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() and inputs[0].shape[-1]:
-            self.tokens += inputs[0].numel() // inputs[0].shape[-1]  # rows: a routed expert's tokens
         for obs, x in zip(self.inputs, inputs):
             if isinstance(x, torch.Tensor):
                 obs.update(x)
+        first = inputs[0] if inputs else None
+        if isinstance(first, torch.Tensor) and first.ndim:
+            channels = first.shape[-1]
+            if channels:
+                self.tokens += first.numel() // channels  # rows: a routed expert's tokens
 
     def pre_hook(self, _module: nn.Module, args: Args, kwargs: Kwargs) -> None:
         self.observe_inputs(args, kwargs)

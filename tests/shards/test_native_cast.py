@@ -279,3 +279,4 @@ def test_kernel_arguments_are_checked() -> None:
         _fp8cast.cast(x.data_ptr(), 0, out.data_ptr(), 1, 4, 0, 1.0, False, 500.0)
     with pytest.raises(ValueError, match="null"):
         _fp8cast.cast(0, 0, out.data_ptr(), 1, 4, 0, 1.0, False, 448.0)
+

@@ -5,10 +5,13 @@ independently of the kernel; the torch route of ``magnitude_max`` (``FP8_ORCH_NA
 ``abs().amax()`` must agree with them too: the same bits where the result is a number or infinite,
 NaN where it is NaN. Every case runs with the fastest loops the CPU has and with the baseline-ISA
 loops (``FP8_ORCH_NATIVE_CAST=baseline``), and calls the kernel directly (so it cannot silently
-decline) as well as through ``magnitude_max``.
+decline) as well as through ``magnitude_max``. The observers' reductions (``maxabs_value``: a float
+per tensor; ``maxabs_columns``: fp32 per column and a finiteness flag) are checked against float64.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -218,3 +221,51 @@ def test_kernel_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="null"):
         _fp8cast.maxabs(0, 0, out.data_ptr(), 1, 4)
     _fp8cast.maxabs(0, 0, 0, 0, 4)  # no rows: nothing read or written
+
+
+def _activation(dtype: torch.dtype, shape: tuple[int, int], seed: int, special: float | None) -> torch.Tensor:
+    """Random activations with -0.0 columns and, where asked, one special value at a random place."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3.0).to(dtype)
+    x[:, 0] = -0.0
+    if special is not None:
+        r, c = (int(torch.randint(0, n, (1,), generator=g)) for n in shape)
+        x[r, c] = special
+    return x
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (128, 576), (37, 1000)])
+@pytest.mark.parametrize("special", [None, math.inf, -math.inf, math.nan])
+def test_observer_reductions_match_float64(monkeypatch, mode, dtype, shape, special) -> None:
+    """maxabs_value (per tensor, a float) and maxabs_columns (per column, fp32, a finiteness flag)
+    against max |x| in float64."""
+    monkeypatch.setenv(native_cast.ENV_FLAG, mode)
+    x = _activation(dtype, shape, seed=shape[1], special=special)
+    ref = x.double().abs()
+    value = native_cast.maxabs_value(x)
+    columns, finite = native_cast.maxabs_columns(x)
+    assert columns.dtype == torch.float32 and finite == (special is None)
+    if special is not None and math.isnan(special):
+        assert math.isnan(value)
+        nan_cols = ref.isnan().any(dim=0)
+        assert torch.equal(columns.isnan(), nan_cols)
+        ref, columns = ref[:, ~nan_cols], columns[~nan_cols]
+    else:
+        assert value == float(ref.max())
+    assert torch.equal(columns.double(), ref.amax(dim=0))
+    if bool((x[:, 0] == 0).all()):
+        assert str(columns[0].item()) == "0.0"  # a column of -0.0 gives +0.0
+
+
+@needs_kernel
+def test_observer_reductions_decline_what_they_do_not_cover(monkeypatch) -> None:
+    x = torch.randn(8, 6)
+    assert native_cast.maxabs_value(x.t()) is None and native_cast.maxabs_columns(x.t()) is None  # layout
+    assert native_cast.maxabs_value(x.double()) is None and native_cast.maxabs_columns(x[0]) is None  # dtype, 1-D
+    assert native_cast.maxabs_value(x[:0]) is None and native_cast.maxabs_columns(x[:0]) is None  # empty
+    monkeypatch.setenv(native_cast.ENV_FLAG, "0")
+    assert native_cast.maxabs_value(x) is None and native_cast.maxabs_columns(x) is None
+    assert native_cast.cpu_maxabs_value() is None

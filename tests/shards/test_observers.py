@@ -94,26 +94,36 @@ def test_state_stays_on_device_in_fp32() -> None:
     assert obs.result().tolist() == [5.0] and obs.nonfinite() == 2
 
 
-def test_siblings_fed_one_tensor_reduce_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_siblings_fed_one_tensor_reduce_it_once(monkeypatch: pytest.MonkeyPatch, native: str) -> None:
     """q/k/v observe the same input: the session memo reduces it once, and never matches a tensor
-    changed in place or a different reduction kind."""
+    changed in place or a different reduction kind. With the C kernel, per-tensor observers of CPU
+    tensors skip the memo (one kernel pass returning a float costs less than the lookup)."""
+    from shards.fp8 import native_cast
     from shards.measuring import observers
 
+    monkeypatch.setenv(native_cast.ENV_FLAG, native)
+    kernel = native_cast.enabled()
     calls: list[int | None] = []
     real = observers._reduce
     monkeypatch.setattr(observers, "_reduce", lambda x, dim: calls.append(dim) or real(x, dim))
     memo = observers.ReductionMemo()
     q, k, v = (MaxAbsObserver(ObserveTarget(n, "inputs.0", memo=memo)) for n in "qkv")
-    per_channel = MaxAbsPerChannelObserver(ObserveTarget("g", "inputs.0", -1, memo=memo))
+    per_channel = [MaxAbsPerChannelObserver(ObserveTarget(n, "inputs.0", -1, memo=memo)) for n in "gu"]
     x = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
     for obs in (q, k, v):
         obs.update(x)
-    assert calls == [None]
-    per_channel.update(x)
-    assert calls == [None, -1] and per_channel.result().tolist() == [2.0, 4.0]
+    per_tensor_calls = [] if kernel else [None]
+    assert calls == per_tensor_calls and [o.result().tolist() for o in (q, k, v)] == [[4.0]] * 3
+    for obs in per_channel:
+        obs.update(x)
+    assert calls == per_tensor_calls + [-1] and [o.result().tolist() for o in per_channel] == [[2.0, 4.0]] * 2
     x.mul_(2)  # in place: the version counter moves, the memo must not answer
     q.update(x)
-    assert calls == [None, -1, None] and q.result().tolist() == [8.0] and k.result().tolist() == [4.0]
+    per_channel[0].update(x)
+    assert calls == per_tensor_calls + [-1] + per_tensor_calls + [-1]
+    assert q.result().tolist() == [8.0] and k.result().tolist() == [4.0]
+    assert per_channel[0].result().tolist() == [4.0, 8.0] and per_channel[1].result().tolist() == [2.0, 4.0]
 
 
 def test_nothing_observed_gives_none() -> None:
