@@ -508,19 +508,22 @@ static const maxcols32_fn MAXCOLS32[1] = {b_maxcols32};
 #endif
 
 PyDoc_STRVAR(maxabs_cols_doc,
-"maxabs_cols(src_ptr, src_kind, rows, cols, dst_ptr, baseline=False) -> bool\n\n"
-"Write max |x| of each of the cols columns of the contiguous rows x cols source (src_kind 0 fp32,\n"
-"1 bf16, 2 fp16; rows, cols >= 1) to the fp32 dst_ptr[col]. True when every maximum is finite (no\n"
-"element is NaN or infinite); False when one is not, and then dst holds the raw maxima (NaN for\n"
-"a column holding a NaN). Runs without the GIL; the caller keeps the buffers alive.");
+"maxabs_cols(src_ptr, src_kind, rows, cols, dst_ptr, fold=False, baseline=False) -> bool\n\n"
+"max |x| of each of the cols columns of the contiguous rows x cols source (src_kind 0 fp32, 1 bf16,\n"
+"2 fp16; rows, cols >= 1), as fp32. True when every maximum is finite (no element is NaN or\n"
+"infinite). fold=False: the maxima are written to dst_ptr[col] (the raw ones, NaN for a column\n"
+"holding a NaN, when not finite). fold=True: dst_ptr holds a running maximum (finite, >= 0) and\n"
+"takes the elementwise max with these, only when they are all finite; else it is left as it was\n"
+"(the observers' per-call fold, with no tensor op). Runs without the GIL; the caller keeps the\n"
+"buffers alive.");
 
 static PyObject *maxabs_cols(PyObject *self, PyObject *args)
 {
     unsigned long long src, dst;
-    int kind, baseline = 0;
+    int kind, fold = 0, baseline = 0;
     Py_ssize_t rows, cols;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KinnK|p:maxabs_cols", &src, &kind, &rows, &cols, &dst, &baseline))
+    if (!PyArg_ParseTuple(args, "KinnK|pp:maxabs_cols", &src, &kind, &rows, &cols, &dst, &fold, &baseline))
         return NULL;
     if (kind < 0 || kind > 2)
         return PyErr_Format(PyExc_ValueError, "src_kind must be 0 (fp32), 1 (bf16) or 2 (fp16), got %d", kind);
@@ -528,31 +531,31 @@ static PyObject *maxabs_cols(PyObject *self, PyObject *args)
         return PyErr_Format(PyExc_ValueError, "need rows, cols >= 1 and non-null pointers, got %zd x %zd", rows,
                             cols);
     const void *sp = (const void *)(uintptr_t)src;
-    float *dp = (float *)(uintptr_t)dst;
+    uint32_t *dp = (uint32_t *)(uintptr_t)dst; /* fp32 patterns */
     const int isa = baseline ? 0 : best_isa;
+    /* One scratch row of maxima: 32-bit patterns (16-bit sources widen after the pass). */
+    int32_t *acc = PyMem_RawMalloc((size_t)cols * sizeof *acc);
+    if (acc == NULL)
+        return PyErr_NoMemory();
     int finite = 1;
+    Py_BEGIN_ALLOW_THREADS
     if (kind == SRC_F32) {
-        /* The fp32 maxima land in dst itself: an int32 pattern per column, then read as floats. */
-        int32_t *acc = (int32_t *)dp;
-        Py_BEGIN_ALLOW_THREADS
         MAXCOLS32[isa](sp, (size_t)rows, (size_t)cols, acc);
-        for (Py_ssize_t j = 0; j < cols; j++)
-            finite &= acc[j] < 0x7f800000;
-        Py_END_ALLOW_THREADS
     } else {
-        int16_t *acc = PyMem_RawMalloc((size_t)cols * sizeof *acc);
-        if (acc == NULL)
-            return PyErr_NoMemory();
-        const int16_t top = kind == SRC_BF16 ? 0x7f80 : 0x7c00; /* +inf: patterns from here are not finite */
-        Py_BEGIN_ALLOW_THREADS
-        MAXCOLS16[isa](sp, (size_t)rows, (size_t)cols, acc);
-        for (Py_ssize_t j = 0; j < cols; j++) {
-            finite &= acc[j] < top;
-            dp[j] = (float)pattern_value((uint32_t)(uint16_t)acc[j], kind);
-        }
-        Py_END_ALLOW_THREADS
-        PyMem_RawFree(acc);
+        int16_t *acc16 = (int16_t *)acc; /* the first half of the scratch row, widened from the end down */
+        MAXCOLS16[isa](sp, (size_t)rows, (size_t)cols, acc16);
+        for (Py_ssize_t j = cols - 1; j >= 0; j--)
+            acc[j] = (int32_t)to_bits((float)pattern_value((uint32_t)(uint16_t)acc16[j], kind));
     }
+    for (Py_ssize_t j = 0; j < cols; j++)
+        finite &= (acc[j] & 0x7fffffff) < 0x7f800000;
+    if (!fold)
+        memcpy(dp, acc, (size_t)cols * sizeof *acc);
+    else if (finite) /* non-negative finite floats order like their patterns */
+        for (Py_ssize_t j = 0; j < cols; j++)
+            dp[j] = (uint32_t)acc[j] > dp[j] ? (uint32_t)acc[j] : dp[j];
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(acc);
     return PyBool_FromLong(finite);
 }
 

@@ -162,5 +162,33 @@ def maxabs_columns(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     if rows == 0 or cols == 0 or mode == "0":
         return None
     out = torch.empty(cols, dtype=torch.float32)
-    finite = _fp8cast.maxabs_cols(x.data_ptr(), kind, rows, cols, out.data_ptr(), mode == "baseline")
+    finite = _fp8cast.maxabs_cols(x.data_ptr(), kind, rows, cols, out.data_ptr(), False, mode == "baseline")
     return out, finite
+
+
+def cpu_maxabs_columns_into() -> Callable[[torch.Tensor, torch.Tensor], bool | None] | None:
+    """A function ``fold(x, state)`` for CPU tensors, ``FP8_ORCH_NATIVE_CAST`` read now, once; None
+    when the kernel is not built or switched off.
+
+    ``x`` is viewed as rows of ``state.numel()`` channels (its last axis, contiguous); ``state`` is
+    a contiguous fp32 running maximum (finite, >= 0). ``fold`` takes the per-channel max |x| into
+    ``state`` in one pass and answers True; False when ``x`` holds a NaN or an infinity (``state``
+    is then unchanged: the caller takes its NaN-skipping path); None where it does not apply
+    (dtype, layout, shape, empty). The per-channel observers' per-call path.
+    """
+    mode = _mode()
+    if _fp8cast is None or mode == "0":
+        return None
+    kinds, kernel, baseline = _SRC_KIND, _fp8cast.maxabs_cols, mode == "baseline"
+
+    def fold(x: torch.Tensor, state: torch.Tensor) -> bool | None:
+        kind = kinds.get(x.dtype)
+        cols = state.numel()
+        if kind is None or not x.ndim or x.shape[-1] != cols or not x.is_contiguous():
+            return None
+        n = x.numel()
+        if not n:
+            return None
+        return kernel(x.data_ptr(), kind, n // cols, cols, state.data_ptr(), True, baseline)
+
+    return fold

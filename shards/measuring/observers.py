@@ -167,10 +167,17 @@ class _CountingObserver:
         self._state: torch.Tensor | None = None
         self._host: float | None = None  # per-tensor max of CPU tensors: no tensor op per call
         self._nonfinite: torch.Tensor | None = None
-        # Per tensor: the kernel's float-returning reduction, FP8_ORCH_NATIVE_CAST read once here.
+        # The kernel's per-call paths, FP8_ORCH_NATIVE_CAST read once here: per tensor a reduction
+        # returning a float; per channel of activations (the last axis) a fold into the fp32 state.
         self._cpu_value = native_cast.cpu_maxabs_value() if self.channel_dim is None else None
+        self._cpu_fold = native_cast.cpu_maxabs_columns_into() if self.channel_dim == -1 else None
 
     def update(self, x: torch.Tensor) -> None:
+        state, cpu_fold = self._state, self._cpu_fold
+        if cpu_fold is not None and state is not None and x.is_cpu and state.is_cpu:
+            # Per channel, after the first call has set the state's shape: one pass folding into it.
+            if cpu_fold(x, state):
+                return
         cpu_value = self._cpu_value
         if cpu_value is not None and x.is_cpu:
             # The hot path of a MEASURE forward on CPU: one kernel pass returning a float, folded

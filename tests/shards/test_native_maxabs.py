@@ -269,3 +269,25 @@ def test_observer_reductions_decline_what_they_do_not_cover(monkeypatch) -> None
     monkeypatch.setenv(native_cast.ENV_FLAG, "0")
     assert native_cast.maxabs_value(x) is None and native_cast.maxabs_columns(x) is None
     assert native_cast.cpu_maxabs_value() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("special", [None, math.inf, math.nan])
+def test_column_fold_takes_the_max_only_when_finite(monkeypatch, mode, dtype, special) -> None:
+    """cpu_maxabs_columns_into's fold: state = max(state, column max-abs) when x is finite, state
+    unchanged (and False) when not; None for what it does not cover."""
+    monkeypatch.setenv(native_cast.ENV_FLAG, mode)
+    fold = native_cast.cpu_maxabs_columns_into()
+    x = _activation(dtype, (2, 64, 96), seed=3, special=None)
+    if special is not None:
+        x[1, 5, 17] = special
+    state = torch.rand(96, generator=torch.Generator().manual_seed(1), dtype=torch.float64).mul(6).float()
+    before = state.clone()
+    done = fold(x, state)
+    assert done == (special is None)
+    want = torch.maximum(before.double(), x.double().abs().reshape(-1, 96).amax(dim=0)) if done else before.double()
+    assert torch.equal(state.double(), want)
+    assert fold(x[..., :95], state) is None and fold(x.transpose(0, 1), state) is None  # shape, layout
+    assert fold(x.double(), state) is None and fold(x[:0], state) is None  # dtype, empty

@@ -98,7 +98,8 @@ def test_state_stays_on_device_in_fp32() -> None:
 def test_siblings_fed_one_tensor_reduce_it_once(monkeypatch: pytest.MonkeyPatch, native: str) -> None:
     """q/k/v observe the same input: the session memo reduces it once, and never matches a tensor
     changed in place or a different reduction kind. With the C kernel, per-tensor observers of CPU
-    tensors skip the memo (one kernel pass returning a float costs less than the lookup)."""
+    tensors skip the memo (one kernel pass returning a float costs less than the lookup), and so do
+    per-channel ones once their first call has set the state (one pass folding into it)."""
     from shards.fp8 import native_cast
     from shards.measuring import observers
 
@@ -120,8 +121,8 @@ def test_siblings_fed_one_tensor_reduce_it_once(monkeypatch: pytest.MonkeyPatch,
     assert calls == per_tensor_calls + [-1] and [o.result().tolist() for o in per_channel] == [[2.0, 4.0]] * 2
     x.mul_(2)  # in place: the version counter moves, the memo must not answer
     q.update(x)
-    per_channel[0].update(x)
-    assert calls == per_tensor_calls + [-1] + per_tensor_calls + [-1]
+    per_channel[0].update(x)  # with the kernel: folded straight into the state set by the first call
+    assert calls == per_tensor_calls + [-1] + per_tensor_calls + ([] if kernel else [-1])
     assert q.result().tolist() == [8.0] and k.result().tolist() == [4.0]
     assert per_channel[0].result().tolist() == [4.0, 8.0] and per_channel[1].result().tolist() == [2.0, 4.0]
 
@@ -210,3 +211,27 @@ def test_cpu_fast_maxabs_equals_the_max_of_abs(dtype: torch.dtype, channel_dim: 
     bad = xf.clone()
     bad[0, 0, 0] = float("nan")
     assert _fast_cpu_maxabs(bad, channel_dim) is None  # NaN: the counting path takes over
+
+
+@pytest.mark.parametrize("native", ["1", "baseline", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("observer", [MaxAbsObserver, MaxAbsPerChannelObserver])
+def test_many_calls_with_nonfinite_ones_between(monkeypatch: pytest.MonkeyPatch, native: str, dtype: torch.dtype,
+                                                observer: type) -> None:
+    """Calls alternate between the kernel's per-call paths (a float per tensor; per channel, a fold
+    into the state after the first call) and the NaN-skipping path: the result is the float64 max of
+    the finite values, and every NaN/Inf is counted, whichever path each call took."""
+    from shards.fp8 import native_cast
+
+    monkeypatch.setenv(native_cast.ENV_FLAG, native)
+    g = torch.Generator().manual_seed(5)
+    xs = [(torch.randn(2, 9, 16, generator=g, dtype=torch.float64) * (i + 1)).to(dtype) for i in range(6)]
+    xs[2][1, 3, 7] = float("nan")
+    xs[4][0, 0, 0] = float("-inf")
+    xs[4][1, 8, 15] = float("inf")
+    obs = observer(ObserveTarget("m", "inputs.0", -1))
+    for x in xs:
+        obs.update(x)
+    finite = torch.stack([x.double() for x in xs]).nan_to_num(0.0, 0.0, 0.0).abs()
+    want = finite.amax().reshape(1) if observer is MaxAbsObserver else finite.reshape(-1, 16).amax(dim=0)
+    assert obs.result().tolist() == want.float().tolist() and obs.nonfinite() == 3
