@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from bench.peer_measures import COPY_BYTES
 from bench.models import bench_llama, layer_stack, smollm2, smollm2_available, tokens
 from bench.timing import Row, Timing, row, single_thread, time_it, time_pair
 from shards.fp8.numerics import quantize
@@ -46,8 +47,9 @@ SIZES = {"toy": (1, 32), "quick": (1, 8), "full": (1, 1)}  # (layers, shrink)
 METHODS = {"per tensor": "MAXABS_POW2", "per channel": "ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2"}
 
 
-# Bytes of each buffer of the DRAM copy: far above any last-level cache (this machine's: 32 MiB).
-DRAM_COPY_BYTES = 300_000_000
+# Bytes of each buffer of the DRAM copy: far above any last-level cache (this machine's: 32 MiB);
+# the side-by-side bench's convert row uses the same copy (bench.peer_measures.dram_copy_s).
+DRAM_COPY_BYTES = COPY_BYTES
 
 
 def dram_copy(nbytes: int = DRAM_COPY_BYTES, repeats: int = 3) -> tuple[float, Timing]:

@@ -40,6 +40,22 @@ def pairs(fn_a, fn_b, inputs, warmup_input):
     return ta, tb
 
 
+COPY_BYTES = 300_000_000  # each buffer of the DRAM copy: far above any last-level cache
+
+
+def dram_copy_s(repeats=3):
+    """Seconds of ``dst.copy_(src)`` on two COPY_BYTES buffers, dst written beforehand (no page
+    faults timed): each process's memory bandwidth, the convert row's baseline (the same measure as
+    bench_weight_quant's DRAM copy)."""
+    import torch
+
+    src = torch.ones(COPY_BYTES, dtype=torch.uint8)
+    dst = torch.zeros(COPY_BYTES, dtype=torch.uint8)
+    times = [timed(lambda: dst.copy_(src))[0] for _ in range(repeats)]
+    del src, dst
+    return times
+
+
 def heldout_summary(model, rows, batch):
     """Per position: log-probability of the next token (rows x seq-1) and argmax (rows x seq)."""
     import torch

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench.peer_measures import (heldout_summary, inc_style_config, load_rows, model_bytes, pairs, peak_rss_bytes,
+from bench.peer_measures import (dram_copy_s, heldout_summary, inc_style_config, load_rows, model_bytes, pairs, peak_rss_bytes,
                                  plain_reference, rss_bytes, side_args, timed)
 
 
@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     save_file({"plain_logprob": plain_logp, "plain_argmax": plain_top, "quant_logprob": quant_logp,
                "quant_argmax": quant_top}, summary)
 
+    peak_rss = peak_rss_bytes()  # before the DRAM copy's 600 MB of buffers
+    copy_s = dram_copy_s()
     print(json.dumps({
         "tool": "ours", "tool_version": f"fp8-orchestrator {version('fp8-orchestrator')}", "torch": torch.__version__,
         "transformers": transformers.__version__, "threads": torch.get_num_threads(), "batch": a.batch,
@@ -92,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "model_bytes": model_bytes(plain), "quant_weight_bytes": sum(w.numel() * w.element_size() for w in weights),
         "quant_weight_numel": sum(w.numel() for w in weights), "n_selected": len(weights), "n_quantized": n_quant,
         "observe_s": t_meas, "observe_plain_s": t_plain, "finalize_s": t_finalize,
-        "convert_s": t_convert, "clone_s": t_clone, "qdq_s": t_qdq, "qdq_plain_s": t_qdq_plain,
-        "rss_imports_bytes": rss_imports, "peak_rss_bytes": peak_rss_bytes(), "heldout": summary,
+        "convert_s": t_convert, "clone_s": t_clone, "copy_s": copy_s, "qdq_s": t_qdq, "qdq_plain_s": t_qdq_plain,
+        "rss_imports_bytes": rss_imports, "peak_rss_bytes": peak_rss, "heldout": summary,
         "scales": scales,
         "notes": ["the same INC config dicts (use_qdq=True, hp_dtype bf16) through orchestrator.prepare/convert; "
                   "CPU emulating backend: FP8 values multiplied and accumulated in fp32, rounded once to bf16; each FP8 Linear keeps the fp32 values of its weight codes between forwards"],

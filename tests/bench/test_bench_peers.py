@@ -24,7 +24,7 @@ def fake_result(tool: str, heldout: Path, **over: object) -> dict:
          "batch": 2, "calib_shape": [4, 128], "heldout_shape": [2, 128], "n_batches": 2, "model_bytes": 10**8,
          "quant_weight_bytes": 8 * 10**7, "quant_weight_numel": 4 * 10**7, "n_selected": 210, "n_quantized": 210,
          "observe_s": [1.2, 1.1, 1.3, 1.1], "observe_plain_s": [1.0, 1.05, 1.1, 1.2], "finalize_s": 0.1,
-         "convert_s": [0.9, 0.5, 0.4], "clone_s": [0.1, 0.08], "qdq_s": [2.0, 1.5], "qdq_plain_s": [1.0, 1.2],
+         "convert_s": [0.9, 0.5, 0.4], "clone_s": [0.1, 0.08], "copy_s": [0.05, 0.04, 0.06], "qdq_s": [2.0, 1.5], "qdq_plain_s": [1.0, 1.2],
          "rss_imports_bytes": 3 * 10**8, "peak_rss_bytes": 5 * 10**8, "heldout": str(heldout), "notes": ["n"]}
     if tool == "llmcompressor":
         r.update(oneshot_s=3.0, calib_plain_pass_s=2.0, observe_lm_head=False, export="/nowhere")
@@ -59,8 +59,9 @@ def test_figures_are_ratios_of_same_process_quantities(tmp_path: Path) -> None:
     assert bp.observer_cell(r).startswith("**1.100**")  # min 1.1 / min 1.0
     # forwards of the first pass 2.3 + finalize 0.1 + cold convert 0.9 over plain 2.05
     assert bp.calibration_cell(r).startswith(f"**{3.3 / 2.05:.2f}**")
-    # 1.5 x 80 MB in 0.4 s against 2 x 80 MB in 0.08 s
-    assert bp.convert_cell(r).startswith(f"**{(1.2e8 / 0.4) / (1.6e8 / 0.08):.3f}**")
+    # 1.5 x 80 MB in 0.4 s against the DRAM copy: 2 x 300 MB in 0.04 s (the clone shown beside it)
+    assert bp.convert_cell(r).startswith(f"**{(1.2e8 / 0.4) / (6e8 / 0.04):.3f}**")
+    assert "clone 2.00 GB/s" in bp.convert_cell(r)
     assert bp.cold_cell(r).startswith("**2.25**") and bp.qdq_cell(r).startswith("**1.50**")
     assert bp.rss_cell(r).startswith("**5.00**")
     llmc = fake_result("llmcompressor", tmp_path)
