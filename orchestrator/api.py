@@ -249,7 +249,7 @@ def _read_store(path: StoreLocation, plan: RunPlan, model: nn.Module) -> Measure
     store = ZarrStatsStore.open(path)
     stored = store.meta.model_fingerprint
     if isinstance(stored, dict) and stored.get("source") == FINGERPRINT_SOURCE:
-        store = ZarrStatsStore.open(path, expect_fingerprint=fingerprint_of_module(model, like=stored))
+        store.check_fingerprint(fingerprint_of_module(model, like=stored))
     else:
         # Measured from checkpoint files (fp8-calibrate): their fingerprint hashes file bytes,
         # which an in-memory model does not have.
