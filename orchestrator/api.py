@@ -19,6 +19,7 @@ Off an explicit ``hpu_device``, the Gaudi this process runs on (if any) is the d
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field, replace
@@ -123,9 +124,9 @@ def _local_only(plan: RunPlan, what: str, fix: str) -> None:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    # The first tensor met: a generator, not a tuple of every parameter and buffer of the model.
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
 
 
 def _refuse_existing_store(where: StoreLocation) -> None:

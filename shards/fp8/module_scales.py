@@ -23,7 +23,7 @@ Where each scale comes from is read from the op-type table (``OpType.input_scale
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -125,8 +125,7 @@ class ScaleRequest:
     allreduce_quantization: bool = False
 
 
-@dataclass(frozen=True)
-class _Product:
+class _Product(NamedTuple):
     """An output scale that is the product of two others (torch promotion: a vector for PCS weights)."""
 
     a: Scale
@@ -194,8 +193,7 @@ def _output_scales(r: ScaleRequest, section: SectionSpec, batch: ScaleBatch, inp
     )
 
 
-@dataclass(frozen=True)
-class _Draft:
+class _Draft(NamedTuple):
     """A module's scales queued in a batch, before it computes them."""
 
     inputs: tuple[Scale, ...]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -85,9 +86,9 @@ class FoundModule:
         return _type_names(type(self.module))
 
 
-def _tied_to_embedding(model: nn.Module) -> set[int]:
+def _tied_to_embedding(modules: Iterable[nn.Module]) -> set[int]:
     """Storage addresses of input-embedding weights (a tied output head shares one)."""
-    return {m.weight.data_ptr() for m in model.modules()
+    return {m.weight.data_ptr() for m in modules
             if isinstance(m, nn.Embedding) and not m.weight.is_meta and m.weight.numel()}
 
 
@@ -105,12 +106,12 @@ def supported_modules(model: nn.Module) -> list[FoundModule]:
     config has no place for a separate FP8 head (decisions §6: the export computes what the
     in-memory model computes).
     """
-    tied = _tied_to_embedding(model)
+    # One walk of the tree: named_modules() yields a module before its children, at the path they
+    # are reached through.
+    by_path = dict(model.named_modules())
+    tied = _tied_to_embedding(by_path.values())
     found = []
-    # named_modules() yields a module before its children, at the path they are reached through.
-    by_path: dict[str, nn.Module] = {}
-    for path, module in model.named_modules():
-        by_path[path] = module
+    for path, module in by_path.items():
         op = op_type_of(module)
         if op is not None and not is_tied_head(module, tied):
             parent = by_path[path.rpartition(".")[0]] if path else None
