@@ -91,6 +91,10 @@ class StoreIO(Protocol):
 
     def read(self, key: str) -> bytes | None: ...
 
+    def read_tree(self, prefix: str) -> dict[str, bytes]:
+        """Every object under ``prefix/``, keyed by its key in the store (none: an empty dict)."""
+        ...
+
     def put(self, key: str, data: bytes) -> None: ...
 
     def exists(self) -> bool: ...
@@ -122,6 +126,22 @@ class LocalIO:
             return None
         self.counts.add_read(len(data), time.perf_counter() - start)
         return data
+
+    def read_tree(self, prefix: str) -> dict[str, bytes]:
+        start = time.perf_counter()
+        out: dict[str, bytes] = {}
+        for dirpath, _, files in os.walk(self.root / prefix):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    with open(path, "rb") as f:
+                        out[os.path.relpath(path, self.root).replace(os.sep, "/")] = f.read()
+                except FileNotFoundError:
+                    continue  # removed since the listing (a concurrent rewrite): absent, as for a read
+        for data in out.values():
+            self.counts.add_read(len(data), 0.0)
+        self.counts.seconds += time.perf_counter() - start
+        return out
 
     def put(self, key: str, data: bytes) -> None:
         start = time.perf_counter()
@@ -211,6 +231,22 @@ class S3IO:
             return None
         self.counts.add_read(len(data), time.perf_counter() - start)
         return data
+
+    def read_tree(self, prefix: str) -> dict[str, bytes]:
+        start = time.perf_counter()
+
+        async def fetch() -> dict[str, bytes]:
+            # One listing, then the GETs concurrently (s3fs batches them).
+            paths = await self.fs._find(self._key(prefix))
+            return await self.fs._cat(paths, on_error="omit") if paths else {}
+
+        found: dict[str, bytes] = self._run(fetch())
+        root = self.location.path.rstrip("/") + "/"
+        out = {path.removeprefix(root): data for path, data in found.items() if isinstance(data, bytes)}
+        for data in out.values():
+            self.counts.add_read(len(data), 0.0)
+        self.counts.seconds += time.perf_counter() - start
+        return out
 
     def put(self, key: str, data: bytes) -> None:
         start = time.perf_counter()
