@@ -176,6 +176,14 @@ class QuantModule(nn.Module):
         return getattr(self.qctx.backend, "emulated_gemm", False)
 
 
+def _plain_attr(module: nn.Module, name: str, default: Any) -> Any:
+    """``getattr(module, name, default)`` for a name that is no parameter, buffer or submodule:
+    nn.Module.__getattr__ raises for a missing name (~3 us, per module of a conversion)."""
+    if name in module.__dict__:
+        return module.__dict__[name]
+    return getattr(module, name, default) if hasattr(type(module), name) else default
+
+
 def _quantize_weight(weight: torch.Tensor, scale: torch.Tensor, qctx: QuantContext) -> torch.Tensor:
     """FP8 codes of a weight; a per-channel scale runs along axis 0 (output channels)."""
     w = weight.detach()
@@ -207,7 +215,7 @@ class QuantLinear(QuantModule):
         self.in_features: int
         self.out_features: int
         self.all_reduce: Callable[..., torch.Tensor] | None
-        tp_world = getattr(source, "tp_world", 1)
+        tp_world = _plain_attr(source, "tp_world", 1)
         bias = source.bias
         # A missing bias is a plain attribute (what nn.Module.__setattr__ makes of None), set
         # without __setattr__'s table lookups.
