@@ -53,6 +53,12 @@ class IoCounts:
     def add_read(self, nbytes: int, seconds: float) -> None:
         self.reads, self.bytes_read, self.seconds = self.reads + 1, self.bytes_read + nbytes, self.seconds + seconds
 
+    def add_reads(self, objects: Iterable[bytes], seconds: float) -> None:
+        """Objects read together (one listing and their reads), ``seconds`` for all of them."""
+        for data in objects:
+            self.reads, self.bytes_read = self.reads + 1, self.bytes_read + len(data)
+        self.seconds += seconds
+
     def add_write(self, nbytes: int, seconds: float) -> None:
         self.writes, self.bytes_written = self.writes + 1, self.bytes_written + nbytes
         self.seconds += seconds
@@ -138,9 +144,7 @@ class LocalIO:
                         out[os.path.relpath(path, self.root).replace(os.sep, "/")] = f.read()
                 except FileNotFoundError:
                     continue  # removed since the listing (a concurrent rewrite): absent, as for a read
-        for data in out.values():
-            self.counts.add_read(len(data), 0.0)
-        self.counts.seconds += time.perf_counter() - start
+        self.counts.add_reads(out.values(), time.perf_counter() - start)
         return out
 
     def put(self, key: str, data: bytes) -> None:
@@ -243,9 +247,7 @@ class S3IO:
         found: dict[str, bytes] = self._run(fetch())
         root = self.location.path.rstrip("/") + "/"
         out = {path.removeprefix(root): data for path, data in found.items() if isinstance(data, bytes)}
-        for data in out.values():
-            self.counts.add_read(len(data), 0.0)
-        self.counts.seconds += time.perf_counter() - start
+        self.counts.add_reads(out.values(), time.perf_counter() - start)
         return out
 
     def put(self, key: str, data: bytes) -> None:
