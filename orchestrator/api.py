@@ -19,6 +19,7 @@ Off an explicit ``hpu_device``, the Gaudi this process runs on (if any) is the d
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from dataclasses import dataclass, field, replace
@@ -123,9 +124,9 @@ def _local_only(plan: RunPlan, what: str, fix: str) -> None:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    # The first tensor met: a generator, not a tuple of every parameter and buffer of the model.
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
 
 
 def _refuse_existing_store(where: StoreLocation) -> None:
@@ -249,7 +250,7 @@ def _read_store(path: StoreLocation, plan: RunPlan, model: nn.Module) -> Measure
     store = ZarrStatsStore.open(path)
     stored = store.meta.model_fingerprint
     if isinstance(stored, dict) and stored.get("source") == FINGERPRINT_SOURCE:
-        store = ZarrStatsStore.open(path, expect_fingerprint=fingerprint_of_module(model, like=stored))
+        store.check_fingerprint(fingerprint_of_module(model, like=stored))
     else:
         # Measured from checkpoint files (fp8-calibrate): their fingerprint hashes file bytes,
         # which an in-memory model does not have.

@@ -9,6 +9,7 @@ views are numpy slices of ``values``: no copy.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
@@ -17,6 +18,24 @@ import numpy as np
 
 from stats_store.records import Measurement, ModuleStats
 from stats_store.errors import ShardSpecError
+
+
+@functools.cache
+def _parse_label(label: str) -> tuple[str, int | str]:
+    """``inputs.0`` → ``("inputs", 0)``, ``params.weight`` → ``("params", "weight")``; once per label
+    (a model repeats a few labels over all its modules)."""
+    kind, _, key = label.partition(".")
+    if kind in ("inputs", "outputs"):
+        return kind, int(key)
+    if kind == "params":
+        return kind, key
+    return "", label
+
+
+def _vector(value: np.ndarray) -> np.ndarray:
+    if type(value) is np.ndarray and value.dtype == np.float32 and value.ndim == 1:
+        return value  # already what the conversion gives (slices of a packed vector)
+    return np.asarray(value, dtype=np.float32).reshape(-1)
 
 
 def module_stats_from_tensors(
@@ -28,14 +47,13 @@ def module_stats_from_tensors(
     outputs: dict[int, np.ndarray] = {}
     params: dict[str, np.ndarray] = {}
     for label, value in tensors.items():
-        kind, _, key = label.partition(".")
-        vec = np.asarray(value, dtype=np.float32).reshape(-1)
+        kind, key = _parse_label(label)
         if kind == "inputs":
-            inputs[int(key)] = vec
+            inputs[key] = _vector(value)  # type: ignore[index]
         elif kind == "outputs":
-            outputs[int(key)] = vec
+            outputs[key] = _vector(value)  # type: ignore[index]
         elif kind == "params":
-            params[key] = vec
+            params[key] = _vector(value)  # type: ignore[index]
         else:
             raise ShardSpecError(f"module {name}: tensor label {label!r} is not inputs.N, outputs.N or params.NAME")
     return ModuleStats(

@@ -110,6 +110,18 @@ class CommittedStore:
         """The reducer's summary; None before the first reduce (or while one is writing)."""
         raise NotImplementedError
 
+    def _read_summary_and_reduced(self) -> tuple[dict[str, Any] | None, Packed | None]:
+        """The summary and the reduced arrays (None without a summary, or when an array is
+        missing); an implementation may read them together."""
+        summary = self._read_summary()
+        return summary, (self._read_reduced() if summary is not None else None)
+
+    def _read_generation(self, shard: int) -> int | None:
+        """The generation of a shard's latest commit (None: never committed); an implementation may
+        read it without building the whole record."""
+        rec = self._read_commit(shard)
+        return None if rec is None else rec.generation
+
     def _read_selected(self) -> list[str] | None:
         """The recorded selected-module inventory; None when none was ever recorded."""
         raise NotImplementedError
@@ -250,7 +262,8 @@ class CommittedStore:
         return packed, summary
 
     def _generations(self) -> dict[str, int]:
-        return {str(k): r.generation for k, r in sorted(self.commits().items())}
+        generations = {str(k): self._read_generation(k) for k in range(self.meta.num_shards)}
+        return {k: g for k, g in generations.items() if g is not None}
 
     def reduced_is_current(self) -> bool:
         """True when the reduced arrays hold exactly the shards' latest commits."""
@@ -263,13 +276,17 @@ class CommittedStore:
         return self._read_current_reduced(self._generations())
 
     def _read_current_reduced(self, current: dict[str, int]) -> Measurement:
-        summary = self._read_summary()
-        packed = self._read_reduced() if summary is not None and summary.get("generations") == current else None
-        if summary is None or packed is None:
+        summary, packed = self._read_summary_and_reduced()
+        if summary is None or summary.get("generations") != current:
             have = "none" if summary is None else canonical_json(summary.get("generations"))
             raise StaleReducedError(
                 f"{self.location}: reduced statistics (shard generations {have}) are not those of the latest "
                 f"commits {canonical_json(current)}; run `stats-store reduce {self.location}` or store.reduce()"
+            )
+        if packed is None:
+            raise TornWriteError(
+                f"{self.location}: the reduced statistics of the latest commits are incomplete (an array is "
+                f"missing); run `stats-store reduce {self.location}` to rebuild them from the committed shards"
             )
         if row_checksum(packed.values) != summary.get("values_checksum"):
             raise TornWriteError(

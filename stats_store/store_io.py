@@ -53,6 +53,12 @@ class IoCounts:
     def add_read(self, nbytes: int, seconds: float) -> None:
         self.reads, self.bytes_read, self.seconds = self.reads + 1, self.bytes_read + nbytes, self.seconds + seconds
 
+    def add_reads(self, objects: Iterable[bytes], seconds: float) -> None:
+        """Objects read together (one listing and their reads), ``seconds`` for all of them."""
+        for data in objects:
+            self.reads, self.bytes_read = self.reads + 1, self.bytes_read + len(data)
+        self.seconds += seconds
+
     def add_write(self, nbytes: int, seconds: float) -> None:
         self.writes, self.bytes_written = self.writes + 1, self.bytes_written + nbytes
         self.seconds += seconds
@@ -91,6 +97,10 @@ class StoreIO(Protocol):
 
     def read(self, key: str) -> bytes | None: ...
 
+    def read_tree(self, prefix: str) -> dict[str, bytes]:
+        """Every object under ``prefix/``, keyed by its key in the store (none: an empty dict)."""
+        ...
+
     def put(self, key: str, data: bytes) -> None: ...
 
     def exists(self) -> bool: ...
@@ -122,6 +132,20 @@ class LocalIO:
             return None
         self.counts.add_read(len(data), time.perf_counter() - start)
         return data
+
+    def read_tree(self, prefix: str) -> dict[str, bytes]:
+        start = time.perf_counter()
+        out: dict[str, bytes] = {}
+        for dirpath, _, files in os.walk(self.root / prefix):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    with open(path, "rb") as f:
+                        out[os.path.relpath(path, self.root).replace(os.sep, "/")] = f.read()
+                except FileNotFoundError:
+                    continue  # removed since the listing (a concurrent rewrite): absent, as for a read
+        self.counts.add_reads(out.values(), time.perf_counter() - start)
+        return out
 
     def put(self, key: str, data: bytes) -> None:
         start = time.perf_counter()
@@ -211,6 +235,20 @@ class S3IO:
             return None
         self.counts.add_read(len(data), time.perf_counter() - start)
         return data
+
+    def read_tree(self, prefix: str) -> dict[str, bytes]:
+        start = time.perf_counter()
+
+        async def fetch() -> dict[str, bytes]:
+            # One listing, then the GETs concurrently (s3fs batches them).
+            paths = await self.fs._find(self._key(prefix))
+            return await self.fs._cat(paths, on_error="omit") if paths else {}
+
+        found: dict[str, bytes] = self._run(fetch())
+        root = self.location.path.rstrip("/") + "/"
+        out = {path.removeprefix(root): data for path, data in found.items() if isinstance(data, bytes)}
+        self.counts.add_reads(out.values(), time.perf_counter() - start)
+        return out
 
     def put(self, key: str, data: bytes) -> None:
         start = time.perf_counter()

@@ -51,6 +51,7 @@ reads the live metadata.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import functools
 import json
@@ -61,6 +62,11 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 import zarr
+from zarr.core.array import AsyncArray
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import AsyncGroup
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore, StorePath
 
 from stats_store.atomic import COMPACT_SEPARATORS
 from stats_store.location import ZARR_SUFFIX, StoreLocation, parse_location
@@ -140,23 +146,32 @@ class ZarrStatsStore(CommittedStore):
             self.capabilities = StoreCapabilities(persistent=True, multi_process=True, path_based=False)
         self._meta = meta
         self._zarr = io.zarr_store()
-        with io.errors():
-            self._root = zarr.open_group(self._zarr, mode="r+", use_consolidated=False)
+
+    @functools.cached_property
+    def _root(self) -> zarr.Group:
+        # Opened at first use: reading the reduced statistics (convert) never needs it, and opening
+        # it is a round trip to zarr's event loop (a request on S3).
+        with self._io.errors():
+            return zarr.open_group(self._zarr, mode="r+", use_consolidated=False)
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Where, expect_fingerprint: Any = None) -> "ZarrStatsStore":
         """Open an existing store (shards, reducer, readers); check format and, if given, the model."""
         io = open_io(parse_location(path))
-        meta = cls._read_meta(io)
-        if expect_fingerprint is not None and canonical_json(expect_fingerprint) != canonical_json(
-            meta.model_fingerprint
-        ):
+        store = cls(io, cls._read_meta(io))
+        if expect_fingerprint is not None:
+            store.check_fingerprint(expect_fingerprint)
+        return store
+
+    def check_fingerprint(self, expected: Any) -> None:
+        """Refuse a store measured on another model (``RunMismatchError`` naming both fingerprints)."""
+        stored = self._meta.model_fingerprint
+        if canonical_json(expected) != canonical_json(stored):
             raise RunMismatchError(
-                f"{io.location} holds statistics of another model (fingerprint {canonical_json(meta.model_fingerprint)[:120]}, "
-                f"expected {canonical_json(expect_fingerprint)[:120]}); point dump_stats_path at this model's store"
+                f"{self.location} holds statistics of another model (fingerprint {canonical_json(stored)[:120]}, "
+                f"expected {canonical_json(expected)[:120]}); point dump_stats_path at this model's store"
             )
-        return cls(io, meta)
 
     @classmethod
     def open_run(cls, path: Where, meta: RunMeta, overwrite: bool = False) -> "ZarrStatsStore":
@@ -298,11 +313,32 @@ class ZarrStatsStore(CommittedStore):
 
     @_remote
     def _read_reduced(self) -> Packed | None:
-        red = self._root[REDUCED_GROUP]
-        arrays = {name: np.asarray(red[name][...]) for name in (*_INDEX_NAMES, "values")}  # type: ignore[index]
-        if _TOKENS in red:  # stores reduced before tokens were counted have no such array: 0 tokens
-            arrays[_TOKENS] = np.asarray(red[_TOKENS][...])  # type: ignore[index]
-        return _packed_from_arrays(arrays)
+        return self._read_summary_and_reduced()[1]
+
+    @_remote
+    def _read_summary_and_reduced(self) -> tuple[dict[str, Any] | None, Packed | None]:
+        # The reduced group's objects are fetched in one go (locally plain file reads, on S3 one
+        # listing and concurrent GETs), then zarr decodes them from memory in one round trip to its
+        # event loop. Read array by array through zarr's own store, each read cost a round trip
+        # and ~1 ms of thread hand-offs locally, a request latency each on S3. The check of the
+        # summary against the commits and of the values against their checksum is the caller's,
+        # as for reads one by one.
+        objects = self._io.read_tree(REDUCED_GROUP)
+        prototype = default_buffer_prototype()
+        snapshot = MemoryStore({k: prototype.buffer.from_bytes(v) for k, v in objects.items()}, read_only=True)
+        summary, arrays = sync(_read_reduced_group(snapshot))
+        if summary is None or any(arrays.get(name) is None for name in _REQUIRED):
+            return summary, None
+        if arrays.get(_TOKENS) is None:  # stores reduced before tokens were counted have none: 0 tokens
+            del arrays[_TOKENS]
+        return summary, _packed_from_arrays(arrays)  # type: ignore[arg-type]
+
+    @_remote
+    def _read_generation(self, shard: int) -> int | None:
+        # Only the generation: the staleness check of a read needs nothing else of a record that
+        # indexes every tensor (tens of KB, and most of its parse).
+        raw = self._io.read(self._commit_key(shard))
+        return None if raw is None else int(json.loads(raw)["generation"])
 
     @_remote
     def _read_selected(self) -> list[str] | None:
@@ -321,6 +357,31 @@ class ZarrStatsStore(CommittedStore):
 _INDEX_NAMES = ("module_name", "module_op_type", "module_num_samples", "tensor_label", "tensor_index",
                 "nonfinite_label", "nonfinite_index")
 _TOKENS = "module_num_tokens"  # optional on read (added after format 2 first shipped)
+_REQUIRED = (*_INDEX_NAMES, "values")
+
+
+async def _read_reduced_group(store: Any) -> tuple[dict[str, Any] | None, dict[str, np.ndarray | None]]:
+    """The reduced group's attributes (None when absent or empty) and its arrays (None when
+    absent), every request issued at once on zarr's event loop."""
+    group = StorePath(store, REDUCED_GROUP)
+
+    async def summary() -> dict[str, Any] | None:
+        try:
+            opened = await AsyncGroup.open(group, zarr_format=3, use_consolidated=False)
+        except FileNotFoundError:
+            return None
+        return dict(opened.attrs) or None
+
+    async def array(name: str) -> np.ndarray | None:
+        try:
+            arr = await AsyncArray.open(group / name, zarr_format=3)
+        except FileNotFoundError:
+            return None
+        return np.asarray(await arr.getitem(...))
+
+    names = (*_REQUIRED, _TOKENS)
+    attrs, *values = await asyncio.gather(summary(), *(array(n) for n in names))
+    return attrs, dict(zip(names, values))
 
 
 def _write_array(group: zarr.Group, name: str, value: np.ndarray, **kwargs: Any) -> None:

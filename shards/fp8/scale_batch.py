@@ -20,7 +20,7 @@ Usage: queue with :meth:`ScaleBatch.activation`, :meth:`~ScaleBatch.weight` and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -45,8 +45,9 @@ class Scale(Protocol):
     def get(self) -> torch.Tensor: ...
 
 
-@dataclass(frozen=True)
-class Ready:
+# Ready, _Slot (and module_scales' drafts) are NamedTuples, not frozen dataclasses: a conversion
+# makes a few per module, and a frozen dataclass's __init__ costs ~4x a tuple's.
+class Ready(NamedTuple):
     """A scale known when it is queued (fixed values, OPT weight scales, scales given by the caller)."""
 
     value: torch.Tensor
@@ -73,8 +74,7 @@ class _Group:
         return _Slot(self, len(self.values) - 1)
 
 
-@dataclass(frozen=True)
-class _Slot:
+class _Slot(NamedTuple):
     group: _Group
     index: int
 

@@ -8,7 +8,9 @@ the class name, as INC matches (``Linear``, ``RowParallelLinear``, ...). The all
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -47,6 +49,13 @@ def clean_name(name: str) -> str:
     return name.replace(_COMPILED_PREFIX, "")
 
 
+@functools.cache
+def _type_names(cls: type) -> tuple[str, ...]:
+    # Per class, not per module: selection, the missing-measurement check and the scale plan each
+    # ask for every module, and a model has a handful of classes.
+    return tuple(c.__name__ for c in cls.__mro__ if issubclass(c, nn.Module) and c is not nn.Module)
+
+
 @dataclass(frozen=True)
 class FoundModule:
     """One selected module.
@@ -56,12 +65,15 @@ class FoundModule:
         path: the ``named_modules()`` path, to replace the module in its parent.
         module: the module itself.
         op: its op type.
+        parent: the module holding it at ``path`` (None for the root), recorded during the walk
+            that found it, so that replacing many modules does not walk the tree again per module.
     """
 
     name: str
     path: str
     module: nn.Module
     op: OpType
+    parent: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def class_name(self) -> str:
@@ -71,13 +83,12 @@ class FoundModule:
     def type_names(self) -> tuple[str, ...]:
         """The class and its bases up to ``nn.Module``, most specific first: a tensor-parallel
         ``ColumnParallelLinear`` is also a ``Linear`` for allow/block lists and ``layer_types``."""
-        return tuple(c.__name__ for c in type(self.module).__mro__
-                     if issubclass(c, nn.Module) and c is not nn.Module)
+        return _type_names(type(self.module))
 
 
-def _tied_to_embedding(model: nn.Module) -> set[int]:
+def _tied_to_embedding(modules: Iterable[nn.Module]) -> set[int]:
     """Storage addresses of input-embedding weights (a tied output head shares one)."""
-    return {m.weight.data_ptr() for m in model.modules()
+    return {m.weight.data_ptr() for m in modules
             if isinstance(m, nn.Embedding) and not m.weight.is_meta and m.weight.numel()}
 
 
@@ -95,12 +106,16 @@ def supported_modules(model: nn.Module) -> list[FoundModule]:
     config has no place for a separate FP8 head (decisions §6: the export computes what the
     in-memory model computes).
     """
-    tied = _tied_to_embedding(model)
+    # One walk of the tree: named_modules() yields a module before its children, at the path they
+    # are reached through.
+    by_path = dict(model.named_modules())
+    tied = _tied_to_embedding(by_path.values())
     found = []
-    for path, module in model.named_modules():
+    for path, module in by_path.items():
         op = op_type_of(module)
         if op is not None and not is_tied_head(module, tied):
-            found.append(FoundModule(clean_name(path), path, module, op))
+            parent = by_path[path.rpartition(".")[0]] if path else None
+            found.append(FoundModule(clean_name(path), path, module, op, parent))
     return found
 
 
@@ -109,10 +124,20 @@ def discover(model: nn.Module, rules: SelectionRules) -> list[FoundModule]:
     return [f for f in supported_modules(model) if rules.selects(f.name, f.type_names, f.op)]
 
 
+_ROOT_ERROR = "cannot replace the root module; wrap the model so the layer is a child"
+
+
 def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     """Replace the module at ``path`` (a ``named_modules()`` path) in its parent."""
     if not path:
-        raise ValueError("cannot replace the root module; wrap the model so the layer is a child")
+        raise ValueError(_ROOT_ERROR)
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
+
+
+def replace_found(found: FoundModule, new: nn.Module) -> None:
+    """Put ``new`` where ``found`` was found, in the parent recorded then (no walk from the root)."""
+    if found.parent is None:
+        raise ValueError(_ROOT_ERROR)
+    setattr(found.parent, found.path.rpartition(".")[2], new)

@@ -112,7 +112,8 @@ class EmulatedBackend:
         self.inc_layout = inc_layout
 
     def quantize(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format) -> torch.Tensor:
-        return numerics.quantize(x, _as_scale(scale, x), fmt)
+        # numerics.quantize makes the scale an fp32 tensor on x's device itself (once per weight).
+        return numerics.quantize(x, scale, fmt)
 
     def fake_quant(self, x: torch.Tensor, scale: Scale, fmt: Fp8Format, out_dtype: torch.dtype) -> torch.Tensor:
         """``dequantize(quantize(x, s), s)`` without materializing the codes (same values)."""

@@ -71,6 +71,15 @@ class QuantContext:
 ScaleValue = torch.Tensor | float
 
 
+@functools.cache
+def _scale_names(kind: str, n: int) -> tuple[str, ...]:
+    # The attribute names of a module's scales, made once per (kind, count), not per module.
+    return tuple(f"scale_{kind}_{i}" for i in range(n))
+
+
+_WEIGHT_SCALE_NAMES = ("scale_weight", "scale_weight_in_channel")
+
+
 class QuantModule(nn.Module):
     """Base of the patched modules: holds scales in the configured format."""
 
@@ -82,21 +91,22 @@ class QuantModule(nn.Module):
         self._scalar_scales: list[str]  # names of the scales held as floats
         # How a dynamic module computes activation scales per call (INC's rule unless its method says).
         self.dynamic_scaling: DynamicScaling
-        self._set_plain(qctx=qctx, _n_inputs=len(scales.inputs), _n_outputs=len(scales.outputs), _scalar_scales=[],
-                        dynamic_scaling=scales.dynamic or INC_DYNAMIC_SCALING)
-        named = [*((f"scale_input_{i}", s) for i, s in enumerate(scales.inputs)),
-                 *((f"scale_output_{i}", s) for i, s in enumerate(scales.outputs)),
-                 ("scale_weight", scales.weight), ("scale_weight_in_channel", scales.weight_in_channel)]
-        plain: dict[str, float | None] = {}
-        for name, value in named:
-            if value is None:
-                plain[name] = None
-            elif qctx.scale_format is ScaleFormat.SCALAR and value.numel() == 1:
-                plain[name] = value.item()
-                self._scalar_scales.append(name)
-            else:
-                # CONST, and per-channel scales in any format (INC forces CONST for those).
-                self.register_buffer(name, value.detach().clone())
+        scalar: list[str] = []
+        plain: dict[str, object] = {"qctx": qctx, "_n_inputs": len(scales.inputs), "_n_outputs": len(scales.outputs),
+                                    "_scalar_scales": scalar, "dynamic_scaling": scales.dynamic or INC_DYNAMIC_SCALING}
+        as_floats = qctx.scale_format is ScaleFormat.SCALAR
+        for names, values in ((_scale_names("input", len(scales.inputs)), scales.inputs),
+                              (_scale_names("output", len(scales.outputs)), scales.outputs),
+                              (_WEIGHT_SCALE_NAMES, (scales.weight, scales.weight_in_channel))):
+            for name, value in zip(names, values):
+                if value is None:
+                    plain[name] = None
+                elif as_floats and value.numel() == 1:
+                    plain[name] = value.item()
+                    scalar.append(name)
+                else:
+                    # CONST, and per-channel scales in any format (INC forces CONST for those).
+                    self.register_buffer(name, value.detach().clone())
         self._set_plain(**plain)
 
     def _set_plain(self, **values: object) -> None:
@@ -166,6 +176,14 @@ class QuantModule(nn.Module):
         return getattr(self.qctx.backend, "emulated_gemm", False)
 
 
+def _plain_attr(module: nn.Module, name: str, default: Any) -> Any:
+    """``getattr(module, name, default)`` for a name that is no parameter, buffer or submodule:
+    nn.Module.__getattr__ raises for a missing name (~3 us, per module of a conversion)."""
+    if name in module.__dict__:
+        return module.__dict__[name]
+    return getattr(module, name, default) if hasattr(type(module), name) else default
+
+
 def _quantize_weight(weight: torch.Tensor, scale: torch.Tensor, qctx: QuantContext) -> torch.Tensor:
     """FP8 codes of a weight; a per-channel scale runs along axis 0 (output channels)."""
     w = weight.detach()
@@ -197,11 +215,16 @@ class QuantLinear(QuantModule):
         self.in_features: int
         self.out_features: int
         self.all_reduce: Callable[..., torch.Tensor] | None
-        tp_world = getattr(source, "tp_world", 1)
+        tp_world = _plain_attr(source, "tp_world", 1)
+        bias = source.bias
+        # A missing bias is a plain attribute (what nn.Module.__setattr__ makes of None), set
+        # without __setattr__'s table lookups.
         self._set_plain(in_features=source.in_features, out_features=source.out_features,
-                        all_reduce=getattr(source, "all_reduce", None) if tp_world > 1 else None)
+                        all_reduce=getattr(source, "all_reduce", None) if tp_world > 1 else None,
+                        **({"bias": None} if bias is None else {}))
         self.weight = nn.Parameter(_quantize_weight(source.weight, scales.weight, qctx), requires_grad=False)
-        self.bias = None if source.bias is None else nn.Parameter(source.bias.detach().clone(), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def input_scale(self, x: torch.Tensor) -> ScaleValue:
         if self.qctx.dynamic:

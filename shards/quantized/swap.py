@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from shards.quantized.backends import Backend
-from shards.model.discovery import FoundModule, clean_name, discover, set_submodule
+from shards.model.discovery import FoundModule, clean_name, discover, replace_found
 from shards.errors import ShardError
 from stats_store.gc_pause import without_gc_pauses
 from stats_store.records import Measurement, ModuleStats
@@ -79,16 +79,18 @@ def _weight(found: FoundModule) -> torch.Tensor | None:
     return w.detach() if isinstance(w, torch.Tensor) else None
 
 
-def _device_of(module: nn.Module) -> torch.device | None:
+def _device_of(module: nn.Module, weight: torch.Tensor | None) -> torch.device | None:
+    if weight is not None:
+        return weight.device  # the usual case, without walking the module's tensors
     for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
         return t.device
     return None
 
 
-def _request(found: FoundModule, plan: RunPlan, stats: ModuleStats | None,
+def _request(found: FoundModule, weight: torch.Tensor | None, plan: RunPlan, stats: ModuleStats | None,
              weight_scale: torch.Tensor | None = None) -> ScaleRequest:
     return planned_request(found.name, found.op.name, found.type_names, plan.scale_plan, stats,
-                           weight=_weight(found), weight_scale=weight_scale)
+                           weight=weight, weight_scale=weight_scale)
 
 
 # Paused: the conversion builds thousands of small objects that all live until it returns, and
@@ -129,25 +131,26 @@ def convert_model(
     skipped = set(missing)
     todo = [f for f in found if f.name not in skipped]
     factories = [_quant_factory(f) for f in todo]
+    weights = [_weight(f) for f in todo]
     given = weight_scales or {}
-    all_scales = modules_scales([_request(f, plan, modules.get(f.name), given.get(f.name)) for f in todo],
-                                scale_context(plan))
+    all_scales = modules_scales([_request(f, w, plan, modules.get(f.name), given.get(f.name))
+                                 for f, w in zip(todo, weights)], scale_context(plan))
     qctx = QuantContext(scale_context(plan), backend, plan.scale_format, plan.dynamic)
     names = tuple(f.name for f in todo)
     # Taken one by one and dropped, so that a replaced module (and its high-precision weight,
     # unless the caller holds it) is freed as soon as it is swapped out: the conversion does not
     # hold both copies of the weights, and the allocator hands their memory to the next FP8 codes
     # (fresh pages cost about as much as the cast itself on the development VM).
-    jobs = list(zip(todo, factories, all_scales))[::-1]
-    del found, todo
+    jobs = list(zip(todo, weights, factories, all_scales))[::-1]
+    del found, todo, weights
     while jobs:
-        f, factory, scales = jobs.pop()
+        f, w, factory, scales = jobs.pop()
         qmod: QuantModule = factory(f.module, scales, qctx)
-        device = _device_of(f.module)
+        device = _device_of(f.module, w)
         # Built from the source's tensors, with scales made on the host: only another device moves.
         moved = device is not None and device.type != "cpu"
-        set_submodule(model, f.path, qmod.to(device) if moved else qmod)
-        del f, qmod
+        replace_found(f, qmod.to(device) if moved else qmod)
+        del f, w, qmod
     return ConvertResult(names, tuple(missing))
 
 

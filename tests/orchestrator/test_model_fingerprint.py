@@ -94,6 +94,40 @@ def test_a_stored_fingerprint_is_recomputed_with_its_own_sampling() -> None:
     assert fingerprint_of_module(model)["content"] != stored["content"]  # today's blocks are other elements
 
 
+def _mixed() -> nn.Module:
+    """Parameters of every kind the hash reads: large and small, 2-D, 0-d, empty, a transposed
+    (non-contiguous) view, 1-, 2-, 4- and 8-byte elements."""
+    g = torch.Generator().manual_seed(0)
+    m = nn.Module()
+    tensors = {"big_bf16": torch.randn(300, 70, generator=g).to(torch.bfloat16),
+               "transposed": torch.randn(90, 120, generator=g).t(),
+               "scalar": torch.tensor(3.5),
+               "empty": torch.zeros(0),
+               "fp8": torch.randn(64, generator=g).to(torch.float8_e4m3fn),
+               "big_f64": torch.randn(5000, generator=g, dtype=torch.float64)}
+    for name, t in tensors.items():
+        m.register_parameter(name, nn.Parameter(t, requires_grad=False))
+    assert not m.transposed.is_contiguous()
+    return m
+
+
+@pytest.mark.parametrize("sample", [(BLOCKS, BLOCK_ELEMENTS), LEGACY_SAMPLE, (3, 7)])
+def test_content_hash_is_its_definition(sample: tuple[int, int]) -> None:
+    """Each parameter's name, then its elements' stored bytes in row-major order: all of them, or
+    ``blocks`` blocks of ``block`` elements starting at ``i * (n - block) // (blocks - 1)``."""
+    blocks, block = sample
+    model = _mixed()
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().contiguous().reshape(-1)
+        n = flat.numel()
+        spans = [(0, n)] if n <= blocks * block else [
+            (i * (n - block) // (blocks - 1), i * (n - block) // (blocks - 1) + block) for i in range(blocks)]
+        h.update(name.encode() + b"".join(flat[a:b].view(torch.uint8).numpy().tobytes() for a, b in spans))
+    like = {"sample": list(sample)} if sample != LEGACY_SAMPLE else {}
+    assert fingerprint_of_module(model, like=like)["content"] == h.hexdigest()[:16]
+
+
 def test_tied_parameters_count_once() -> None:
     model = tiny_llama(0)
     assert model.lm_head.weight is model.model.embed_tokens.weight

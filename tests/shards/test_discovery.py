@@ -15,6 +15,7 @@ from shards.model.discovery import (
     discover,
     op_type_of,
     register_module_class,
+    replace_found,
     set_submodule,
     supported_modules,
 )
@@ -116,6 +117,28 @@ def test_set_submodule_replaces_in_parent() -> None:
     assert model[2] is new
     with pytest.raises(ValueError, match="root module"):
         set_submodule(model, "", new)
+
+
+def test_found_modules_are_replaced_in_the_parent_they_were_found_in() -> None:
+    model = tiny_llama(0)
+    found = supported_modules(model)
+    modules = dict(model.named_modules())
+    assert all(f.parent is modules[f.path.rpartition(".")[0]] for f in found)
+    for f in found:
+        replace_found(f, nn.Identity())
+    assert all(isinstance(model.get_submodule(f.path), nn.Identity) for f in found)
+    assert supported_modules(model) == []
+
+
+def test_a_shared_module_is_found_and_replaced_once_at_its_first_path() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Sequential(shared), nn.Sequential(shared))
+    (found,) = supported_modules(model)
+    assert found.path == "0.0" and found.parent is model[0]
+    replace_found(found, new := nn.Identity())
+    assert model[0][0] is new and model[1][0] is shared  # as set_submodule(model, "0.0", new) does
+    with pytest.raises(ValueError, match="root module"):
+        replace_found(supported_modules(nn.Linear(2, 2))[0], new)
 
 
 def test_tensor_parallel_layers_count_as_linear_for_allow_and_block_lists() -> None:

@@ -383,6 +383,39 @@ def test_open_checks_presence_format_version_and_fingerprint(where: str) -> None
         ZarrStatsStore.open(f"{where}/m")
 
 
+def test_check_fingerprint_on_an_open_store(where: str) -> None:
+    store = ZarrStatsStore.open_run(f"{where}/m", META)
+    store.check_fingerprint({"params": 3, "model": "tiny"})  # key order does not matter
+    with pytest.raises(RunMismatchError, match=r"holds statistics of another model .*expected \{\"model\":\"other\"\}"):
+        ZarrStatsStore.open(f"{where}/m").check_fingerprint({"model": "other"})
+
+
+def test_read_tree_gives_every_object_under_a_prefix_by_its_key(where: str) -> None:
+    store = ZarrStatsStore.open_run(f"{where}/m", RunMeta("cfg-1", "fp", dp=1, tp=1))
+    spec, m = shard_stats(0, [0], 0, 1, 1)
+    store.commit(store.write_shard(spec, m, [0]))
+    store.reduce()
+    io = open_io(parse_location(f"{where}/m"))
+    tree = io.read_tree("reduced")
+    assert {"reduced/zarr.json", "reduced/values/zarr.json", "reduced/module_name/zarr.json"} <= set(tree)
+    assert all(k.startswith("reduced/") for k in tree)
+    assert tree["reduced/zarr.json"] == io.read("reduced/zarr.json")
+    assert io.read_tree("nothing") == {}
+
+
+@pytest.mark.parametrize("array", ["tensor_index", "values", "module_name"])
+def test_a_missing_reduced_array_is_named_with_what_to_do(where: str, array: str) -> None:
+    store = ZarrStatsStore.open_run(f"{where}/m", RunMeta("cfg-1", "fp", dp=1, tp=1))
+    spec, m = shard_stats(0, [0], 0, 1, 1)
+    store.commit(store.write_shard(spec, m, [0]))
+    store.reduce()
+    del zarr_root(f"{where}/m")["reduced"][array]  # the summary still names the latest commits
+    with pytest.raises(TornWriteError, match=r"reduced statistics of the latest commits are incomplete.*stats-store reduce"):
+        ZarrStatsStore.open(f"{where}/m").read_reduced()
+    store.reduce()
+    assert_same_stats(ZarrStatsStore.open(f"{where}/m").read_reduced(), reference(0, [0]))
+
+
 def test_a_format_1_store_is_refused_with_what_to_do(where: str) -> None:
     ZarrStatsStore.open_run(f"{where}/m", META)
     zarr_root(f"{where}/m").attrs["format_version"] = 1  # the group-per-module layout
