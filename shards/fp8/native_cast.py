@@ -71,15 +71,17 @@ def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, ful
     does not apply (switched off, not built, another device, dtype or layout); the caller then
     computes the same codes with torch.
     """
-    mode = _mode()  # read once: the environment is looked up per call (tests switch it)
-    if _fp8cast is None or mode == "0" or storage not in _STORAGE or x.dtype not in _SRC_KIND:
+    # Called once per weight of a convert: attribute checks that are cheap (is_cpu, not device.type).
+    kind, fmt = _SRC_KIND.get(x.dtype), _STORAGE.get(storage)
+    if kind is None or fmt is None or _fp8cast is None or not x.is_cpu:
         return None
-    e5m2, top = _STORAGE[storage]
-    if not 0.0 < fullscale <= top or x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0:
+    mode = _mode()  # read once: the environment is looked up per call (tests switch it)
+    e5m2, top = fmt
+    if mode == "0" or not 0.0 < fullscale <= top or not x.is_contiguous() or x.numel() == 0:
         return None
     rows, cols, value, scale_ptr = 1, x.numel(), 1.0, 0
     if isinstance(scale, torch.Tensor):
-        if scale.device.type != "cpu" or scale.dtype != torch.float32 or scale.ndim > x.ndim:
+        if not scale.is_cpu or scale.dtype != torch.float32 or scale.ndim > x.ndim:
             return None
         if scale.numel() == 1:
             value = float(scale)
@@ -91,8 +93,8 @@ def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, ful
     else:
         value = float(scale)
     out = torch.empty(x.shape, dtype=storage)
-    _fp8cast.cast(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, scale_ptr, value, e5m2,
-                  float(fullscale), mode == "baseline")
+    _fp8cast.cast(x.data_ptr(), kind, out.data_ptr(), rows, cols, scale_ptr, value, e5m2, float(fullscale),
+                  mode == "baseline")
     return out
 
 
@@ -105,14 +107,15 @@ def maxabs(x: torch.Tensor, per_row: bool = False) -> torch.Tensor | None:
     +0.0. The NaN's bits are those of the torch route of ``magnitude_max``: for bf16/fp16 the
     largest sign-cleared NaN pattern (its int16 amax), for fp32 ``0x7fc00000`` (torch's fp32 amax).
     """
-    mode = _mode()
-    if _fp8cast is None or mode == "0" or x.dtype not in _SRC_KIND or x.device.type != "cpu" or not x.is_contiguous():
+    kind = _SRC_KIND.get(x.dtype)
+    if kind is None or _fp8cast is None or not x.is_cpu or not x.is_contiguous():
         return None
-    if x.numel() == 0 or (per_row and x.ndim != 2):
+    mode = _mode()
+    if mode == "0" or x.numel() == 0 or (per_row and x.ndim != 2):
         return None
     rows, cols = (x.shape[0], x.shape[1]) if per_row else (1, x.numel())
     out = torch.empty((rows,) if per_row else (), dtype=x.dtype)
-    _fp8cast.maxabs(x.data_ptr(), _SRC_KIND[x.dtype], out.data_ptr(), rows, cols, mode == "baseline")
+    _fp8cast.maxabs(x.data_ptr(), kind, out.data_ptr(), rows, cols, mode == "baseline")
     return out
 
 
@@ -123,7 +126,7 @@ def maxabs_value(x: torch.Tensor) -> float | None:
     :func:`maxabs` without the output tensor and its read-back.
     """
     reduce = cpu_maxabs_value()
-    return None if reduce is None or x.device.type != "cpu" else reduce(x)
+    return None if reduce is None or not x.is_cpu else reduce(x)
 
 
 def cpu_maxabs_value() -> Callable[[torch.Tensor], float | None] | None:
@@ -155,7 +158,7 @@ def maxabs_columns(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     are the raw ones (NaN propagates), and the caller takes its NaN-skipping path.
     """
     kind = _SRC_KIND.get(x.dtype)
-    if kind is None or _fp8cast is None or x.ndim != 2 or x.device.type != "cpu" or not x.is_contiguous():
+    if kind is None or _fp8cast is None or x.ndim != 2 or not x.is_cpu or not x.is_contiguous():
         return None
     rows, cols = x.shape
     mode = _mode()

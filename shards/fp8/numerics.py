@@ -129,7 +129,10 @@ def cast_to_fp8(x: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
 
 
 def _broadcast_scale(scale: torch.Tensor | float, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    if isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.device == x.device:
+        s = scale  # as_tensor would return it as well, after building the target device
+    else:
+        s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     if axis is None or s.ndim == 0:
         return s
     shape = [1] * x.ndim
