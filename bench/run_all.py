@@ -70,14 +70,16 @@ WHY_NOT_MET: dict[str, str] = {
         "lowest (named in the row's note). See `shards/fp8/opt_search.py`."),
     "convert (": (
         "The baseline is a copy of 300 MB into memory already written, the machine's memory bandwidth; the "
-        "goal needs a whole convert in ~72 ms. Measured on this machine (CPU time of the thread, SmolLM2, 210 "
-        "Linears): the FP8 cast ~37 ms (a C kernel, compute-bound at half the copy's speed; a trivial pass "
-        "over the same bytes takes ~19 ms), the weight max-abs ~13 ms (a read at memory speed), building and "
-        "swapping the 210 patched modules ~20 ms of Python, the scale formulas ~9 ms (one vector evaluation "
-        "per group, `shards/fp8/scale_batch.py`, plus per-module bookkeeping), the stats store's zarr reads "
-        "~7 ms plus waits for zarr's I/O thread (`stats_store/`), the model fingerprint ~8 ms, config and "
-        "discovery ~5 ms. The wall clock adds any wait for a core on a busy machine: the note's CPU time is "
-        "the steadier figure."),
+        "goal needs a whole convert in ~65 ms, measured ~90 ms. CPU time of the thread, SmolLM2, 210 Linears: "
+        "the FP8 cast ~20-25 ms (C kernel; bf16 rows with a power-of-two scale in 16-bit lanes) and the weight "
+        "max-abs ~12 ms (a read at memory speed) are ~35 ms; the rest is Python per module: building and "
+        "swapping the 210 patched modules ~23 ms (`shards/quantized/`), the stats store read ~12 ms (zarr "
+        "decoding its 9 arrays ~5 ms, `stats_store/`), scale bookkeeping ~10 ms (`shards/fp8/module_scales.py`), "
+        "the model fingerprint ~5 ms, config, discovery and family install ~5 ms. The shards' in-place path, "
+        "which has no store read, fingerprint or max-abs, meets the goal."),
+    "convert SmolLM2": (
+        "the same convert as above against the earlier baseline (a clone into memory the allocator holds, "
+        "which this machine copies about as fast as the DRAM copy)."),
     "shard in-place quantize": (
         "The shards' path has no store read, fingerprint or weight max-abs (the coordinator's scales are "
         "given): what is left is the FP8 cast (~37 ms, compute-bound at half the copy's speed, "
