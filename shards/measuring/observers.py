@@ -139,7 +139,12 @@ def _reduce(x: torch.Tensor, channel_dim: int | None) -> Reduction:
     fast = _fast_cpu_maxabs(x, channel_dim)
     if fast is not None:
         return fast, _NO_BAD
-    absx, bad = _finite_abs(x)
+    return _reduce_counting(x, channel_dim)
+
+
+def _reduce_counting(x: torch.Tensor, channel_dim: int | None) -> Reduction:
+    """:func:`_reduce` without the CPU shortcut: NaN/Inf left out of the max and counted."""
+    absx, bad = _finite_abs(x.detach())
     if channel_dim is None or absx.ndim == 0:
         return absx.amax().reshape(1), bad
     rows, axis = _channel_rows(absx, channel_dim)
@@ -176,7 +181,11 @@ class _CountingObserver:
         state, cpu_fold = self._state, self._cpu_fold
         if cpu_fold is not None and state is not None and x.is_cpu and state.is_cpu:
             # Per channel, after the first call has set the state's shape: one pass folding into it.
-            if cpu_fold(x, state):
+            folded = cpu_fold(x, state)
+            if folded:
+                return
+            if folded is False:  # a NaN/Inf: the kernel's pass proved it, count without redoing it
+                self._fold(*_reduce_counting(x, self.channel_dim))
                 return
         cpu_value = self._cpu_value
         if cpu_value is not None and x.is_cpu:
@@ -185,7 +194,10 @@ class _CountingObserver:
             # that have evicted the interpreter's data from the caches, so each costs several
             # times its warm price: no memo (the kernel is cheaper than its lookup), no tensors.
             m = cpu_value(x)  # None: not applicable (dtype, layout, empty)
-            if m is not None and m - m == 0.0:  # finite: inf - inf and NaN - NaN are NaN
+            if m is not None:
+                if m - m != 0.0:  # not finite (inf - inf and NaN - NaN are NaN): count, no second pass
+                    self._fold(*_reduce_counting(x, None))
+                    return
                 host = self._host
                 if host is None or m > host:
                     self._host = m
