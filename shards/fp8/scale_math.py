@@ -129,11 +129,17 @@ def is_fixed(section: SectionSpec) -> bool:
     return section.value_type in (ValueType.FIXED_VALUE, ValueType.DUMMY_SCALES)
 
 
-def check_finite(t: torch.Tensor, where: str, shown: object) -> None:
+def check_finite(t: torch.Tensor, where: str, shown: object | Callable[[], object]) -> None:
+    """Raise ``NonFiniteStatsError(where, shown)`` when an element of ``t`` is NaN or infinite.
+    ``shown`` may be a function, called only then (a reduction over ``t`` costs a pass)."""
     # One element (every per-tensor scale path): a host float is ~10x cheaper than isfinite+all.
     finite = math.isfinite(float(t)) if t.numel() == 1 else bool(torch.isfinite(t).all())
     if not finite:
-        raise NonFiniteStatsError(where, shown)
+        raise NonFiniteStatsError(where, shown() if callable(shown) else shown)
+
+
+def _empty_maxabs(where: str) -> ScaleMethodError:
+    return ScaleMethodError(f"{where}: empty max-abs array; re-measure the module")
 
 
 def maxabs_vector(maxabs: MaxAbsLike, dtype: torch.dtype, where: str) -> torch.Tensor:
@@ -143,13 +149,11 @@ def maxabs_vector(maxabs: MaxAbsLike, dtype: torch.dtype, where: str) -> torch.T
     else:
         src = torch.from_numpy(as_maxabs(maxabs).copy())  # Ray hands over read-only arrays
     if src.numel() == 0:
-        raise ScaleMethodError(f"{where}: empty max-abs array; re-measure the module")
-    if not bool(torch.isfinite(src).all()):
-        raise NonFiniteStatsError(where, float(src.float().abs().max()))
+        raise _empty_maxabs(where)
+    check_finite(src, where, lambda: float(src.float().abs().max()))
     out = src.to(dtype)
     # A finite fp32 value can overflow a narrower hp dtype (fp16 max is 65504).
-    if not bool(torch.isfinite(out).all()):
-        raise NonFiniteStatsError(f"{where} (in {dtype})", float(src.float().max()))
+    check_finite(out, f"{where} (in {dtype})", lambda: float(src.float().max()))
     return out
 
 
@@ -166,7 +170,7 @@ def measured_max(maxabs: MaxAbsLike, where: str) -> tuple[float, torch.dtype]:
             raise NonFiniteStatsError(where, abs(value))
         return value, torch.float32
     if a.size == 0:
-        raise ScaleMethodError(f"{where}: empty max-abs array; re-measure the module")
+        raise _empty_maxabs(where)
     lo, hi = float(a.min()), float(a.max())  # NaN propagates into both; -inf shows in the min
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise NonFiniteStatsError(where, float(np.abs(a).max()))
