@@ -124,20 +124,8 @@ def discover(model: nn.Module, rules: SelectionRules) -> list[FoundModule]:
     return [f for f in supported_modules(model) if rules.selects(f.name, f.type_names, f.op)]
 
 
-_ROOT_ERROR = "cannot replace the root module; wrap the model so the layer is a child"
-
-
-def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Replace the module at ``path`` (a ``named_modules()`` path) in its parent."""
-    if not path:
-        raise ValueError(_ROOT_ERROR)
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 def replace_found(found: FoundModule, new: nn.Module) -> None:
     """Put ``new`` where ``found`` was found, in the parent recorded then (no walk from the root)."""
     if found.parent is None:
-        raise ValueError(_ROOT_ERROR)
+        raise ValueError("cannot replace the root module; wrap the model so the layer is a child")
     setattr(found.parent, found.path.rpartition(".")[2], new)

@@ -16,7 +16,6 @@ from shards.model.discovery import (
     op_type_of,
     register_module_class,
     replace_found,
-    set_submodule,
     supported_modules,
 )
 from shards.model.hf_attention import KVCache, Matmul, Softmax, install_hf_attention
@@ -110,15 +109,6 @@ def test_register_module_class_by_identity() -> None:
         register_module_class(nn.ReLU, "nope")
 
 
-def test_set_submodule_replaces_in_parent() -> None:
-    model = tiny_sequential()
-    new = nn.Identity()
-    set_submodule(model, "2", new)
-    assert model[2] is new
-    with pytest.raises(ValueError, match="root module"):
-        set_submodule(model, "", new)
-
-
 def test_found_modules_are_replaced_in_the_parent_they_were_found_in() -> None:
     model = tiny_llama(0)
     found = supported_modules(model)
@@ -136,7 +126,7 @@ def test_a_shared_module_is_found_and_replaced_once_at_its_first_path() -> None:
     (found,) = supported_modules(model)
     assert found.path == "0.0" and found.parent is model[0]
     replace_found(found, new := nn.Identity())
-    assert model[0][0] is new and model[1][0] is shared  # as set_submodule(model, "0.0", new) does
+    assert model[0][0] is new and model[1][0] is shared  # the first path only
     with pytest.raises(ValueError, match="root module"):
         replace_found(supported_modules(nn.Linear(2, 2))[0], new)
 
