@@ -18,6 +18,7 @@ import atexit
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -197,8 +198,8 @@ def _close_file_systems() -> None:
         if creator is not None:
             try:
                 sync(creator.__aexit__(None, None, None), timeout=5)
-            except Exception:  # at exit, a client that cannot close cleanly only costs a warning
-                pass
+            except Exception as e:  # at exit, a client that cannot close cleanly only costs a warning
+                warnings.warn(f"closing the S3 client at exit: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=1)
     _FILE_SYSTEMS.clear()
 
 

@@ -292,6 +292,7 @@ def planned_request(name: str, op_type: str, type_names: str | tuple[str, ...], 
 
 def planned_scales(name: str, op_type: str, type_names: str | tuple[str, ...], scale_plan: ScalePlan,
                    ctx: ScaleContext, stats: ModuleStats | None, **kwargs: Any) -> ModuleScales:
-    """The scales of one module under a run's scale plan (:func:`planned_request`); the global
-    scales and ``stats-store scales`` use it, convert batches :func:`planned_request` s."""
+    """The scales of one module under a run's scale plan (:func:`planned_request`): what
+    ``stats-store scales`` falls back to, module by module, to report every failing module;
+    convert and the global scales batch :func:`planned_request` s instead."""
     return modules_scales([planned_request(name, op_type, type_names, scale_plan, stats, **kwargs)], ctx)[0]
