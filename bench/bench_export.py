@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.rss import proc_memory, reset_peak
 from bench.timing import Row, row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,15 +86,16 @@ def write_checkpoint(size: CkptSize, folder: Path) -> int:
 
 def _status(field: str) -> int:
     """A ``/proc/self/status`` memory field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
+    value = proc_memory().get(field)
+    if value is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (Linux only)")
+    return value
 
 
 def _reset_peak(_: Any = None) -> tuple[int, int]:
     """Reset this process's resident high-water mark; returns its resident and shared-memory bytes now."""
-    Path("/proc/self/clear_refs").write_text("5")
+    if not reset_peak():
+        raise RuntimeError("/proc/self/clear_refs refused the reset of VmHWM (Linux only); the export peaks need it")
     return _status("VmRSS"), _status("RssShmem")
 
 

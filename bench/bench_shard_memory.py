@@ -45,6 +45,7 @@ from typing import Any, Iterator
 import torch
 
 from bench.models import CACHE, LlamaSize
+from bench.rss import proc_memory, reset_peak
 from bench.timing import Row, row, skipped
 from shards.card.actor import CalibrationRunner
 from shards.card.runner import ShardInfo
@@ -54,7 +55,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "configs" / "static_maxabs_pow2.json"
 GOAL = 1.3
 MIB = float(1 << 20)
-STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 PHASES = ("load", "measure", "quantize", "export")
 
 
@@ -74,27 +74,6 @@ GENERATED: dict[str, GeneratedCheckpoint] = {
     "llama-200m": GeneratedCheckpoint(LlamaSize(1024, 4096, 6, 16, 8, 8192), 64 << 20),
     "llama-50m": GeneratedCheckpoint(LlamaSize(512, 2048, 8, 8, 4, 8192), 32 << 20),
 }
-
-
-def proc_memory() -> dict[str, int]:
-    """This process's VmRSS, VmHWM, RssAnon, RssFile and RssShmem in bytes (Linux)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in STATUS_KEYS:
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel refuses (peaks then count from start)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def mapped_files(under: Path) -> list[str]:

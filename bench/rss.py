@@ -1,8 +1,36 @@
-"""Peak resident memory of this process, as the kernel counts it for the process's own address space."""
+"""This process's resident memory as the kernel counts it (``/proc/self/status``), and resetting its peak.
+
+Shared by the memory benches (the 405B simulation, the export and the shard-memory benches), so that
+every figure reads the same fields the same way.
+"""
 
 from __future__ import annotations
 
 import resource
+
+#: the ``/proc/self/status`` fields :func:`proc_memory` reads
+STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+
+def proc_memory() -> dict[str, int]:
+    """This process's VmRSS, VmHWM, RssAnon, RssFile and RssShmem in bytes (Linux; those it has)."""
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in STATUS_KEYS:
+                out[key] = int(value.split()[0]) * 1024  # kB
+    return out
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel refuses (peaks then count from start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_mb() -> float:
@@ -14,10 +42,9 @@ def peak_rss_mb() -> float:
     fallback where ``/proc`` is missing.
     """
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
+        peak = proc_memory().get("VmHWM")
     except OSError:
-        pass
+        peak = None
+    if peak is not None:
+        return peak / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
