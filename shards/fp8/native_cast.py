@@ -125,8 +125,11 @@ def maxabs_value(x: torch.Tensor) -> float | None:
 
     :func:`maxabs` without the output tensor and its read-back.
     """
-    reduce = cpu_maxabs_value()
-    return None if reduce is None or not x.is_cpu else reduce(x)
+    kind = _SRC_KIND.get(x.dtype)
+    if kind is None or _fp8cast is None or not x.is_cpu or not x.is_contiguous():
+        return None
+    mode, n = _mode(), x.numel()
+    return _fp8cast.maxabs_value(x.data_ptr(), kind, n, mode == "baseline") if n and mode != "0" else None
 
 
 def cpu_maxabs_value() -> Callable[[torch.Tensor], float | None] | None:

@@ -257,6 +257,19 @@ def weight_maxabs(weight: torch.Tensor, section: SectionSpec, where: str) -> tup
     return amax, per_channel
 
 
+def weight_maxabs_value(weight: torch.Tensor, where: str) -> float:
+    """The per-tensor max-abs of a weight as a float (exact: every fp32/bf16/fp16 value is a
+    float); a NaN or infinite element raises, naming ``where``. What :func:`weight_maxabs` gives
+    for a PTS section, without the 0-d tensor: a convert reads one per Linear, and the output
+    tensor and its read-back cost more than the kernel's pass over a small weight."""
+    value = native_cast.maxabs_value(weight) if weight.numel() else None
+    if value is None:
+        value = float(magnitude_max(weight))
+    if not math.isfinite(value):
+        raise NonFiniteStatsError(where, "non-finite weight element")
+    return value
+
+
 def pcs_scale_from_amax(
     amax: torch.Tensor, backoff: float, rounding: Rounding, ctx: ScaleContext
 ) -> torch.Tensor:

@@ -189,3 +189,28 @@ def test_scales_are_read_after_compute() -> None:
         s.get()
     batch.compute()
     assert float(s.get()) == 2.0 ** math.ceil(math.log2(3.0 / 112))
+
+
+# The weight's max-abs: the C kernel's float (per tensor) or its per-row pass, else torch's route.
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["MAXABS_POW2", "ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2"])
+def test_weight_scales_equal_the_formula_on_the_weight_and_a_non_finite_weight_is_named(
+        native: str, dtype: torch.dtype, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FP8_ORCH_NATIVE_CAST", native)
+    section, ctx = METHODS[method].weight, ScaleContext()
+    w = (torch.randn(8, 24, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    w[5, 7] = -0.75  # the largest magnitude, negative
+    batch = ScaleBatch(ctx)
+    got = batch.weight(w, section, where="m.weight")
+    batch.compute()
+    per_row = section.granularity.name == "PCS"
+    amax = w.double().abs().amax(dim=1) if per_row else w.double().abs().max()
+    # Independent of the code under test: the spec's formula evaluated on the exact max-abs.
+    want = raw_scale(amax.to(dtype if per_row else ctx.hp_dtype), section.backoff, ctx)
+    assert torch.equal(got.get(), round_scale(want, section.rounding, ctx))
+    for bad in (math.nan, math.inf, -math.inf):
+        w_bad = w.clone()
+        w_bad[2, 3] = bad
+        with pytest.raises(NonFiniteStatsError, match=r"m\.weight"):
+            ScaleBatch(ctx).weight(w_bad, section, where="m.weight")
