@@ -111,9 +111,11 @@ def _source_count(op: OpType, stats: ModuleStats | None, src: Source) -> int:
     return max(0, total - src.index)
 
 
-@dataclass(frozen=True)
-class ScaleRequest:
-    """One module whose scales are wanted; the fields are :func:`module_scales`' arguments."""
+class ScaleRequest(NamedTuple):
+    """One module whose scales are wanted; the fields are :func:`module_scales`' arguments.
+
+    A NamedTuple (immutable, like the frozen dataclasses elsewhere) because a convert makes one per
+    module, and a frozen dataclass's __init__ with nine fields costs several times a tuple's."""
 
     op: OpType
     method: MethodSpec
