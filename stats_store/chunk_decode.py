@@ -13,8 +13,9 @@ calls (``zarr.codecs.zstd``, ``zarr.codecs.vlen_utf8``), following the zarr v3 s
 * a ``float``/``int``/``uint`` data type with the ``bytes`` codec, or ``string`` with ``vlen-utf8``,
   either optionally followed by ``zstd``.
 
-Anything else (another codec or data type, several chunks, a chunk that is missing and so reads
-as the fill value, a size that does not match the shape) returns None: the caller reads that
+A missing chunk reads as the array's fill value, as in zarr (which writes no chunk equal to it:
+an all-zero count array has none). Anything else (another codec or data type, several chunks, a
+fill value in hex, a size that does not match the shape) returns None: the caller reads that
 array through zarr, which gives what it always gave, errors included.
 """
 
@@ -68,12 +69,12 @@ def decode_single_chunk(objects: Mapping[str, bytes], path: str) -> np.ndarray |
     if 0 in shape:
         return np.empty(shape, dtype=dtype)
     chunk = objects.get(f"{path}/{key}")
-    if chunk is None:
-        return None  # reads as the fill value: zarr knows how
     try:
+        if chunk is None:  # never written, or written equal to the fill value (zarr skips those)
+            return np.full(shape, _fill_value(meta.get("fill_value"), dtype), dtype=dtype)
         return _decode(chunk, shape, dtype, codecs)
-    except (_Declined, ValueError, RuntimeError):
-        return None  # a damaged chunk: zarr's error, as before
+    except (_Declined, ValueError, TypeError, OverflowError, RuntimeError):
+        return None  # a damaged chunk or an unusual fill value: zarr's result, errors included
 
 
 def _parse(meta: Any) -> tuple[tuple[int, ...], np.dtype[Any], tuple[Any, ...], str]:
@@ -123,6 +124,21 @@ def _decode(chunk: bytes, shape: tuple[int, ...], dtype: np.dtype[Any], codecs: 
         raise _Declined
     # astype copies: the array owns writable memory, as zarr's does (callers may change it).
     return np.frombuffer(chunk, dtype=stored).astype(dtype).reshape(shape)
+
+
+_SPECIAL_FLOATS = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
+
+
+def _fill_value(value: Any, dtype: np.dtype[Any]) -> Any:
+    """A fill value as the v3 specification writes it for the data types decoded here (a float's
+    hex form is left to zarr)."""
+    if dtype.kind == "f" and (type(value) in (int, float) or value in _SPECIAL_FLOATS):
+        return _SPECIAL_FLOATS.get(value, value)
+    if dtype.kind in "iu" and type(value) is int:
+        return value
+    if dtype.kind == "T" and type(value) is str:
+        return value
+    raise _Declined
 
 
 @functools.cache
