@@ -113,7 +113,8 @@ def _leading_member(raw: bytes, key: str, within: int = 4096) -> Any:
     """``json.loads(raw)[key]`` for a JSON object whose member ``key`` comes within its first
     ``within`` bytes (a commit record's generation, written second): only the members up to it
     are parsed, not the index of every tensor that follows (most of a convert's read). Anything
-    else (``key`` later, not an object, not JSON) is parsed whole, with json's errors."""
+    else (``key`` later, not an object, not JSON) is parsed whole, with json's errors. A key
+    given twice gives its first value here (json's last); records never repeat a key."""
     try:
         text = raw[:within].decode("utf-8")
         i = _WHITESPACE.match(text).end()  # type: ignore[union-attr]
