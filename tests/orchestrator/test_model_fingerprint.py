@@ -28,6 +28,16 @@ def test_layout_is_names_dtypes_and_shapes() -> None:
     assert fingerprint_of_module(model)["layout"] == expected
 
 
+def test_layout_of_names_json_escapes_and_sorts() -> None:
+    model = nn.Module()
+    shapes = {"b": (3,), "a": (2, 2), "ü": (1,), 'q"uote\\': (4,), "Z": ()}
+    for name, shape in shapes.items():
+        model.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=torch.float16), requires_grad=False))
+    layout = {name: ["float16", list(shape)] for name, shape in shapes.items()}
+    expected = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint_of_module(model)["layout"] == expected
+
+
 @pytest.mark.parametrize(
     "other",
     [pytest.param(lambda: tiny_sequential(1), id="seed"),
