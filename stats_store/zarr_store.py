@@ -51,27 +51,22 @@ reads the live metadata.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
 import functools
 import json
+import re
 import warnings
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 import zarr
-from zarr.core.array import AsyncArray
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.group import AsyncGroup
-from zarr.core.sync import sync
-from zarr.storage import MemoryStore, StorePath
 
 from stats_store.atomic import COMPACT_SEPARATORS
 from stats_store.location import ZARR_SUFFIX, StoreLocation, parse_location
 from stats_store.metadata import STORE_KIND, CommitRecord, RunMeta, canonical_json
-from stats_store.packing import ModuleEntry, Packed
+from stats_store.packing import Packed
+from stats_store.reduced_group import REDUCED_GROUP, read_reduced_objects, write_reduced_arrays
 from stats_store.store import CommittedStore, StoreCapabilities
 from stats_store.store_io import IoCounts, StoreIO, open_io
 from stats_store.errors import RunMismatchError, StoreFormatError, StoreNotFoundError
@@ -81,7 +76,6 @@ __all__ = ["ZARR_SUFFIX", "ZarrStatsStore", "store_exists", "store_path", "store
 COMMITS_DIR = "_commits"
 SELECTED_FILE = "_selected.json"
 SHARDS_GROUP = "shards"
-REDUCED_GROUP = "reduced"
 ROOT_META = "zarr.json"
 
 Where = str | Path | StoreLocation
@@ -109,6 +103,41 @@ def stores_in(directory: Where) -> list[StoreLocation] | None:
         if loc.name.endswith(ZARR_SUFFIX) or not io.exists() or io.read(ROOT_META) is not None:
             return None
         return [loc.child(n) for n in io.list_dir() if n.endswith(ZARR_SUFFIX)]
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's insignificant whitespace
+_DECODER = json.JSONDecoder()
+
+
+def _leading_member(raw: bytes, key: str, within: int = 4096) -> Any:
+    """``json.loads(raw)[key]`` for a JSON object whose member ``key`` comes within its first
+    ``within`` bytes (a commit record's generation, written second): only the members up to it
+    are parsed, not the index of every tensor that follows (most of a convert's read). Anything
+    else (``key`` later, not an object, not JSON) is parsed whole, with json's errors. A key
+    given twice gives its first value here (json's last); records never repeat a key."""
+    try:
+        text = raw[:within].decode("utf-8")
+        i = _WHITESPACE.match(text).end()  # type: ignore[union-attr]
+        if text[i] != "{":
+            raise ValueError
+        while True:
+            i = _WHITESPACE.match(text, i + 1).end()  # type: ignore[union-attr]
+            if text[i] != '"':
+                raise ValueError
+            name, i = json.decoder.scanstring(text, i + 1)
+            i = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+            if text[i] != ":":
+                raise ValueError
+            value, i = _DECODER.raw_decode(text, _WHITESPACE.match(text, i + 1).end())  # type: ignore[union-attr]
+            i = _WHITESPACE.match(text, i).end()  # type: ignore[union-attr]
+            if text[i] not in ",}":  # also refuses a number the cut at ``within`` may have shortened
+                raise ValueError
+            if name == key:
+                return value
+            if text[i] == "}":
+                raise ValueError
+    except (ValueError, IndexError):
+        return json.loads(raw)[key]
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -295,9 +324,7 @@ class ZarrStatsStore(CommittedStore):
     def _write_reduced(self, packed: Packed, summary: dict[str, Any]) -> None:
         red = self._root.require_group(REDUCED_GROUP)
         red.attrs.put({})  # no summary while the arrays change: readers see "not reduced", never a mix
-        for name, value in _index_arrays(packed).items():
-            _write_array(red, name, value)
-        _write_array(red, "values", packed.values, compressors=None)
+        write_reduced_arrays(red, packed)
         red.attrs.put(summary)  # last: a reader trusts the arrays only when it matches the commits
         # zarr warns that consolidated metadata is not in the v3 spec yet, and that _commits is not
         # a zarr node; both are expected here.
@@ -318,27 +345,19 @@ class ZarrStatsStore(CommittedStore):
     @_remote
     def _read_summary_and_reduced(self) -> tuple[dict[str, Any] | None, Packed | None]:
         # The reduced group's objects are fetched in one go (locally plain file reads, on S3 one
-        # listing and concurrent GETs), then zarr decodes them from memory in one round trip to its
-        # event loop. Read array by array through zarr's own store, each read cost a round trip
-        # and ~1 ms of thread hand-offs locally, a request latency each on S3. The check of the
-        # summary against the commits and of the values against their checksum is the caller's,
-        # as for reads one by one.
-        objects = self._io.read_tree(REDUCED_GROUP)
-        prototype = default_buffer_prototype()
-        snapshot = MemoryStore({k: prototype.buffer.from_bytes(v) for k, v in objects.items()}, read_only=True)
-        summary, arrays = sync(_read_reduced_group(snapshot))
-        if summary is None or any(arrays.get(name) is None for name in _REQUIRED):
-            return summary, None
-        if arrays.get(_TOKENS) is None:  # stores reduced before tokens were counted have none: 0 tokens
-            del arrays[_TOKENS]
-        return summary, _packed_from_arrays(arrays)  # type: ignore[arg-type]
+        # listing and concurrent GETs), then decoded from memory (``stats_store.reduced_group``).
+        # Read array by array through zarr's own store, each read cost a round trip to zarr's
+        # event loop and ~1 ms of thread hand-offs locally, a request latency each on S3. The
+        # check of the summary against the commits and of the values against their checksum is
+        # the caller's, as for reads one by one.
+        return read_reduced_objects(self._io.read_tree(REDUCED_GROUP))
 
     @_remote
     def _read_generation(self, shard: int) -> int | None:
         # Only the generation: the staleness check of a read needs nothing else of a record that
         # indexes every tensor (tens of KB, and most of its parse).
         raw = self._io.read(self._commit_key(shard))
-        return None if raw is None else int(json.loads(raw)["generation"])
+        return None if raw is None else int(_leading_member(raw, "generation"))
 
     @_remote
     def _read_selected(self) -> list[str] | None:
@@ -352,73 +371,3 @@ class ZarrStatsStore(CommittedStore):
     @_remote
     def runs(self) -> list[dict[str, Any]]:
         return list(self._root.attrs.get("runs", []))
-
-
-_INDEX_NAMES = ("module_name", "module_op_type", "module_num_samples", "tensor_label", "tensor_index",
-                "nonfinite_label", "nonfinite_index")
-_TOKENS = "module_num_tokens"  # optional on read (added after format 2 first shipped)
-_REQUIRED = (*_INDEX_NAMES, "values")
-
-
-async def _read_reduced_group(store: Any) -> tuple[dict[str, Any] | None, dict[str, np.ndarray | None]]:
-    """The reduced group's attributes (None when absent or empty) and its arrays (None when
-    absent), every request issued at once on zarr's event loop."""
-    group = StorePath(store, REDUCED_GROUP)
-
-    async def summary() -> dict[str, Any] | None:
-        try:
-            opened = await AsyncGroup.open(group, zarr_format=3, use_consolidated=False)
-        except FileNotFoundError:
-            return None
-        return dict(opened.attrs) or None
-
-    async def array(name: str) -> np.ndarray | None:
-        try:
-            arr = await AsyncArray.open(group / name, zarr_format=3)
-        except FileNotFoundError:
-            return None
-        return np.asarray(await arr.getitem(...))
-
-    names = (*_REQUIRED, _TOKENS)
-    attrs, *values = await asyncio.gather(summary(), *(array(n) for n in names))
-    return attrs, dict(zip(names, values))
-
-
-def _write_array(group: zarr.Group, name: str, value: np.ndarray, **kwargs: Any) -> None:
-    chunks = tuple(max(n, 1) for n in value.shape)  # one chunk (zarr needs a positive chunk shape)
-    arr = group.create_array(name, shape=value.shape, chunks=chunks, dtype=value.dtype if value.dtype.kind != "U" else str,
-                             overwrite=True, **kwargs)
-    if value.size:
-        arr[...] = value
-
-
-def _index_arrays(packed: Packed) -> dict[str, np.ndarray]:
-    """The index of a packed set as the arrays of the layout."""
-    mods = packed.modules
-    tensors = [(row, label, off, n) for row, m in enumerate(mods) for label, off, n in m.tensors]
-    nonfinite = [(row, label, count) for row, m in enumerate(mods) for label, count in m.nonfinite.items()]
-    return {
-        "module_name": np.array([m.name for m in mods], dtype=str),
-        "module_op_type": np.array([m.op_type for m in mods], dtype=str),
-        "module_num_samples": np.array([m.num_samples for m in mods], dtype=np.int64),
-        _TOKENS: np.array([m.num_tokens for m in mods], dtype=np.int64),
-        "tensor_label": np.array([t[1] for t in tensors], dtype=str),
-        "tensor_index": np.array([(t[0], t[2], t[3]) for t in tensors], dtype=np.int64).reshape(-1, 3),
-        "nonfinite_label": np.array([f[1] for f in nonfinite], dtype=str),
-        "nonfinite_index": np.array([(f[0], f[2]) for f in nonfinite], dtype=np.int64).reshape(-1, 2),
-    }
-
-
-def _packed_from_arrays(a: dict[str, np.ndarray]) -> Packed:
-    """Inverse of ``_index_arrays`` (plus the values)."""
-    names, ops, samples = a["module_name"].tolist(), a["module_op_type"].tolist(), a["module_num_samples"].tolist()
-    tokens = a[_TOKENS].tolist() if _TOKENS in a else [0] * len(names)
-    tensors: list[list[tuple[str, int, int]]] = [[] for _ in names]
-    for label, (row, off, n) in zip(a["tensor_label"].tolist(), a["tensor_index"].tolist()):
-        tensors[row].append((label, off, n))
-    nonfinite: list[dict[str, int]] = [{} for _ in names]
-    for label, (row, count) in zip(a["nonfinite_label"].tolist(), a["nonfinite_index"].tolist()):
-        nonfinite[row][label] = count
-    entries = tuple(ModuleEntry(n, o, s, MappingProxyType(f), tuple(t), k)
-                    for n, o, s, f, t, k in zip(names, ops, samples, nonfinite, tensors, tokens))
-    return Packed(np.asarray(a["values"], dtype=np.float32), entries)

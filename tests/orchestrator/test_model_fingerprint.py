@@ -28,6 +28,16 @@ def test_layout_is_names_dtypes_and_shapes() -> None:
     assert fingerprint_of_module(model)["layout"] == expected
 
 
+def test_layout_of_names_json_escapes_and_sorts() -> None:
+    model = nn.Module()
+    shapes = {"b": (3,), "a": (2, 2), "ü": (1,), 'q"uote\\': (4,), "Z": ()}
+    for name, shape in shapes.items():
+        model.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=torch.float16), requires_grad=False))
+    layout = {name: ["float16", list(shape)] for name, shape in shapes.items()}
+    expected = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint_of_module(model)["layout"] == expected
+
+
 @pytest.mark.parametrize(
     "other",
     [pytest.param(lambda: tiny_sequential(1), id="seed"),
@@ -94,9 +104,14 @@ def test_a_stored_fingerprint_is_recomputed_with_its_own_sampling() -> None:
     assert fingerprint_of_module(model)["content"] != stored["content"]  # today's blocks are other elements
 
 
+class _TaggedParameter(nn.Parameter):
+    """A parameter subclass (as quantization libraries define): read through torch, not in place."""
+
+
 def _mixed() -> nn.Module:
     """Parameters of every kind the hash reads: large and small, 2-D, 0-d, empty, a transposed
-    (non-contiguous) view, 1-, 2-, 4- and 8-byte elements."""
+    (non-contiguous) view, a view starting inside its storage, 1-, 2-, 4-, 8-byte and complex
+    elements, integers and booleans, a parameter subclass."""
     g = torch.Generator().manual_seed(0)
     m = nn.Module()
     tensors = {"big_bf16": torch.randn(300, 70, generator=g).to(torch.bfloat16),
@@ -104,14 +119,19 @@ def _mixed() -> nn.Module:
                "scalar": torch.tensor(3.5),
                "empty": torch.zeros(0),
                "fp8": torch.randn(64, generator=g).to(torch.float8_e4m3fn),
-               "big_f64": torch.randn(5000, generator=g, dtype=torch.float64)}
+               "big_f64": torch.randn(5000, generator=g, dtype=torch.float64),
+               "offset_view": torch.randn(9000, generator=g)[123:],
+               "int32": torch.randint(-1000, 1000, (5000,), generator=g, dtype=torch.int32),
+               "bool": torch.rand(77, generator=g) > 0.5,
+               "complex": torch.randn(4500, generator=g, dtype=torch.complex64)}
     for name, t in tensors.items():
         m.register_parameter(name, nn.Parameter(t, requires_grad=False))
-    assert not m.transposed.is_contiguous()
+    m.register_parameter("subclass", _TaggedParameter(torch.randn(6000, generator=g), requires_grad=False))
+    assert not m.transposed.is_contiguous() and m.offset_view.storage_offset() == 123
     return m
 
 
-@pytest.mark.parametrize("sample", [(BLOCKS, BLOCK_ELEMENTS), LEGACY_SAMPLE, (3, 7)])
+@pytest.mark.parametrize("sample", [(BLOCKS, BLOCK_ELEMENTS), LEGACY_SAMPLE, (3, 7), (2, 1)])
 def test_content_hash_is_its_definition(sample: tuple[int, int]) -> None:
     """Each parameter's name, then its elements' stored bytes in row-major order: all of them, or
     ``blocks`` blocks of ``block`` elements starting at ``i * (n - block) // (blocks - 1)``."""
