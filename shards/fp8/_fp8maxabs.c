@@ -44,39 +44,34 @@
 MAXABS_ROW(maxabs16_one, int16_t, uint16_t, 0x7fffu, 64)
 MAXABS_ROW(maxabs32_one, int32_t, uint32_t, 0x7fffffffu, 32)
 
-/* Rows of MAXABS_SPLIT elements or more are read as MAXABS_STREAMS interleaved parts (a whole
- * number of W-element blocks each, W = 64 bytes, one running maximum per lane and part) plus a
- * tail: a weight that comes from DRAM is then read as four sequential streams, which the hardware
- * prefetchers follow at once. One stream measured 16-20 GB/s, four 22-26 GB/s (1 thread, bf16 and
- * fp32, AVX2 and SSE2 loops alike; two streams less, eight no more); in cache both run alike. */
-#define MAXABS_STREAMS 4
-#define MAXABS_SPLIT 16384
-#define MAXABS_SPLIT_ROW(name, one, T, U, MASK, W) \
+/* Rows of SPLIT_MIN elements or more: SPLIT_PARTS parts (_fp8cast.h) of a whole number of
+ * W-element blocks each (W = 64 bytes), one running maximum per lane and part, and a tail. */
+#define MAXABS_PARTS_ROW(name, one, T, U, MASK, W) \
     static inline __attribute__((always_inline)) uint32_t name(const void *restrict src, size_t n) \
     { \
         const U *s = (const U *)src; \
-        if (n < MAXABS_SPLIT) \
+        if (n < SPLIT_MIN) \
             return one(src, n); \
-        const size_t part = n / MAXABS_STREAMS / W * W; \
-        T acc[MAXABS_STREAMS][W]; \
-        for (size_t q = 0; q < MAXABS_STREAMS; q++) \
+        const size_t part = n / SPLIT_PARTS / W * W; \
+        T acc[SPLIT_PARTS][W]; \
+        for (size_t q = 0; q < SPLIT_PARTS; q++) \
             for (size_t j = 0; j < W; j++) \
                 acc[q][j] = (T)(s[q * part + j] & MASK); \
         for (size_t i = W; i < part; i += W) \
-            for (size_t q = 0; q < MAXABS_STREAMS; q++) \
+            for (size_t q = 0; q < SPLIT_PARTS; q++) \
                 for (size_t j = 0; j < W; j++) { \
                     T v = (T)(s[q * part + i + j] & MASK); \
                     acc[q][j] = v > acc[q][j] ? v : acc[q][j]; \
                 } \
         T m = 0; \
-        for (size_t q = 0; q < MAXABS_STREAMS; q++) \
+        for (size_t q = 0; q < SPLIT_PARTS; q++) \
             for (size_t j = 0; j < W; j++) \
                 m = acc[q][j] > m ? acc[q][j] : m; \
-        const uint32_t rest = one(s + MAXABS_STREAMS * part, n - MAXABS_STREAMS * part); \
+        const uint32_t rest = one(s + SPLIT_PARTS * part, n - SPLIT_PARTS * part); \
         return rest > (uint32_t)(U)m ? rest : (uint32_t)(U)m; \
     }
-MAXABS_SPLIT_ROW(maxabs16_row, maxabs16_one, int16_t, uint16_t, 0x7fffu, 32)
-MAXABS_SPLIT_ROW(maxabs32_row, maxabs32_one, int32_t, uint32_t, 0x7fffffffu, 16)
+MAXABS_PARTS_ROW(maxabs16_row, maxabs16_one, int16_t, uint16_t, 0x7fffu, 32)
+MAXABS_PARTS_ROW(maxabs32_row, maxabs32_one, int32_t, uint32_t, 0x7fffffffu, 16)
 
 typedef uint32_t (*maxabs_fn)(const void *restrict, size_t);
 

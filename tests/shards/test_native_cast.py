@@ -199,15 +199,18 @@ def test_every_fast_pattern_in_blocks_of_fast_patterns(monkeypatch, mode, fmt, d
     """The 16-bit path's own codes for every pattern of its range. In the every-pattern tests above
     the patterns near lo and hi share their block with one outside the range, so the fp32 route
     encodes them; here whole blocks hold only patterns of the range and zeros of both signs
-    (3%: most blocks hold one, which the range check must let through, some hold none). Then one
-    outside pattern every 97 elements sends blocks to the fp32 route mid-row; and rows of 1000 with
-    one scale each take the per-row path with its row tails."""
+    (3%: most blocks hold one, which the range check must let through, some hold none), repeated to
+    a row long enough to be cast in parts. Then one outside pattern every 97 elements sends blocks
+    to the fp32 route mid-row; and rows of 1000 with one scale each take the per-row path with its
+    row tails."""
     x = fast_patterns(dtype, scale, fmt)
     if x is None:
         pytest.skip("no 16-bit path at this scale (test_fast_range_is_the_normal_unsaturated_quotients)")
     zeros = torch.tensor([0.0, -0.0], dtype=dtype).repeat(x.numel() // 64 + 1)
     g = torch.Generator().manual_seed(x.numel())
-    x = torch.cat([x, zeros])[torch.randperm(x.numel() + zeros.numel(), generator=g)]
+    x = torch.cat([x, zeros])
+    x = x.repeat(40000 // x.numel() + 1)[: max(40000, x.numel()) + 37]  # long rows go in parts, then a tail
+    x = x[torch.randperm(x.numel(), generator=g)]
     assert_same_as_torch(monkeypatch, mode, x, scale, fmt)
     outside = x.clone()
     lo = int((x.view(torch.int16) & 0x7FFF).masked_fill(x == 0, 0x7FFF).min())
