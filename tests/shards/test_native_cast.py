@@ -13,6 +13,7 @@ import importlib
 import math
 import sys
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -57,11 +58,22 @@ def all_16bit(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
 
 
-@needs_kernel
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("scale", SCALES, ids=repr)
+def over_16bit_casts(scales: list[float]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Parametrize a kernel test over the loops (MODES), the formats, both 16-bit dtypes and ``scales``."""
+    marks = [pytest.mark.parametrize("scale", scales, ids=repr),
+             pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str),
+             pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name), pytest.mark.parametrize("mode", MODES),
+             needs_kernel]
+
+    def mark(test: Callable[..., None]) -> Callable[..., None]:
+        for m in marks:
+            test = m(test)
+        return test
+
+    return mark
+
+
+@over_16bit_casts(SCALES)
 def test_every_16bit_pattern_per_tensor(monkeypatch, mode, fmt, dtype, scale) -> None:
     assert_same_as_torch(monkeypatch, mode, all_16bit(dtype), scale, fmt)
 
@@ -190,11 +202,7 @@ def fast_patterns(dtype: torch.dtype, scale: float, fmt: Fp8Format) -> torch.Ten
     return torch.cat([magnitudes, magnitudes - (1 << 15)]).to(torch.int16).view(dtype)
 
 
-@needs_kernel
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("scale", FAST_SCALES, ids=repr)
+@over_16bit_casts(FAST_SCALES)
 def test_every_fast_pattern_in_blocks_of_fast_patterns(monkeypatch, mode, fmt, dtype, scale) -> None:
     """The 16-bit path's own codes for every pattern of its range. In the every-pattern tests above
     the patterns near lo and hi share their block with one outside the range, so the fp32 route
