@@ -13,6 +13,7 @@ import importlib
 import math
 import sys
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -57,11 +58,22 @@ def all_16bit(dtype: torch.dtype) -> torch.Tensor:
     return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
 
 
-@needs_kernel
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("scale", SCALES, ids=repr)
+def over_16bit_casts(scales: list[float]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Parametrize a kernel test over the loops (MODES), the formats, both 16-bit dtypes and ``scales``."""
+    marks = [pytest.mark.parametrize("scale", scales, ids=repr),
+             pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str),
+             pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name), pytest.mark.parametrize("mode", MODES),
+             needs_kernel]
+
+    def mark(test: Callable[..., None]) -> Callable[..., None]:
+        for m in marks:
+            test = m(test)
+        return test
+
+    return mark
+
+
+@over_16bit_casts(SCALES)
 def test_every_16bit_pattern_per_tensor(monkeypatch, mode, fmt, dtype, scale) -> None:
     assert_same_as_torch(monkeypatch, mode, all_16bit(dtype), scale, fmt)
 
@@ -177,6 +189,46 @@ def test_weight_like_tensors_on_the_16bit_path(monkeypatch, mode, fmt, dtype, sp
     assert_same_as_torch(monkeypatch, mode, w, scale, fmt)
     rows = torch.tensor([scale * 2.0 ** (i % 5 - 2) for i in range(w.shape[0])], dtype=torch.float32)
     assert_same_as_torch(monkeypatch, mode, w, rows, fmt, axis=0)
+
+
+def fast_patterns(dtype: torch.dtype, scale: float, fmt: Fp8Format) -> torch.Tensor | None:
+    """Every pattern of the 16-bit path's range at this scale, both signs; None where there is no such path."""
+    from shards.fp8 import _fp8cast
+
+    got = _fp8cast.fast_range(native_cast._SRC_KIND[dtype], scale, fmt.fullscale, fmt.storage == torch.float8_e5m2)
+    if got is None:
+        return None
+    magnitudes = torch.arange(got[0], got[1] + 1, dtype=torch.int32)
+    return torch.cat([magnitudes, magnitudes - (1 << 15)]).to(torch.int16).view(dtype)
+
+
+@over_16bit_casts(FAST_SCALES)
+def test_every_fast_pattern_in_blocks_of_fast_patterns(monkeypatch, mode, fmt, dtype, scale) -> None:
+    """The 16-bit path's own codes for every pattern of its range. In the every-pattern tests above
+    the patterns near lo and hi share their block with one outside the range, so the fp32 route
+    encodes them; here whole blocks hold only patterns of the range and zeros of both signs
+    (3%: most blocks hold one, which the range check must let through, some hold none), repeated to
+    a row long enough to be cast in parts. Then one outside pattern every 97 elements sends blocks
+    to the fp32 route mid-row; and rows of 1000 with one scale each take the per-row path with its
+    row tails."""
+    x = fast_patterns(dtype, scale, fmt)
+    if x is None:
+        pytest.skip("no 16-bit path at this scale (test_fast_range_is_the_normal_unsaturated_quotients)")
+    zeros = torch.tensor([0.0, -0.0], dtype=dtype).repeat(x.numel() // 64 + 1)
+    g = torch.Generator().manual_seed(x.numel())
+    x = torch.cat([x, zeros])
+    x = x.repeat(40000 // x.numel() + 1)[: max(40000, x.numel()) + 37]  # long rows go in parts, then a tail
+    x = x[torch.randperm(x.numel(), generator=g)]
+    assert_same_as_torch(monkeypatch, mode, x, scale, fmt)
+    outside = x.clone()
+    lo = int((x.view(torch.int16) & 0x7FFF).masked_fill(x == 0, 0x7FFF).min())
+    planted = torch.tensor([lo - 1, 0x7FFF, -1], dtype=torch.int16)  # below the range, NaN, -NaN
+    every = outside.view(torch.int16)[::97]
+    every.copy_(planted.repeat(every.numel())[: every.numel()])
+    assert_same_as_torch(monkeypatch, mode, outside, scale, fmt)
+    rows = x[: x.numel() // 1000 * 1000].reshape(-1, 1000)
+    if rows.shape[0] > 1:
+        assert_same_as_torch(monkeypatch, mode, rows, torch.full((rows.shape[0],), scale), fmt, axis=0)
 
 
 @lru_cache(maxsize=4)

@@ -108,6 +108,25 @@ def test_a_planted_value_wins_at_every_position(monkeypatch, mode, dtype, specia
 
 @needs_kernel
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("special", ["big", "nan"])
+def test_long_rows_read_in_parts(monkeypatch, mode, dtype, special) -> None:
+    """Rows of 16384 elements or more are read as four interleaved parts of a whole number of
+    vectors and a tail. For lengths whose quarter rounds down to a multiple of 32 elements (so the
+    parts start at multiples of it for every lane width), the planted value wins at every position
+    near each part's start and end and in the tail; 16383 elements are read in one part."""
+    value = {"big": -60000.0, "nan": float("nan")}[special]
+    for n in (16383, 16384 + 63, 32768 + 61):
+        part = n // 4 // 32 * 32
+        near = {p for q in range(5) for p in range(q * part - 34, q * part + 34)} | set(range(n - 70, n))
+        positions = torch.tensor(sorted(p for p in near if 0 <= p < n))
+        x = random_tensor((n,), dtype, seed=n).repeat(len(positions), 1)
+        x[torch.arange(len(positions)), positions] = value
+        assert_same(monkeypatch, mode, x, 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_every_16bit_pattern(monkeypatch, mode, dtype) -> None:
     x = all_16bit(dtype)
