@@ -55,7 +55,7 @@ WHY_NOT_MET: dict[str, str] = {
         "is left is building the 4,502 INC nodes in Python (`ModuleScales.to_inc_node`). This AVX2 machine is "
         "~2.2x slower than the one that first measured the file (json.load baseline 0.018 s vs 0.008 s)."),
     "observers ": (
-        "On CPU each observed call is one pass of the C kernel (`shards/fp8/_fp8cast.c`): per tensor a Python "
+        "On CPU each observed call is one pass of the C kernel (`shards/fp8/_fp8maxabs.c`): per tensor a Python "
         "float folded into a float, per channel a fold into the fp32 state; no memo, no tensor op. What is left "
         "is the hook's own Python, ~20-40 us per call in a forward although ~5 us warm: the matmul before each "
         "hook evicts the interpreter's data from the caches, more so when other processes share them. Rerun on "
@@ -70,20 +70,20 @@ WHY_NOT_MET: dict[str, str] = {
         "lowest (named in the row's note). See `shards/fp8/opt_search.py`."),
     "convert (": (
         "The baseline is a copy of 300 MB into memory already written, the machine's memory bandwidth; the "
-        "goal needs a whole convert in ~65 ms, measured ~90 ms. CPU time of the thread, SmolLM2, 210 Linears: "
-        "the FP8 cast ~20-25 ms (C kernel; bf16 rows with a power-of-two scale in 16-bit lanes) and the weight "
-        "max-abs ~12 ms (a read at memory speed) are ~35 ms; the rest is Python per module: building and "
-        "swapping the 210 patched modules ~23 ms (`shards/quantized/`), the stats store read ~12 ms (zarr "
-        "decoding its 9 arrays ~5 ms, `stats_store/`), scale bookkeeping ~10 ms (`shards/fp8/module_scales.py`), "
-        "the model fingerprint ~5 ms, config, discovery and family install ~5 ms. The shards' in-place path, "
-        "which has no store read, fingerprint or max-abs, meets the goal."),
+        "goal needs a whole convert in ~63 ms, measured 55-60 ms on an idle box. CPU time of the thread, "
+        "SmolLM2, 210 Linears: the weight max-abs ~8-9 ms and the FP8 cast ~13-14 ms (AVX2 kernels in "
+        "`shards/fp8/_fp8maxabs.c` and `_fp8cast.c`; the cast re-reads each weight from DRAM because every "
+        "check runs before the first swap), building and swapping the 210 patched modules ~15 ms "
+        "(`shards/quantized/`), scale bookkeeping ~6 ms (`shards/fp8/module_scales.py`), the stats store read "
+        "~3-4 ms (`stats_store/`), the model fingerprint ~3-4 ms (`orchestrator/driver/module_fingerprint.py`), "
+        "config, discovery and family install ~4 ms. A miss is a busy machine: rerun on an idle one."),
     "convert SmolLM2": (
         "the same convert as above against the earlier baseline (a clone into memory the allocator holds, "
         "which this machine copies about as fast as the DRAM copy)."),
     "shard in-place quantize": (
         "The shards' path has no store read, fingerprint or weight max-abs (the coordinator's scales are "
-        "given): what is left is the FP8 cast (~37 ms, compute-bound at half the copy's speed, "
-        "`shards/fp8/_fp8cast.c`) and ~25 ms of per-module Python (`shards/quantized/`)."),
+        "given): what is left is the FP8 cast (~13 ms, `shards/fp8/_fp8cast.c`) and ~20 ms of per-module "
+        "Python (`shards/quantized/`)."),
     "e2e ": (
         "Ray start, actor start (each worker imports torch and transformers) and shutdown cost ~15-25 s on two "
         "cores whatever the model; the measure phase itself is below the plain forward (a blocklisted lm_head's "
