@@ -43,29 +43,50 @@ def module_stats_from_tensors(
     num_tokens: int = 0,
 ) -> ModuleStats:
     """Rebuild a ``ModuleStats`` from label → vector (``inputs.0``, ``outputs.2``, ``params.weight``)."""
-    inputs: dict[int, np.ndarray] = {}
-    outputs: dict[int, np.ndarray] = {}
-    params: dict[str, np.ndarray] = {}
-    for label, value in tensors.items():
-        kind, key = _parse_label(label)
-        if kind == "inputs":
-            inputs[key] = _vector(value)  # type: ignore[index]
-        elif kind == "outputs":
-            outputs[key] = _vector(value)  # type: ignore[index]
-        elif kind == "params":
-            params[key] = _vector(value)  # type: ignore[index]
-        else:
-            raise ShardSpecError(f"module {name}: tensor label {label!r} is not inputs.N, outputs.N or params.NAME")
+    slots = _slots(tuple(tensors))
+    if slots is None:
+        label = next(lb for lb in tensors if not _parse_label(lb)[0])
+        raise ShardSpecError(f"module {name}: tensor label {label!r} is not inputs.N, outputs.N or params.NAME")
+    ins, outs, params = slots
+    vecs = [_vector(v) for v in tensors.values()]
     return ModuleStats(
         name=name,
         op_type=op_type,
-        inputs=[inputs.get(i) for i in range(max(inputs) + 1)] if inputs else [],
-        outputs=[outputs.get(i) for i in range(max(outputs) + 1)] if outputs else None,
-        params=params,
+        inputs=[vecs[i] if i >= 0 else None for i in ins],
+        outputs=None if outs is None else [vecs[i] if i >= 0 else None for i in outs],
+        params={key: vecs[i] for key, i in params},
         num_samples=num_samples,
         nonfinite=dict(nonfinite),
         num_tokens=num_tokens,
     )
+
+
+_Slots = tuple[tuple[int, ...], tuple[int, ...] | None, tuple[tuple[str, int], ...]]
+
+
+# Modules share a few label sets: each is parsed once, not per module (a convert reads every
+# module of the store: 210 for SmolLM2).
+@functools.lru_cache(maxsize=4096)
+def _slots(labels: tuple[str, ...]) -> _Slots | None:
+    """Where each input, output and parameter of a module comes from among tensors labelled
+    ``labels`` (their position; -1: not observed, None); outputs None when there is none; None
+    when a label is of none of these kinds."""
+    inputs: dict[int, int] = {}
+    outputs: dict[int, int] = {}
+    params: dict[str, int] = {}
+    for pos, label in enumerate(labels):
+        kind, key = _parse_label(label)
+        if kind == "inputs":
+            inputs[key] = pos  # type: ignore[index]
+        elif kind == "outputs":
+            outputs[key] = pos  # type: ignore[index]
+        elif kind == "params":
+            params[key] = pos  # type: ignore[index]
+        else:
+            return None
+    return (tuple(inputs.get(i, -1) for i in range(max(inputs) + 1)) if inputs else (),
+            tuple(outputs.get(i, -1) for i in range(max(outputs) + 1)) if outputs else None,
+            tuple(params.items()))
 
 
 @dataclass(frozen=True)
@@ -105,53 +126,9 @@ class Packed:
     def to_measurement(self, observer: str, num_samples: int | None) -> Measurement:
         """All modules as a ``Measurement`` (vectors are views of ``values``)."""
         out = Measurement(observer=observer, num_samples=num_samples)
-        modules, values = out.modules, self.values
-        if not (type(values) is np.ndarray and values.dtype == np.float32 and values.ndim == 1):
-            for entry in self.modules:
-                modules[entry.name] = self.module_stats(entry)
-            return out
-        # What module_stats gives, without its per-tensor label parsing and checks: modules share
-        # a few label sets, and slices of a float32 vector need no conversion. A convert reads
-        # every module of the store this way (210 for SmolLM2: 0.9 ms before, on 2 cores).
         for entry in self.modules:
-            tensors = entry.tensors
-            slots = _slots(tuple([t[0] for t in tensors]))
-            if slots is None:  # a label that is none of inputs.N, outputs.N, params.NAME: its error
-                modules[entry.name] = self.module_stats(entry)
-                continue
-            vecs = [values[off : off + n] for _, off, n in tensors]
-            ins, outs, params = slots
-            modules[entry.name] = ModuleStats(
-                entry.name, entry.op_type, [vecs[i] if i >= 0 else None for i in ins],
-                None if outs is None else [vecs[i] if i >= 0 else None for i in outs],
-                {key: vecs[i] for key, i in params}, entry.num_samples, dict(entry.nonfinite), entry.num_tokens)
+            out.modules[entry.name] = self.module_stats(entry)
         return out
-
-
-_Slots = tuple[tuple[int, ...], tuple[int, ...] | None, tuple[tuple[str, int], ...]]
-
-
-@functools.lru_cache(maxsize=4096)
-def _slots(labels: tuple[str, ...]) -> _Slots | None:
-    """Where each input, output and parameter of ``module_stats_from_tensors``'s result comes from
-    among tensors labelled ``labels`` (their position; -1: not observed, None); None when a label
-    is of none of these kinds. A repeated label takes its last tensor, as a dict of them would."""
-    inputs: dict[int, int] = {}
-    outputs: dict[int, int] = {}
-    params: dict[str, int] = {}
-    for pos, label in enumerate(labels):
-        kind, key = _parse_label(label)
-        if kind == "inputs":
-            inputs[key] = pos  # type: ignore[index]
-        elif kind == "outputs":
-            outputs[key] = pos  # type: ignore[index]
-        elif kind == "params":
-            params[key] = pos  # type: ignore[index]
-        else:
-            return None
-    return (tuple(inputs.get(i, -1) for i in range(max(inputs) + 1)) if inputs else (),
-            tuple(outputs.get(i, -1) for i in range(max(outputs) + 1)) if outputs else None,
-            tuple(params.items()))
 
 
 def pack_measurement(stats: Measurement) -> Packed:

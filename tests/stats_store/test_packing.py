@@ -1,5 +1,6 @@
-"""A packed set back as a ``Measurement``: every module as ``module_stats_from_tensors`` builds it
-from its label → vector mapping (the definition), vectors being views of the packed values."""
+"""A packed set back as a ``Measurement``: every module's inputs, outputs and params placed by their
+labels (``inputs.N``, ``outputs.N``, ``params.NAME``; written out here from that definition, not
+through the packing code), vectors being views of the packed values."""
 
 from __future__ import annotations
 
@@ -40,10 +41,22 @@ def _packed(values: np.ndarray) -> Packed:
 
 
 def _expected(packed: Packed) -> dict[str, ModuleStats]:
+    """Each module by the label rules: inputs and outputs by index (a gap is None, no output label
+    gives None), params by name in label order, a repeated label's last tensor."""
     out = {}
     for e in packed.modules:
-        tensors = {label: packed.values[off : off + n] for label, off, n in e.tensors}
-        out[e.name] = module_stats_from_tensors(e.name, e.op_type, tensors, e.num_samples, e.nonfinite, e.num_tokens)
+        by_label = {label: packed.values[off : off + n].astype(np.float32) for label, off, n in e.tensors}
+
+        def indexed(kind: str) -> dict[int, np.ndarray]:
+            return {int(label.split(".")[1]): v for label, v in by_label.items() if label.startswith(kind + ".")}
+
+        ins, outs = indexed("inputs"), indexed("outputs")
+        out[e.name] = ModuleStats(
+            name=e.name, op_type=e.op_type,
+            inputs=[ins.get(i) for i in range(max(ins) + 1)] if ins else [],
+            outputs=[outs.get(i) for i in range(max(outs) + 1)] if outs else None,
+            params={label.split(".", 1)[1]: v for label, v in by_label.items() if label.startswith("params.")},
+            num_samples=e.num_samples, nonfinite=dict(e.nonfinite), num_tokens=e.num_tokens)
     return out
 
 
@@ -60,7 +73,7 @@ def _same(got: ModuleStats, want: ModuleStats) -> None:
 
 @pytest.mark.parametrize("values", [VALUES, np.arange(80, dtype=np.float32)[::2], VALUES.astype(np.float64)],
                          ids=["float32 vector", "strided float32 vector", "float64 (converted)"])
-def test_to_measurement_gives_each_module_as_module_stats_from_tensors(values: np.ndarray) -> None:
+def test_to_measurement_places_each_tensor_by_its_label(values: np.ndarray) -> None:
     packed = _packed(values)
     got = packed.to_measurement("maxabs", 3)
     assert got.observer == "maxabs" and got.num_samples == 3 and list(got.modules) == list(MODULES)
@@ -86,3 +99,10 @@ def test_an_unknown_label_is_refused_naming_the_module() -> None:
     packed = Packed(VALUES, (ModuleEntry("m.x", "linear", 1, MappingProxyType({}), (("weights.0", 0, 1),)),))
     with pytest.raises(ShardSpecError, match=r"module m.x: tensor label 'weights.0' is not inputs.N"):
         packed.to_measurement("maxabs", None)
+
+
+def test_module_stats_from_tensors_places_each_tensor_by_its_label() -> None:
+    packed = _packed(VALUES)
+    for e, (name, want) in zip(packed.modules, _expected(packed).items()):
+        tensors = {label: VALUES[off : off + n] for label, off, n in e.tensors}
+        _same(module_stats_from_tensors(name, e.op_type, tensors, e.num_samples, e.nonfinite, e.num_tokens), want)
