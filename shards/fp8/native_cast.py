@@ -45,6 +45,8 @@ ENV_FLAG = "FP8_ORCH_NATIVE_CAST"
 _SRC_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # storage dtype -> (is e5m2, largest finite value): the kernel's integer rounding stays on the grid
 # only up to that value, so a larger full scale goes through torch.
+# Scale dtypes whose every value fp32 holds exactly: a one-element scale of one is read as a float.
+_EXACT_IN_FP32 = (torch.float32, torch.bfloat16, torch.float16)
 _STORAGE = {torch.float8_e4m3fn: (False, 448.0), torch.float8_e5m2: (True, 57344.0)}
 
 
@@ -65,8 +67,9 @@ def enabled() -> bool:
 def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, fullscale: float) -> torch.Tensor | None:
     """FP8 codes (dtype ``storage``) of ``clamp(x / scale, +-fullscale)`` computed in fp32, or None.
 
-    ``scale`` is an fp32 tensor with one element or one per row of ``x`` (shape ``[rows, 1, ...]``),
-    or a float that fp32 holds exactly. Rows whose scale is a power of two are multiplied by its
+    ``scale`` is a tensor with one element (fp32, or bf16/fp16: fp32 holds their values exactly, so
+    an hp scale needs no fp32 copy), an fp32 tensor with one per row of ``x`` (shape
+    ``[rows, 1, ...]``), or a float that fp32 holds exactly. Rows whose scale is a power of two are multiplied by its
     inverse instead, which gives the same bits (``numerics._inverse_scale``). None means the kernel
     does not apply (switched off, not built, another device, dtype or layout); the caller then
     computes the same codes with torch.
@@ -81,11 +84,13 @@ def cast(x: torch.Tensor, scale: torch.Tensor | float, storage: torch.dtype, ful
         return None
     rows, cols, value, scale_ptr = 1, x.numel(), 1.0, 0
     if isinstance(scale, torch.Tensor):
-        if not scale.is_cpu or scale.dtype != torch.float32 or scale.ndim > x.ndim:
+        if not scale.is_cpu or scale.ndim > x.ndim:
             return None
         if scale.numel() == 1:
+            if scale.dtype not in _EXACT_IN_FP32:
+                return None
             value = float(scale)
-        elif scale.ndim == x.ndim and scale.numel() == scale.shape[0] == x.shape[0]:
+        elif scale.dtype == torch.float32 and scale.ndim == x.ndim and scale.numel() == scale.shape[0] == x.shape[0]:
             scale = scale.contiguous()  # kept referenced until the kernel returns
             rows, cols, scale_ptr = x.shape[0], x.numel() // x.shape[0], scale.data_ptr()
         else:
@@ -125,11 +130,8 @@ def maxabs_value(x: torch.Tensor) -> float | None:
 
     :func:`maxabs` without the output tensor and its read-back.
     """
-    kind = _SRC_KIND.get(x.dtype)
-    if kind is None or _fp8cast is None or not x.is_cpu or not x.is_contiguous():
-        return None
-    mode, n = _mode(), x.numel()
-    return _fp8cast.maxabs_value(x.data_ptr(), kind, n, mode == "baseline") if n and mode != "0" else None
+    reduce = cpu_maxabs_value()
+    return None if reduce is None or not x.is_cpu else reduce(x)
 
 
 def cpu_maxabs_value() -> Callable[[torch.Tensor], float | None] | None:

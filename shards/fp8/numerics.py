@@ -140,9 +140,6 @@ def _broadcast_scale(scale: torch.Tensor | float, x: torch.Tensor, axis: int | N
     return s.reshape(shape)
 
 
-# Scale dtypes whose values fp32 holds exactly (a float of one of them is the fp32 scale).
-_EXACT_IN_FP32 = (torch.float32, torch.bfloat16, torch.float16)
-
 # Elements per block of the blocked quantize: the fp32 temporary of a block stays in cache.
 QUANT_BLOCK = 1 << 16
 
@@ -178,10 +175,10 @@ def quantize(
     large tensors are processed in blocks of rows (per-tensor scales, or per-channel scales along
     the first axis): the same element-wise arithmetic, without full-size fp32 temporaries.
     """
-    if isinstance(scale, torch.Tensor) and scale.dtype in _EXACT_IN_FP32 and scale.numel() == 1 and scale.is_cpu:
-        # One scale (most weights): handed to the kernel as a float, which it reads as fp32 (exact
-        # for these dtypes), without the fp32 copy _broadcast_scale makes of an hp scale.
-        q = native_cast.cast(x, float(scale), fmt.storage, fmt.fullscale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        # One scale (most weights): the kernel reads an hp scale itself, without the fp32 copy
+        # _broadcast_scale makes of it.
+        q = native_cast.cast(x, scale, fmt.storage, fmt.fullscale)
         if q is not None:
             return q
     s = _broadcast_scale(scale, x, axis)

@@ -36,7 +36,6 @@ from shards.fp8.scale_math import (
     pcs_scale_from_amax,
     pts_scales,
     weight_maxabs,
-    weight_maxabs_value,
 )
 
 
@@ -112,11 +111,10 @@ class ScaleBatch:
     def weight(self, weight: torch.Tensor, section: SectionSpec, *, where: str) -> Scale:
         """The MAXABS weight scale of :func:`shards.fp8.weight_scales.weight_scale`: 0-d in
         ``hp_dtype`` (PTS) or ``[out_channels]`` in the weight's dtype (PCS)."""
-        if section.granularity is not Granularity.PCS:
-            return self._queue(self._pts, weight.dtype, section, weight_maxabs_value(weight, where), where)
-        _amax, per_channel = weight_maxabs(weight, section, where)
-        assert per_channel is not None
-        return self._queue(self._pcs, weight.dtype, section, per_channel, where)
+        amax, per_channel = weight_maxabs(weight, section, where)
+        if per_channel is not None:
+            return self._queue(self._pcs, weight.dtype, section, per_channel, where)
+        return self._queue(self._pts, weight.dtype, section, amax, where)
 
     def weight_from_maxabs(self, maxabs: MaxAbsLike, section: SectionSpec, weight_dtype: torch.dtype, *,
                            where: str) -> Scale:

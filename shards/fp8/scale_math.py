@@ -247,27 +247,23 @@ def per_channel_maxabs(weight: torch.Tensor) -> torch.Tensor:
     return magnitude_max(weight.reshape(weight.shape[0], -1), dim=1)
 
 
-def weight_maxabs(weight: torch.Tensor, section: SectionSpec, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight's max-abs in its dtype (0-d) and, for a PCS section, its per-channel max-abs; a
-    NaN or infinite element raises, naming ``where``. One pass: the max-abs is NaN or inf exactly
-    when some element is (amax propagates NaN)."""
-    per_channel = per_channel_maxabs(weight) if section.granularity is Granularity.PCS else None
-    amax = magnitude_max(weight) if per_channel is None else per_channel.max()
-    check_finite(amax, where, "non-finite weight element")
-    return amax, per_channel
-
-
-def weight_maxabs_value(weight: torch.Tensor, where: str) -> float:
-    """The per-tensor max-abs of a weight as a float (exact: every fp32/bf16/fp16 value is a
-    float); a NaN or infinite element raises, naming ``where``. What :func:`weight_maxabs` gives
-    for a PTS section, without the 0-d tensor: a convert reads one per Linear, and the output
-    tensor and its read-back cost more than the kernel's pass over a small weight."""
+def weight_maxabs(weight: torch.Tensor, section: SectionSpec, where: str) -> tuple[float, torch.Tensor | None]:
+    """The weight's max-abs (a float: exact for every fp32/bf16/fp16 value) and, for a PCS section,
+    its per-channel max-abs in its dtype; a NaN or infinite element raises, naming ``where``. One
+    pass: the max-abs is NaN or inf exactly when some element is (amax propagates NaN). Per tensor
+    the kernel's float is read directly: a convert reads one per Linear, and a 0-d output tensor
+    and its read-back cost more than the kernel's pass over a small weight."""
+    if section.granularity is Granularity.PCS:
+        per_channel = per_channel_maxabs(weight)
+        amax = per_channel.max()
+        check_finite(amax, where, "non-finite weight element")
+        return float(amax), per_channel
     value = native_cast.maxabs_value(weight) if weight.numel() else None
     if value is None:
         value = float(magnitude_max(weight))
     if not math.isfinite(value):
         raise NonFiniteStatsError(where, "non-finite weight element")
-    return value
+    return value, None
 
 
 def pcs_scale_from_amax(

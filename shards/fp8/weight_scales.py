@@ -51,4 +51,4 @@ def weight_scale(
         return _opt_weight_scale(weight, section, ctx, per_channel)
     if per_channel is not None:
         return pcs_scale_from_amax(per_channel, section.backoff, section.rounding, ctx)
-    return pts_scales([float(amax)], weight.dtype, section.backoff, section.rounding, ctx, [where])[0]
+    return pts_scales([amax], weight.dtype, section.backoff, section.rounding, ctx, [where])[0]

@@ -332,3 +332,17 @@ def test_kernel_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="null"):
         _fp8cast.cast(0, 0, out.data_ptr(), 1, 4, 0, 1.0, False, 448.0)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("value", [2.0 ** -9, 0.3711])  # multiplied by its inverse; divided
+def test_a_one_element_hp_scale_is_read_as_its_exact_fp32_value(dtype: torch.dtype, value: float) -> None:
+    x = torch.randn(96, 40, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    s = torch.tensor(value, dtype=dtype)
+    got = native_cast.cast(x, s, E4M3.storage, E4M3.fullscale)
+    assert got is not None
+    want = [nearest_code(v, E4M3) for v in (x.float() / float(s)).reshape(-1).tolist()]
+    assert codes_of(got) == want
+    # float64 is not exact in fp32: declined here, quantize rounds it to fp32 first (torch's route).
+    assert native_cast.cast(x, s.double(), E4M3.storage, E4M3.fullscale) is None
+    assert codes_of(quantize(x, s.double(), E4M3)) == codes_of(quantize(x, s.double().float(), E4M3))
